@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Run the whole test suite on the embedded defaults. Services that tests need (the
+# Kafka-compatible broker, Redis, Triton) are started by the test fixtures on free
+# 127.0.0.1 ports with their data in temporary directories, and stopped afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
