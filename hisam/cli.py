@@ -24,7 +24,18 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _match(argv: list[str]) -> tuple[str, str] | None:
+    """The (path, module) of the command named by argv's leading words, if any."""
+    words = [a for a in argv if not a.startswith("-")]
+    for path, module, _ in COMMANDS:
+        parts = path.split()
+        if words[: len(parts)] == parts:
+            return path, module
+    return None
+
+
+def build_parser(selected: tuple[str, str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; the selected command's module adds its own options to its leaf."""
     parser = argparse.ArgumentParser(prog="hisam", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -37,30 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
                 gp = top.add_parser(words[0], help=f"{words[0]} commands")
                 groups[words[0]] = gp.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
             sub = groups[words[0]]
-        p = sub.add_parser(words[-1], help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        p.set_defaults(_lazy_args=True)
+        leaf = sub.add_parser(words[-1], help=help_text, description=help_text)
+        leaf.set_defaults(_module=module)
+        if selected is not None and selected[0] == path:
+            importlib.import_module(module).add_arguments(leaf)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    # Parse once to find the command, then let its module add its own arguments.
-    known, _ = parser.parse_known_args(argv)
-    mod = importlib.import_module(known._module)
-    full = build_parser()
-    for action in full._subparsers._group_actions:  # locate the leaf parser again
-        leaf = action.choices[known.command]
-        if getattr(known, "subcommand", None):
-            leaf = leaf._subparsers._group_actions[0].choices[known.subcommand]
-        mod.add_arguments(leaf)
-    args = full.parse_args(argv)
+    selected = _match(argv)
+    args = build_parser(selected).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(mod.main(args) or 0)
+    return int(importlib.import_module(args._module).main(args) or 0)
 
 
 if __name__ == "__main__":
