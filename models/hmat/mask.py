@@ -1,0 +1,75 @@
+"""The MA-Attn mask (METHOD.md §3, §4; Hi-SAM §3.3.2, §3.4.2) as one pure function.
+
+Letters: B batch, Sq query tokens, Sk key tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.hmat.sequence import TokenStream, TokenType
+
+
+def attention_mask(
+    query: TokenStream, key: TokenStream, *, memory_anchor: bool, action_is_memory: bool
+) -> torch.Tensor:
+    """Which keys each query may attend: (B, Sq, Sk) bool, True: query q may attend key k.
+
+    A function of token metadata only (type, item, candidate block, logical order), so the
+    same function serves the full stream (``query`` and ``key`` the same stream) and a
+    cache (``key`` = cached slots followed by the new tokens, ``query`` = the new tokens).
+
+    Always (both modes):
+    - causal in logical order: ``key.order <= query.order``;
+    - padding keys are never visible;
+    - candidates are block-diagonal: a candidate token is visible only to tokens of its own
+      block, so no candidate sees another (METHOD.md §4, one-pass ranking).
+
+    ``memory_anchor=True`` (MA-Attn, METHOD.md §3) additionally allows only:
+    (1) profile tokens; (2) tokens of the query's own segment (same history item, or same
+    candidate block); (3) memory tokens of history items: the anchor, and the action if
+    ``action_is_memory`` (our reading of the open question, METHOD.md §3). Raw semantic-ID
+    tokens of other items are never visible. ``memory_anchor=False`` is the plain causal
+    mask used by PT and by the ``ma_attn=False`` ablation.
+
+    Padding queries may attend every key: their softmax row is then finite (a fully masked
+    row is NaN, and NaN values would leak through 0 * NaN in later layers); their outputs
+    are never read.
+
+    Example, MA-Attn with action_is_memory: profile u, two history items with 2 semantic
+    IDs each (s, anchor A, action R), two candidates (c, anchor C). Rows are queries::
+
+                u s s A R s s A R c c C c c C
+        u       1 . . . . . . . . . . . . . .
+        s11     1 1 . . . . . . . . . . . . .
+        s12     1 1 1 . . . . . . . . . . . .
+        A1      1 1 1 1 . . . . . . . . . . .
+        R1      1 1 1 1 1 . . . . . . . . . .
+        s21     1 . . 1 1 1 . . . . . . . . .
+        s22     1 . . 1 1 1 1 . . . . . . . .
+        A2      1 . . 1 1 1 1 1 . . . . . . .
+        R2      1 . . 1 1 1 1 1 1 . . . . . .
+        c11     1 . . 1 1 . . 1 1 1 . . . . .
+        c12     1 . . 1 1 . . 1 1 1 1 . . . .
+        C1      1 . . 1 1 . . 1 1 1 1 1 . . .
+        c21     1 . . 1 1 . . 1 1 . . . 1 . .
+        c22     1 . . 1 1 . . 1 1 . . . 1 1 .
+        C2      1 . . 1 1 . . 1 1 . . . 1 1 1
+
+    With ``action_is_memory=False`` the R columns are 0 outside their own item.
+    """
+    q_type = query.token_type[:, :, None]  # (B, Sq, 1)
+    k_type = key.token_type[:, None, :]  # (B, 1, Sk)
+    causal = key.order[:, None, :] <= query.order[:, :, None]  # (B, Sq, Sk)
+    k_candidate = (k_type == TokenType.CAND_SID) | (k_type == TokenType.CAND_ANCHOR)
+    other_block = k_candidate & (key.block[:, None, :] != query.block[:, :, None])
+    allowed = (k_type != TokenType.PAD) & causal & ~other_block
+    if memory_anchor:
+        same_segment = (key.item[:, None, :] == query.item[:, :, None]) & (
+            key.block[:, None, :] == query.block[:, :, None]
+        )
+        memory = k_type == TokenType.ANCHOR
+        if action_is_memory:
+            memory = memory | (k_type == TokenType.ACTION)
+        allowed = allowed & ((k_type == TokenType.PROFILE) | same_segment | memory)
+    return allowed | (q_type == TokenType.PAD)
