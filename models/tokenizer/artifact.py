@@ -108,6 +108,8 @@ class FrozenTokenizer:
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        if hasattr(self.model, "freeze"):
+            self.model.freeze()
         self.version = version
         self.kind: str = model.kind
         self.modalities: dict[str, int] = dict(model.config.modalities)

@@ -36,6 +36,7 @@ class RQVAEConfig:
     codebook_size: int = 256
     n_layers: int = 6  # equal code length with DST's 3 shared + 3 specific
     beta: float = 0.25
+    commitment: str = "total"  # same RQ as DST's shared branch (quantize.ResidualQuantizer)
     usage_decay: float = 0.99
 
     @property
@@ -53,7 +54,7 @@ class RQVAE(nn.Module):
         self.widths = [c.modalities[m] for m in self.names]
         self.normalizer = InputNormalizer(c.modalities)
         self.encoder = mlp(sum(self.widths), c.hidden, c.dim)
-        self.rq = ResidualQuantizer(c.n_layers, c.codebook_size, c.dim, c.beta, c.usage_decay)
+        self.rq = ResidualQuantizer(c.n_layers, c.codebook_size, c.dim, c.beta, c.usage_decay, c.commitment)
         self.decoder = mlp(c.dim, c.hidden, sum(self.widths))
 
     def _inputs(self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -85,6 +86,13 @@ class RQVAE(nn.Module):
         self.normalizer.fit(x, present)
         self.rq.init_from(self.encoder(self._inputs(x, present)), generator)
 
+    @torch.no_grad()
+    def refit_codebooks(self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> None:
+        self.rq.init_from(self.encoder(self._inputs(x, present)), generator)
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.decoder.parameters())
+
     def code_modalities(self) -> list[str]:
         return ["shared"] * self.config.n_layers
 
@@ -101,6 +109,7 @@ class MACRecConfig:
     lambda_align: float = 0.001
     tau: float = 0.1
     beta: float = 0.25
+    commitment: str = "total"
     usage_decay: float = 0.99
 
     def __post_init__(self) -> None:
@@ -123,7 +132,7 @@ class MACRec(nn.Module):
         self.normalizer = InputNormalizer(c.modalities)
         self.encoders = nn.ModuleDict({m: mlp(w, c.hidden, c.dim) for m, w in c.modalities.items()})
         self.rqs = nn.ModuleDict(
-            {m: ResidualQuantizer(c.layers_per_modality, c.codebook_size, c.dim, c.beta, c.usage_decay) for m in self.names}
+            {m: ResidualQuantizer(c.layers_per_modality, c.codebook_size, c.dim, c.beta, c.usage_decay, c.commitment) for m in self.names}
         )
         self.decoders = nn.ModuleDict({m: mlp(c.dim, c.hidden, w) for m, w in c.modalities.items()})
         # Pseudo-label centroids per modality (k-means on standardised raw embeddings), set at init.
@@ -192,6 +201,15 @@ class MACRec(nn.Module):
             if k < buf.shape[0]:  # fewer items than clusters: unused centroids far away, never nearest
                 buf[k:] = 1e6
             self.rqs[m].init_from(self.encoders[m](xn * present[m].unsqueeze(-1)), generator)
+
+    @torch.no_grad()
+    def refit_codebooks(self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> None:
+        for m in self.names:
+            xn = self.normalizer(m, x[m]) * present[m].unsqueeze(-1)
+            self.rqs[m].init_from(self.encoders[m](xn), generator)
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.decoders.parameters())
 
     def code_modalities(self) -> list[str]:
         return [m for m in self.names for _ in range(self.config.layers_per_modality)]

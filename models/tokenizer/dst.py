@@ -62,11 +62,16 @@ class DSTConfig:
     psgr_source: Literal["shared_residual", "modal_residual"] = "modal_residual"
     recon_target: Literal["aligned", "raw"] = "raw"  # compare x_hat_m with the raw input, or with e_m
     beta: float = 0.25  # commitment weight (RQ-VAE default; lost in the paper)
+    commitment: Literal["per_layer", "total"] = "total"  # shared RQ; see quantize.ResidualQuantizer
     lambda_mi: float = 1.0  # weight of the vCLUB term (lost in the paper)
     lambda_align: float = 1.0  # weight of L_align while CGA trains jointly
     tau: float = 0.1  # GRAM InfoNCE temperature
     use_cga: bool = True  # ablation "w/o CGA": heads trained by reconstruction only
     use_psgr: bool = True  # ablation "w/o PSGR": uniform subspace weights instead of the probe
+    # Put u_m on the unit sphere like e_m. Its scale is otherwise free (W_k is unconstrained)
+    # and grew for the whole run on ML-100K, with the specific codebooks chasing it: the
+    # specific commitment loss rose from ~1 to ~80 and the total loss rose after epoch 10.
+    normalize_specific: bool = True
     missing: Literal["impute", "error"] = "impute"
     usage_decay: float = 0.99
 
@@ -94,7 +99,7 @@ class DST(nn.Module):
         if c.aggregate == "concat":
             self.aggregate = nn.Linear(c.dim * len(self.names), c.dim)
         # DMRQ shared branch.
-        self.shared = ResidualQuantizer(c.shared_layers, c.codebook_size, c.dim, c.beta, c.usage_decay)
+        self.shared = ResidualQuantizer(c.shared_layers, c.codebook_size, c.dim, c.beta, c.usage_decay, c.commitment)
         # PSGR: N_h subspace projections of the residual, one probe projection per modality.
         self.unfold = nn.Linear(c.dim, c.n_subspaces * c.dim, bias=False)
         self.probes = nn.ModuleDict({m: nn.Linear(c.dim, c.dim, bias=False) for m in self.names})
@@ -122,20 +127,28 @@ class DST(nn.Module):
             return torch.stack([e[m] for m in self.names], 0).mean(0)  # (B, D)
         return self.aggregate(torch.cat([e[m] for m in self.names], -1))
 
-    def recover(self, r: torch.Tensor, e: dict[str, torch.Tensor], z_hat_s: torch.Tensor) -> dict[str, torch.Tensor]:
-        """PSGR: h_k = W_k r; alpha_{m,k} = softmax_k(<Q_m e_m, h_k>/sqrt(D)); u_m = sum_k alpha h_k."""
+    def recover(self, r: torch.Tensor, e: dict[str, torch.Tensor], z_hat_s: torch.Tensor, probes_t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """PSGR: h_k = W_k r; alpha_{m,k} = softmax_k(<Q_m e_m, h_k>/sqrt(D)); u_m = sum_k alpha h_k.
+
+        All modalities in one batched pass (the unfold W_k is shared; the probes Q_m are stacked):
+        the frozen single-item encode is dominated by per-op overhead, not arithmetic.
+        """
         c = self.config
-        u = {}
-        for m in self.names:
-            src = r if c.psgr_source == "shared_residual" else e[m] - z_hat_s
-            h = self.unfold(src).view(src.shape[0], c.n_subspaces, c.dim)  # (B, N_h, D)
-            if c.use_psgr:
-                q = self.probes[m](e[m])  # (B, D)
-                alpha = torch.softmax(torch.einsum("bd,bkd->bk", q, h) / math.sqrt(c.dim), -1)  # (B, N_h)
-            else:
-                alpha = r.new_full((r.shape[0], c.n_subspaces), 1.0 / c.n_subspaces)
-            u[m] = torch.einsum("bk,bkd->bd", alpha, h)  # (B, D)
-        return u
+        b = r.shape[0]
+        ee = torch.stack([e[m] for m in self.names], 0)  # (M, B, D)
+        src = r.expand(len(self.names), b, c.dim) if c.psgr_source == "shared_residual" else ee - z_hat_s
+        h = self.unfold(src).view(len(self.names), b, c.n_subspaces, c.dim)  # (M, B, N_h, D)
+        if c.use_psgr:
+            if probes_t is None:
+                probes_t = torch.stack([self.probes[m].weight for m in self.names], 0).transpose(1, 2)  # (M, D_in, D_out)
+            q = torch.bmm(ee, probes_t)  # (M, B, D)
+            alpha = torch.softmax(torch.einsum("mbd,mbkd->mbk", q, h) / math.sqrt(c.dim), -1)  # (M, B, N_h)
+        else:
+            alpha = r.new_full((len(self.names), b, c.n_subspaces), 1.0 / c.n_subspaces)
+        u = torch.einsum("mbk,mbkd->mbd", alpha, h)  # (M, B, D)
+        if c.normalize_specific:
+            u = F.normalize(u, dim=-1)
+        return {m: u[i] for i, m in enumerate(self.names)}
 
     # ----------------------------------------------------------------------------- forward
     def forward(self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> TokenizerStep:
@@ -147,6 +160,7 @@ class DST(nn.Module):
         u = self.recover(rq.residual, e, z_hat_s)
         codes = [rq.codes]
         loss_commit = rq.loss
+        loss_commit_specific = z.new_zeros(())
         loss_recon = z.new_zeros(())
         loss_mi = z.new_zeros(())
         layer_inputs = list(zip(self.shared.layers, rq.layer_inputs))
@@ -156,6 +170,7 @@ class DST(nn.Module):
             q = self.specific[m](u[m])
             codes.append(q.codes.unsqueeze(1))
             loss_commit = loss_commit + q.loss
+            loss_commit_specific = loss_commit_specific + q.loss.detach()
             layer_inputs.append((self.specific[m], u[m]))
             x_hat = self.decoders[m](z_hat_s + q.quantized)  # additive reconstruction
             target = e[m].detach() if c.recon_target == "aligned" else self.normalizer(m, x[m])
@@ -174,6 +189,7 @@ class DST(nn.Module):
         terms = {
             "recon": loss_recon.detach(),
             "commit": loss_commit.detach(),
+            "commit_specific": loss_commit_specific,
             "mi": loss_mi.detach(),
             "align": loss_align.detach(),
         }
@@ -181,16 +197,46 @@ class DST(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inference path, no losses: (codes (B, L), last distances (B, K))."""
+        """Inference path, no losses: (codes (B, L), last distances (B, K)).
+
+        Same arithmetic as ``forward`` (tested equal). The single-item encode is dominated by
+        per-op overhead, so the codebooks are searched with precomputed stacked constants
+        (``freeze``) in as few ops as possible.
+        """
+        k = self._inference_constants()
         e = self.align(x, present)
-        codes, z_hat_s, r, _ = self.shared.assign(self.global_repr(e))
-        u = self.recover(r, e, z_hat_s)
-        out = [codes]
-        dist = r.new_zeros(0)
-        for m in self.names:
-            c, dist = self.specific[m].assign(u[m])
-            out.append(c.unsqueeze(1))
-        return torch.cat(out, 1), dist
+        r = self.global_repr(e)
+        codes, z_hat_s = [], torch.zeros_like(r)
+        for book, book_sq in k["shared"]:
+            c = ((r * r).sum(-1, keepdim=True) - 2 * r @ book.t() + book_sq).argmin(-1)  # (B,)
+            codes.append(c.unsqueeze(1))
+            z_hat_s = z_hat_s + book[c]
+            r = r - book[c]
+        u = self.recover(r, e, z_hat_s, k["probes"])
+        uu = torch.stack([u[m] for m in self.names], 0)  # (M, B, D)
+        dist = ((uu * uu).sum(-1, keepdim=True) - 2 * torch.bmm(uu, k["books_t"]) + k["books_sq"]).clamp_min(0)  # (M, B, K)
+        return torch.cat([*codes, dist.argmin(-1).t()], 1), dist[-1]
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Keep the inference constants (stacked codebooks, their norms, stacked probes).
+
+        Only for a model whose weights no longer change (FrozenTokenizer); training never calls it.
+        """
+        self._frozen = None
+        self._frozen = self._inference_constants()
+
+    def _inference_constants(self) -> dict:
+        frozen = getattr(self, "_frozen", None)
+        if frozen is not None:
+            return frozen
+        books = torch.stack([self.specific[m].codebook for m in self.names], 0)  # (M, K, D)
+        return {
+            "shared": [(vq.codebook, (vq.codebook * vq.codebook).sum(-1).unsqueeze(0)) for vq in self.shared.layers],
+            "books_t": books.transpose(1, 2).contiguous(),  # (M, D, K)
+            "books_sq": (books * books).sum(-1).unsqueeze(1),  # (M, 1, K)
+            "probes": torch.stack([self.probes[m].weight for m in self.names], 0).transpose(1, 2).contiguous(),  # (M, D_in, D_out)
+        }
 
     # ---------------------------------------------------------------- training hooks
     def aux_parameters(self) -> list[nn.Parameter]:
@@ -218,6 +264,20 @@ class DST(nn.Module):
         u = self.recover(rq.residual, e, rq.quantized)
         for m in self.names:
             self.specific[m].init_from(u[m], generator)
+
+    @torch.no_grad()
+    def refit_codebooks(self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> None:
+        """Final k-means pass of every codebook on what it now sees (train.TrainConfig.refit)."""
+        e = self.align(x, present)
+        z = self.global_repr(e)
+        self.shared.init_from(z, generator)
+        codes, z_hat_s, r, _ = self.shared.assign(z)
+        u = self.recover(r, e, z_hat_s)
+        for m in self.names:
+            self.specific[m].init_from(u[m], generator)
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.decoders.parameters())
 
     def shared_and_specific(self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(z_hat_s, {m: u_m}): the two parts whose mutual information vCLUB bounds."""

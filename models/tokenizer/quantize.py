@@ -139,10 +139,21 @@ class ResidualOutput:
 
 
 class ResidualQuantizer(nn.Module):
-    """RQ: r_0 = z; c_l = argmin_k ||r_{l-1} - C_l[k]||; r_l = r_{l-1} - C_l[c_l] (METHOD.md §1b)."""
+    """RQ: r_0 = z; c_l = argmin_k ||r_{l-1} - C_l[k]||; r_l = r_{l-1} - C_l[c_l] (METHOD.md §1b).
 
-    def __init__(self, n_layers: int, codebook_size: int, dim: int, beta: float = 0.25, usage_decay: float = 0.99):
+    ``commitment``: "per_layer" commits every layer's input to its codeword, which pulls z
+    towards the *first* codeword too and so drains the residual the deeper layers need (on
+    the 1,682 ML-100K items it left the second and third layers using 20-40% of their codes);
+    "total" (the RQ-VAE paper, Lee et al. 2022) commits z only to the full sum, while each
+    codebook still moves to the residual it serves.
+    """
+
+    def __init__(self, n_layers: int, codebook_size: int, dim: int, beta: float = 0.25, usage_decay: float = 0.99, commitment: str = "per_layer"):
         super().__init__()
+        if commitment not in ("per_layer", "total"):
+            raise ValueError(f"commitment must be 'per_layer' or 'total', got {commitment!r}")
+        self.commitment = commitment
+        self.beta = beta
         self.layers = nn.ModuleList(
             VectorQuantizer(codebook_size, dim, beta=beta, usage_decay=usage_decay) for _ in range(n_layers)
         )
@@ -155,12 +166,17 @@ class ResidualQuantizer(nn.Module):
         for vq in self.layers:
             inputs.append(r)
             out = vq(r)
-            loss = loss + out.loss
             e = vq.codebook[out.codes]
+            if self.commitment == "per_layer":
+                loss = loss + out.loss
+            else:  # codebook term only here; the commitment term is on the sum below
+                loss = loss + ((r.detach() - e) ** 2).sum(-1).mean()
             total = total + e
             codes.append(out.codes)
             dists.append(out.distances)
             r = r - e.detach()
+        if self.commitment == "total":
+            loss = loss + self.beta * ((z - total.detach()) ** 2).sum(-1).mean()
         quantized = z + (total - z).detach()
         return ResidualOutput(quantized, torch.stack(codes, 1), loss, r, inputs, dists)
 
