@@ -1,0 +1,81 @@
+"""``hisam stream worker``: run the stream agents (action appends, item ingestion, dead letters).
+
+Needs a running broker and online store (``scripts/services.sh start`` prints the
+addresses; HISAM_KAFKA_BOOTSTRAP / HISAM_REDIS_URL are the defaults). Runs until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+from pathlib import Path
+
+from features.online import OnlineStoreConfig
+from stream.app import StreamSettings, run_worker
+
+log = logging.getLogger(__name__)
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """Online-store options shared by the stream commands and the stream benchmark."""
+    parser.add_argument("--backend", choices=["sqlite", "redis"], default=os.environ.get("HISAM_ONLINE_BACKEND", "sqlite"))
+    parser.add_argument("--redis-url", default=os.environ.get("HISAM_REDIS_URL"), help="redis://host:port/db (backend redis)")
+    parser.add_argument("--repo-dir", type=Path, default=Path("artifacts/feature_repo"), help="Feast repo (yaml, registry, SQLite db)")
+    parser.add_argument("--stream-len", type=int, default=300, help="T: items kept per user")
+    parser.add_argument("--n-codes", type=int, default=6, help="semantic-ID tokens per item")
+
+
+def store_config_from_args(args: argparse.Namespace) -> OnlineStoreConfig:
+    return OnlineStoreConfig(
+        backend=args.backend,
+        repo_dir=args.repo_dir,
+        redis_url=args.redis_url,
+        stream_len=args.stream_len,
+        n_codes=args.n_codes,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", default=os.environ.get("HISAM_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    add_store_arguments(parser)
+    parser.add_argument("--tokenizer", type=Path, default=None, help="frozen tokenizer dir; enables item ingestion")
+    parser.add_argument("--app-id", default="hisam-stream", help="consumer group (workers with one id share the load)")
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--within-ms", type=float, default=20.0, help="max wait to fill a batch (bounds freshness)")
+    parser.add_argument("--partitions", type=int, default=4, help="partitions of topics created by this worker")
+    parser.add_argument(
+        "--instance-id",
+        default=os.environ.get("HISAM_INSTANCE_ID") or socket.gethostname(),
+        help="static group member id, unique per worker (default: $HISAM_INSTANCE_ID or the host name)",
+    )
+    parser.add_argument("--session-timeout", type=float, default=10.0, help="seconds before a dead worker's partitions move")
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = StreamSettings(
+        bootstrap=args.bootstrap,
+        store=store_config_from_args(args),
+        app_id=args.app_id,
+        tokenizer_dir=args.tokenizer,
+        batch_size=args.batch_size,
+        batch_within_s=args.within_ms / 1000.0,
+        partitions=args.partitions,
+        session_timeout_s=args.session_timeout,
+        instance_id=args.instance_id or None,
+    )
+    log.info("stream worker %s on %s, store %s", settings.app_id, settings.bootstrap, settings.store.backend)
+    run_worker(settings, loglevel="debug" if getattr(args, "verbose", False) else "info")
+    return 0
+
+
+if __name__ == "__main__":  # lets tests and supervisors run it without the CLI registry
+    import sys
+
+    p = argparse.ArgumentParser(prog="hisam stream worker", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_arguments(p)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main(a))

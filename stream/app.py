@@ -1,0 +1,222 @@
+"""The faust-streaming application: thin ``async for`` agents around stream.processing.
+
+Agents take batches of raw records (``take_events``), hand them to a processor in a
+one-thread executor (store writes and tokenizer calls block; the event loop must not), then
+produce the outputs and await their acknowledgements before the batch is acked. faust
+commits acked offsets only after flushing its producer, so delivery is at-least-once:
+a crash anywhere redelivers the uncommitted batch, and the idempotent append (by event
+id) makes that harmless. One executor thread per agent keeps a partition's order.
+A store outage is retried in place for a minute, then the worker exits (crash-only)
+rather than let a failed batch be acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from features.online import OnlineStoreConfig, open_stream_store
+from stream import records as rec
+from stream import topics as tp
+from stream.processing import ActionProcessor, BatchOutput, ItemProcessor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """What a stream worker needs: the broker, the online store, batching, the tokenizer."""
+
+    bootstrap: str
+    store: OnlineStoreConfig
+    app_id: str = "hisam-stream"
+    tokenizer_dir: Path | None = None  # None: no item ingestion in this worker
+    batch_size: int = 500
+    batch_within_s: float = 0.02  # flush a partial batch after this long (freshness bound)
+    partitions: int = 4
+    commit_interval_s: float = 0.5
+    # How long the group waits for a member that died without leaving (kill -9) before
+    # handing its partitions to the others: the recovery time after a crash.
+    session_timeout_s: float = 10.0
+    # Static group membership (KIP-345): a worker restarted under the same id takes its
+    # partitions back at once instead of waiting for the dead member to expire. The
+    # embedded broker never expires a member that died without leaving, so on it this is
+    # what makes crash recovery work at all. Unique per worker (a StatefulSet pod name).
+    instance_id: str | None = None
+
+
+class _Progress:
+    """Periodic throughput log of an agent (records/s, batch size, where the time goes)."""
+
+    def __init__(self, name: str, every_s: float = 10.0):
+        self.name, self.every_s = name, every_s
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float) -> None:
+        self.t0, self.n, self.batches, self.proc_s, self.emit_s = now, 0, 0, 0.0, 0.0
+        self.dead = self.dups = 0
+
+    def add(self, n: int, out: BatchOutput, proc_s: float, emit_s: float) -> None:
+        self.n += n
+        self.batches += 1
+        self.proc_s += proc_s
+        self.emit_s += emit_s
+        self.dead += len(out.dead_letters)
+        self.dups += out.duplicates
+        now = time.perf_counter()
+        if now - self.t0 >= self.every_s:
+            span = now - self.t0
+            log.info(
+                "%s: %.0f/s over %.0fs, %.0f per batch, process %.0f%%, emit %.0f%%, %d dead-lettered, %d duplicates",
+                self.name, self.n / span, span, self.n / self.batches, 100 * self.proc_s / span,
+                100 * self.emit_s / span, self.dead, self.dups,
+            )  # fmt: skip
+            self._reset(now)
+
+
+# Exit status of a worker that stopped itself rather than commit a batch it could not
+# write (EX_TEMPFAIL): its supervisor restarts it and the batch is redelivered.
+EXIT_STORE_UNAVAILABLE = 75
+
+
+def _transient(exc: BaseException) -> bool:
+    """Store errors worth retrying in place: the server is down or busy, not the data wrong."""
+    import sqlite3
+
+    import redis
+
+    return isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, sqlite3.OperationalError))
+
+
+def _process_with_retry(process, batch: list[rec.RawMessage], give_up_s: float = 60.0) -> BatchOutput:
+    """Run a processor, retrying transient store errors with backoff for up to ``give_up_s``."""
+    delay, deadline = 0.1, time.monotonic() + give_up_s
+    while True:
+        try:
+            return process(batch)
+        except Exception as e:  # narrowed by _transient; anything else propagates at once
+            if not _transient(e) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("online store unavailable (%s); retrying the batch in %.1fs", e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def _run_batch(loop, pool, process, events: Sequence) -> BatchOutput:
+    """Process one batch off the event loop; on failure, exit without acking anything.
+
+    faust's ``take_events`` acks a batch in a ``finally`` even when the agent body raised,
+    so letting an exception escape would commit offsets of records never written: the
+    crash-only exit keeps delivery at-least-once (the batch is redelivered on restart).
+    """
+    try:
+        return await loop.run_in_executor(pool, _process_with_retry, process, _raw(events))
+    except Exception:  # any failure here must not reach take_events' ack
+        log.critical("batch of %d records could not be processed; exiting before its offsets commit", len(events), exc_info=True)
+        logging.shutdown()
+        os._exit(EXIT_STORE_UNAVAILABLE)
+
+
+def _raw(events: Sequence) -> list[rec.RawMessage]:
+    return [
+        rec.RawMessage(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
+        for e in events
+    ]
+
+
+def create_app(settings: StreamSettings):
+    """Build the faust app with its agents; the caller runs it (``run_worker``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import faust
+
+    app = faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.bootstrap}",
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        topic_partitions=settings.partitions,
+        topic_allow_declare=False,  # topics are created by stream.topics.ensure_topics
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=settings.commit_interval_s,
+        broker_commit_every=settings.batch_size,
+        stream_buffer_maxsize=max(4096, 4 * settings.batch_size),
+        producer_acks=-1,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=max(0.5, settings.session_timeout_s / 5),
+        broker_rebalance_timeout=settings.session_timeout_s,
+        consumer_group_instance_id=settings.instance_id,
+    )
+    actions_topic = app.topic(tp.USER_ACTIONS, internal=False)
+    items_topic = app.topic(tp.ITEM_EVENTS, internal=False)
+
+    store = open_stream_store(settings.store)
+    action_proc = ActionProcessor(store)
+    action_pool = ThreadPoolExecutor(1, thread_name_prefix="hisam-actions")
+
+    async def emit(out: BatchOutput) -> None:
+        # The producer directly (not Topic.send): one future per record, no per-record
+        # message wrappers; at thousands of records per second that overhead dominates.
+        producer = app.producer
+        futs = [await producer.send(tp.TRAINING_SAMPLES, k, v, None, None, None) for k, v in out.samples]
+        futs += [await producer.send(tp.DEAD_LETTERS, k, v, None, None, None) for k, v in out.dead_letters]
+        if futs:
+            await asyncio.gather(*futs)  # acknowledged before the batch is acked
+
+    stats = _Progress("actions")
+
+    @app.agent(actions_topic, name="hisam-actions")
+    async def append_actions(stream) -> None:
+        loop = asyncio.get_running_loop()
+        async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+            t0 = time.perf_counter()
+            out = await _run_batch(loop, action_pool, action_proc.process, events)
+            t1 = time.perf_counter()
+            await emit(out)
+            stats.add(len(events), out, t1 - t0, time.perf_counter() - t1)
+
+    if settings.tokenizer_dir is not None:
+        import torch
+
+        from models.tokenizer import FrozenTokenizer
+
+        # Item batches are small matrices: torch's intra-op thread pool only adds
+        # contention with the event loop and the consumer thread.
+        torch.set_num_threads(1)
+        item_proc = ItemProcessor(store, FrozenTokenizer.load(settings.tokenizer_dir))
+        item_pool = ThreadPoolExecutor(1, thread_name_prefix="hisam-items")
+        log.info("item ingestion on, tokenizer %s", item_proc.tokenizer.version)
+
+        item_stats = _Progress("items")
+
+        @app.agent(items_topic, name="hisam-items")
+        async def ingest_items(stream) -> None:
+            loop = asyncio.get_running_loop()
+            async for events in stream.take_events(settings.batch_size, within=settings.batch_within_s):
+                t0 = time.perf_counter()
+                out = await _run_batch(loop, item_pool, item_proc.process, events)
+                t1 = time.perf_counter()
+                await emit(out)
+                item_stats.add(len(events), out, t1 - t0, time.perf_counter() - t1)
+    else:
+        log.warning("no tokenizer given: this worker does not consume %s", tp.ITEM_EVENTS)
+
+    return app
+
+
+def run_worker(settings: StreamSettings, loglevel: str = "info") -> None:
+    """Run a faust worker for the app until SIGTERM/SIGINT (blocks)."""
+    import faust
+
+    tp.ensure_topics(settings.bootstrap, tp.default_topics(settings.partitions))
+    app = create_app(settings)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()

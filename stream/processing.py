@@ -1,0 +1,173 @@
+"""Batch processors behind the stream agents: blocking, synchronous, unit-tested.
+
+An agent hands a batch of raw records to a processor in an executor thread (never in the
+event loop) and gets back what to produce. Ordering and at-least-once are the agent's job;
+a processor's job is that every record ends as exactly one of: an append (plus its
+TrainingSample), an item's semantic IDs, or a DeadLetter with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from features.online import ItemSids, StreamAction, StreamStore
+from stream import records as rec
+
+if TYPE_CHECKING:
+    from models.tokenizer import FrozenTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class BatchOutput:
+    """What one batch produces: (key, value) pairs for the output topics, and counts."""
+
+    samples: list[tuple[bytes, bytes]] = field(default_factory=list)
+    dead_letters: list[tuple[bytes, bytes]] = field(default_factory=list)
+    appended: int = 0
+    duplicates: int = 0
+    items_written: int = 0
+
+
+class ActionProcessor:
+    """user-actions -> (bounded, idempotent) append to the user's stream + TrainingSample.
+
+    The item's semantic IDs are looked up in the online store; an action on an item the
+    store does not know is dead-lettered (``unknown_item``) rather than appended with
+    made-up tokens. A duplicate (redelivered) action is not appended again but its sample
+    is re-emitted with its original history, so a crash between the store write and the
+    produce loses no sample (samples carry event_id: the trainer dedups).
+    """
+
+    def __init__(self, store: StreamStore):
+        self.store = store
+
+    def process(self, batch: Sequence[rec.RawMessage]) -> BatchOutput:
+        out = BatchOutput()
+        events: list[tuple[rec.RawMessage, object]] = []
+        for msg in batch:
+            try:
+                events.append((msg, rec.decode_action(msg.value)))
+            except rec.EventRejected as e:
+                self._reject(out, msg, e.reason, e.detail)
+        if not events:
+            return out
+        items = self.store.read_item_sids(sorted({ev.item_id for _, ev in events}))
+        known = []
+        for msg, ev in events:
+            it = items.get(ev.item_id)
+            if it is None:
+                self._reject(out, msg, rec.UNKNOWN_ITEM, f"item {ev.item_id} has no semantic IDs in the online store")
+            else:
+                known.append((msg, ev, it))
+        actions = [
+            StreamAction(
+                user_id=ev.user_id,
+                event_id=ev.event_id,
+                item_id=ev.item_id,
+                action=ev.action,
+                event_time_ms=ev.event_time_ms,
+                item_tokens=it.tokens,
+            )
+            for _, ev, it in known
+        ]
+        try:
+            results = self.store.append_batch(actions)
+        except ValueError:
+            # One invalid action (e.g. an item stored with the wrong token count) must not
+            # block the partition: retry one by one and dead-letter only the bad ones.
+            results = []
+            for (msg, _, _), a in zip(known, actions):
+                try:
+                    results.append(self.store.append(a))
+                except ValueError as e:
+                    results.append(None)
+                    self._reject(out, msg, rec.INVALID_FIELD, str(e))
+        for (msg, ev, it), res in zip(known, results):
+            if res is None:
+                continue
+            if res.appended:
+                out.appended += 1
+            else:
+                out.duplicates += 1
+            sample = rec.training_sample(ev, res.history_tokens, res.history_actions, it.tokens, it.tokenizer_version)
+            out.samples.append((rec.user_key(ev.user_id), sample.SerializeToString()))
+        return out
+
+    @staticmethod
+    def _reject(out: BatchOutput, msg: rec.RawMessage, reason: str, detail: str) -> None:
+        log.warning("dead-lettering %s[%d]@%d: %s: %s", msg.topic, msg.partition, msg.offset, reason, detail)
+        out.dead_letters.append((msg.key or b"", rec.dead_letter(msg, reason, detail, now_ms()).SerializeToString()))
+
+
+class ItemProcessor:
+    """item-events -> frozen tokenizer -> the item's semantic IDs in the online store.
+
+    Written directly in Feast's layout, so the item is rankable as soon as this returns.
+    Items are encoded as one batch; should the tokenizer still refuse the batch, items are
+    encoded one by one so that only the offending ones are dead-lettered.
+    """
+
+    def __init__(self, store: StreamStore, tokenizer: FrozenTokenizer):
+        self.store = store
+        self.tokenizer = tokenizer
+        if tokenizer.n_codes != store.config.n_codes:
+            raise ValueError(f"tokenizer emits {tokenizer.n_codes} codes, the online store keeps {store.config.n_codes}")
+
+    def process(self, batch: Sequence[rec.RawMessage]) -> BatchOutput:
+        from models.tokenizer import TokenizerInputError
+
+        out = BatchOutput()
+        good: list[tuple[rec.RawMessage, rec.ItemFeatures]] = []
+        for msg in batch:
+            try:
+                good.append((msg, rec.decode_item(msg.value, self.tokenizer.modalities)))
+            except rec.EventRejected as e:
+                ActionProcessor._reject(out, msg, e.reason, e.detail)
+        if not good:
+            return out
+        try:
+            tokens = self._encode_batch([f for _, f in good])
+            encoded = list(zip(good, tokens))
+        except TokenizerInputError:
+            encoded = []
+            for msg, f in good:
+                try:
+                    encoded.append(((msg, f), self.tokenizer.encode(f.features)))
+                except TokenizerInputError as e:
+                    ActionProcessor._reject(out, msg, rec.TOKENIZER_INPUT, str(e))
+        sids = [
+            ItemSids(
+                item_id=f.event.item_id,
+                tokens=tuple(int(t) for t in tok),
+                tokenizer_version=self.tokenizer.version,
+                event_time_ms=f.event.event_time_ms,
+            )
+            for (_, f), tok in encoded
+        ]
+        if sids:
+            self.store.put_item_sids(sids)
+        out.items_written = len(sids)
+        return out
+
+    def _encode_batch(self, items: Sequence[rec.ItemFeatures]) -> np.ndarray:
+        mods = self.tokenizer.modalities
+        n = len(items)
+        feats = {m: np.zeros((n, w), np.float32) for m, w in mods.items()}  # (B, D_m)
+        present = {m: np.zeros(n, bool) for m in mods}
+        for i, it in enumerate(items):
+            for m, v in it.features.items():
+                feats[m][i] = v
+                present[m][i] = True
+        return self.tokenizer.encode_batch(feats, present)  # (B, n_codes)

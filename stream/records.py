@@ -1,0 +1,162 @@
+"""Pure functions from raw Kafka bytes to validated events, and from results to outputs.
+
+Everything a stream agent decides lives here or in ``stream.processing``, so it is unit
+tested without a broker. Validation raises ``EventRejected`` with a machine-readable
+``reason``; the agents turn that into a DeadLetter instead of crashing or dropping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from hisam.pb.v1 import events_pb2 as pb
+
+# Reasons carried by DeadLetter.reason (stable strings: dashboards and replays key on them).
+DECODE_ERROR = "decode_error"
+INVALID_FIELD = "invalid_field"
+UNKNOWN_ITEM = "unknown_item"
+UNKNOWN_MODALITY = "unknown_modality"
+WRONG_WIDTH = "wrong_width"
+NON_FINITE_EMBEDDING = "non_finite_embedding"
+NO_EMBEDDING = "no_embedding"
+TOKENIZER_INPUT = "tokenizer_input"
+
+# Positive feedback for the near-line trainer's label; impressions, dislikes and skips
+# are negatives (METHOD.md's binary label; the dataset replay maps ratings the same way).
+POSITIVE_ACTIONS = frozenset({pb.ACTION_TYPE_CLICK, pb.ACTION_TYPE_LIKE, pb.ACTION_TYPE_PURCHASE})
+
+
+class EventRejected(ValueError):
+    """An event that cannot be processed; ``reason`` is one of the module constants."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    """One consumed Kafka record, as much as a dead letter needs to point back at it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def label_of(action: int) -> float:
+    return 1.0 if action in POSITIVE_ACTIONS else 0.0
+
+
+def decode_action(raw: bytes | None) -> pb.ActionEvent:
+    """Parse and validate an ActionEvent; raises EventRejected."""
+    if not raw:
+        raise EventRejected(DECODE_ERROR, "empty message")
+    try:
+        ev = pb.ActionEvent.FromString(raw)
+    except DecodeError as e:
+        raise EventRejected(DECODE_ERROR, f"not an ActionEvent: {e}") from e
+    if not ev.event_id or "\x00" in ev.event_id:
+        raise EventRejected(INVALID_FIELD, "event_id must be a non-empty string without NUL")
+    if ev.user_id < 0 or ev.item_id < 0:
+        raise EventRejected(INVALID_FIELD, f"negative id (user {ev.user_id}, item {ev.item_id})")
+    if ev.action == pb.ACTION_TYPE_UNSPECIFIED or ev.action not in pb.ActionType.values():
+        raise EventRejected(INVALID_FIELD, f"action {ev.action} is unspecified or unknown")
+    if ev.event_time_ms <= 0:
+        raise EventRejected(INVALID_FIELD, f"event_time_ms must be positive, got {ev.event_time_ms}")
+    return ev
+
+
+@dataclass(frozen=True)
+class ItemFeatures:
+    """A validated ItemEvent and its embeddings, ready for the tokenizer."""
+
+    event: pb.ItemEvent
+    features: dict[str, np.ndarray]  # modality -> (D_m,) float32, only the present ones
+
+
+def decode_item(raw: bytes | None, modalities: Mapping[str, int]) -> ItemFeatures:
+    """Parse and validate an ItemEvent against the tokenizer's modalities; raises EventRejected."""
+    if not raw:
+        raise EventRejected(DECODE_ERROR, "empty message")
+    try:
+        ev = pb.ItemEvent.FromString(raw)
+    except DecodeError as e:
+        raise EventRejected(DECODE_ERROR, f"not an ItemEvent: {e}") from e
+    if ev.item_id < 0:
+        raise EventRejected(INVALID_FIELD, f"negative item_id {ev.item_id}")
+    feats: dict[str, np.ndarray] = {}
+    for name, vec in ev.embeddings.items():
+        if name not in modalities:
+            raise EventRejected(UNKNOWN_MODALITY, f"modality {name!r}; the tokenizer takes {sorted(modalities)}")
+        arr = np.asarray(vec.values, dtype=np.float32)
+        if arr.shape != (modalities[name],):
+            raise EventRejected(WRONG_WIDTH, f"modality {name!r} has width {arr.shape[0]}, expected {modalities[name]}")
+        if not np.isfinite(arr).all():
+            bad = int(np.argwhere(~np.isfinite(arr))[0][0])
+            raise EventRejected(NON_FINITE_EMBEDDING, f"modality {name!r} has {arr[bad]} at index {bad}")
+        feats[name] = arr
+    if not feats:
+        raise EventRejected(NO_EMBEDDING, f"item {ev.item_id} carries no embedding of {sorted(modalities)}")
+    return ItemFeatures(ev, feats)
+
+
+def training_sample(
+    ev: pb.ActionEvent,
+    history_tokens: np.ndarray,
+    history_actions: np.ndarray,
+    target_tokens: tuple[int, ...],
+    tokenizer_version: str,
+) -> pb.TrainingSample:
+    """The sample for one action: the stream before it, and its item as the target."""
+    return pb.TrainingSample(
+        user_id=ev.user_id,
+        history_tokens=np.asarray(history_tokens, np.int64).ravel().tolist(),
+        history_actions=np.asarray(history_actions, np.int64).tolist(),
+        target_item_id=ev.item_id,
+        target_tokens=list(target_tokens),
+        target_action=ev.action,
+        label=label_of(ev.action),
+        event_id=ev.event_id,
+        event_time_ms=ev.event_time_ms,
+        tokenizer_version=tokenizer_version,
+        n_codes=len(target_tokens),
+    )
+
+
+def dead_letter(msg: RawMessage, reason: str, detail: str, now_ms: int) -> pb.DeadLetter:
+    return pb.DeadLetter(
+        topic=msg.topic,
+        partition=msg.partition,
+        offset=msg.offset,
+        key=msg.key or b"",
+        raw=msg.value or b"",
+        reason=reason,
+        detail=detail,
+        error_time_ms=now_ms,
+    )
+
+
+def action_event(event_id: str, user_id: int, item_id: int, action: int, event_time_ms: int) -> pb.ActionEvent:
+    """Build an ActionEvent (used by the replay producer and tests)."""
+    return pb.ActionEvent(event_id=event_id, user_id=user_id, item_id=item_id, action=action, event_time_ms=event_time_ms)
+
+
+def item_event(item_id: int, embeddings: Mapping[str, np.ndarray], event_time_ms: int, title: str = "", text: str = "") -> pb.ItemEvent:
+    """Build an ItemEvent from per-modality vectors (None or absent: modality missing)."""
+    ev = pb.ItemEvent(item_id=item_id, title=title, text=text, event_time_ms=event_time_ms)
+    for name, vec in embeddings.items():
+        if vec is not None:
+            ev.embeddings[name].values.extend(float(x) for x in np.asarray(vec, np.float32).ravel())
+    return ev
+
+
+def user_key(user_id: int) -> bytes:
+    """Partition key of user-actions: the user id as decimal ASCII (same user, same partition)."""
+    return str(int(user_id)).encode()

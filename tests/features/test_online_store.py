@@ -1,0 +1,158 @@
+"""The atomic, idempotent, bounded append on Feast's own layout (real Redis and SQLite)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from features.online import (
+    ItemSids,
+    OnlineStoreConfig,
+    StreamAction,
+    feast_read_item_sids,
+    feast_read_streams,
+    open_feature_store,
+    open_stream_store,
+)
+
+N_CODES = 6
+T = 5
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def backend(request, tmp_path_factory, redis_url):
+    """(config, direct store, Feast store) per backend; Feast apply once per module."""
+    repo = tmp_path_factory.mktemp(f"repo_{request.param}")
+    cfg = OnlineStoreConfig(
+        backend=request.param,
+        repo_dir=repo,
+        redis_url=redis_url if request.param == "redis" else None,
+        project="t_online",
+        stream_len=T,
+        n_codes=N_CODES,
+    )
+    fs = open_feature_store(cfg)
+    store = open_stream_store(cfg)
+    yield cfg, store, fs
+    store.close()
+
+
+def _action(user: int, k: int, item: int | None = None) -> StreamAction:
+    item = k if item is None else item
+    return StreamAction(
+        user_id=user,
+        event_id=f"u{user}-e{k}",
+        item_id=item,
+        action=k % 4,
+        event_time_ms=1_700_000_000_000 + k,
+        item_tokens=tuple(item * 10 + j for j in range(N_CODES)),
+    )
+
+
+def test_append_is_bounded_ordered_and_visible_through_feast(backend) -> None:
+    _, store, fs = backend
+    user = 101
+    for k in range(12):
+        assert store.append(_action(user, k)).appended
+    (direct,) = store.read_streams([user])
+    assert direct.event_ids == [f"u{user}-e{k}" for k in range(7, 12)]
+    assert direct.tokens.shape == (T, N_CODES)
+    np.testing.assert_array_equal(direct.tokens[:, 0], [k * 10 for k in range(7, 12)])
+    np.testing.assert_array_equal(direct.actions, [k % 4 for k in range(7, 12)])
+    np.testing.assert_array_equal(direct.event_times_ms, [1_700_000_000_000 + k for k in range(7, 12)])
+
+    (via_feast,) = feast_read_streams(fs, [user], N_CODES)
+    assert via_feast.event_ids == direct.event_ids
+    np.testing.assert_array_equal(via_feast.tokens, direct.tokens)
+    np.testing.assert_array_equal(via_feast.actions, direct.actions)
+    np.testing.assert_array_equal(via_feast.event_times_ms, direct.event_times_ms)
+    prof = fs.get_online_features(
+        features=["user_profile:n_actions", "user_profile:last_action_ms"], entity_rows=[{"user_id": user}]
+    ).to_dict()
+    assert prof["n_actions"] == [12]
+    assert prof["last_action_ms"] == [1_700_000_000_011]
+    assert store.read_streams([999_999]) == [None]
+    assert feast_read_streams(fs, [999_999], N_CODES) == [None]
+
+
+def test_duplicate_event_is_a_noop_that_returns_its_original_history(backend) -> None:
+    _, store, _ = backend
+    user = 202
+    first = [store.append(_action(user, k)) for k in range(3)]
+    assert [r.history_actions.tolist() for r in first] == [[], [0], [0, 1]]
+    np.testing.assert_array_equal(first[2].history_tokens[:, 0], [0, 10])
+    again = store.append(_action(user, 1))
+    assert not again.appended
+    np.testing.assert_array_equal(again.history_tokens, first[1].history_tokens)
+    (s,) = store.read_streams([user])
+    assert s.event_ids == [f"u{user}-e{k}" for k in range(3)]
+
+
+@pytest.mark.parametrize("cluster_mode", [False, True])
+def test_batch_append_equals_single_appends(backend, cluster_mode: bool) -> None:
+    cfg, _, _ = backend
+    store = open_stream_store(replace(cfg, redis_cluster=cluster_mode))
+    u, v = 303 + 10 * cluster_mode, 304 + 10 * cluster_mode
+    acts = [_action(u, k) for k in range(8)] + [_action(v, k) for k in range(3)] + [_action(u, 7)]
+    res = store.append_batch(acts)
+    assert [r.appended for r in res] == [True] * 11 + [False]
+    assert [len(r.history_actions) for r in res[:8]] == [0, 1, 2, 3, 4, 5, 5, 5]
+    # a duplicate's history is what precedes it in the current (trimmed) window
+    np.testing.assert_array_equal(res[11].history_actions, res[7].history_actions[-4:])
+    su, sv = store.read_streams([u, v])
+    assert su.event_ids == [f"u{u}-e{k}" for k in range(3, 8)]
+    assert sv.event_ids == [f"u{v}-e{k}" for k in range(3)]
+    store.close()
+
+
+def test_two_concurrent_writers_on_one_user_lose_nothing(backend) -> None:
+    cfg, _, _ = backend
+    wide = replace(cfg, stream_len=1000)  # keep every append visible
+    user, per_writer = 404, 150
+
+    def writer(w: int) -> None:
+        store = open_stream_store(wide)  # each writer its own client / connection
+        try:
+            for k in range(per_writer):
+                a = _action(user, w * 10_000 + k, item=k)
+                if k % 5 == 0:
+                    store.append_batch([a, replace(a, event_id=a.event_id + "b")])
+                else:
+                    store.append(a)
+        finally:
+            store.close()
+
+    with ThreadPoolExecutor(2) as pool:
+        for fut in [pool.submit(writer, w) for w in (1, 2)]:
+            fut.result()  # re-raises a writer's error here
+    (s,) = open_stream_store(wide).read_streams([user])
+    expected = per_writer + per_writer // 5
+    assert len(s.event_ids) == len(set(s.event_ids)) == 2 * expected
+    for w in (1, 2):  # each writer's own order is kept
+        mine = [e for e in s.event_ids if e.startswith(f"u{user}-e{w}")]
+        assert len(mine) == expected
+        ks = [int(e.split("-e")[1].rstrip("b")) for e in mine]
+        assert ks == sorted(ks)
+
+
+def test_item_sids_readable_through_feast_and_directly(backend) -> None:
+    _, store, fs = backend
+    store.put_item_sids([ItemSids(item_id=77, tokens=(1, 2, 3, 4, 5, 6), tokenizer_version="tok-v1", event_time_ms=0)])
+    assert feast_read_item_sids(fs, [77, 78]) == {77: [1, 2, 3, 4, 5, 6], 78: None}
+    direct = store.read_item_sids([77, 78])
+    assert list(direct) == [77]
+    assert direct[77] == ItemSids(item_id=77, tokens=(1, 2, 3, 4, 5, 6), tokenizer_version="tok-v1", event_time_ms=0)
+
+
+def test_invalid_actions_are_rejected_before_any_write(backend) -> None:
+    _, store, _ = backend
+    with pytest.raises(ValueError, match="tokens"):
+        store.append(replace(_action(505, 0), item_tokens=(1, 2)))
+    with pytest.raises(ValueError, match="event_id"):
+        store.append(replace(_action(505, 0), event_id="a\x00b"))
+    assert store.read_streams([505]) == [None]

@@ -1,0 +1,57 @@
+"""Worker plumbing that needs no broker: retry of transient store errors, replay order."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import redis
+
+from hisam.pb.v1 import events_pb2 as pb
+from stream import producer as prod
+from stream.app import _process_with_retry
+from stream.processing import BatchOutput
+
+
+def test_transient_store_errors_are_retried_then_succeed() -> None:
+    calls = []
+
+    def flaky(batch):
+        calls.append(len(batch))
+        if len(calls) < 3:
+            raise redis.exceptions.ConnectionError("redis restarting")
+        return BatchOutput(appended=len(batch))
+
+    assert _process_with_retry(flaky, [object()] * 4, give_up_s=5).appended == 4
+    assert calls == [4, 4, 4]
+
+
+def test_non_transient_errors_propagate_at_once() -> None:
+    calls = []
+
+    def broken(batch):
+        calls.append(1)
+        raise KeyError("a bug, not an outage")
+
+    with pytest.raises(KeyError):
+        _process_with_retry(broken, [], give_up_s=5)
+    assert calls == [1]
+
+
+def test_transient_errors_give_up_after_the_deadline() -> None:
+    def down(batch):
+        raise redis.exceptions.TimeoutError("still down")
+
+    with pytest.raises(redis.exceptions.TimeoutError):
+        _process_with_retry(down, [], give_up_s=0.3)
+
+
+def test_replay_is_time_ordered_with_stable_event_ids() -> None:
+    df = pd.DataFrame(
+        {"user_idx": [3, 1, 2], "item_idx": [30, 10, 20], "rating": [5.0, 1.0, 4.0], "label": [1, 0, 1], "timestamp": [300, 100, 200]},
+        index=[2, 0, 1],
+    )
+    evs = list(prod.actions_from_interactions(df, "ds"))
+    assert [e.user_id for e in evs] == [1, 2, 3]
+    assert [e.event_id for e in evs] == ["ds:0", "ds:1", "ds:2"]
+    assert [e.action for e in evs] == [pb.ACTION_TYPE_DISLIKE, pb.ACTION_TYPE_LIKE, pb.ACTION_TYPE_LIKE]
+    assert [e.event_time_ms for e in evs] == [100_000, 200_000, 300_000]

@@ -1,0 +1,123 @@
+"""Pure decoding/validation and the batch processors (real SQLite store, real tokenizer)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from features.online import ItemSids, OnlineStoreConfig, open_stream_store
+from hisam.pb.v1 import events_pb2 as pb
+from stream import records as rec
+from stream.processing import ActionProcessor, ItemProcessor
+
+
+def _msg(value: bytes, offset: int = 0, topic: str = "user-actions") -> rec.RawMessage:
+    return rec.RawMessage(topic, 0, offset, b"k", value)
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        (b"", rec.DECODE_ERROR),
+        (b"\xff\xff\xff", rec.DECODE_ERROR),
+        (rec.action_event("", 1, 2, 2, 5).SerializeToString(), rec.INVALID_FIELD),
+        (rec.action_event("a\x00b", 1, 2, 2, 5).SerializeToString(), rec.INVALID_FIELD),
+        (rec.action_event("e", -1, 2, 2, 5).SerializeToString(), rec.INVALID_FIELD),
+        (rec.action_event("e", 1, 2, 0, 5).SerializeToString(), rec.INVALID_FIELD),
+        (rec.action_event("e", 1, 2, 99, 5).SerializeToString(), rec.INVALID_FIELD),
+        (rec.action_event("e", 1, 2, 2, 0).SerializeToString(), rec.INVALID_FIELD),
+    ],
+)
+def test_decode_action_rejects_with_reason(event: bytes, reason: str) -> None:
+    with pytest.raises(rec.EventRejected) as e:
+        rec.decode_action(event)
+    assert e.value.reason == reason
+
+
+def test_decode_action_accepts_valid() -> None:
+    ev = rec.decode_action(rec.action_event("e1", 3, 4, pb.ACTION_TYPE_CLICK, 7).SerializeToString())
+    assert (ev.event_id, ev.user_id, ev.item_id, ev.action, ev.event_time_ms) == ("e1", 3, 4, pb.ACTION_TYPE_CLICK, 7)
+    assert rec.label_of(pb.ACTION_TYPE_CLICK) == 1.0 and rec.label_of(pb.ACTION_TYPE_SKIP) == 0.0
+
+
+MODS = {"text": 4, "image": 2}
+
+
+@pytest.mark.parametrize(
+    ("emb", "reason"),
+    [
+        ({"text": [1, 2, 3, float("nan")]}, rec.NON_FINITE_EMBEDDING),
+        ({"text": [1, 2, 3, float("inf")]}, rec.NON_FINITE_EMBEDDING),
+        ({"text": [1, 2, 3]}, rec.WRONG_WIDTH),
+        ({"audio": [1, 2]}, rec.UNKNOWN_MODALITY),
+        ({}, rec.NO_EMBEDDING),
+    ],
+)
+def test_decode_item_rejects_with_reason(emb, reason: str) -> None:
+    raw = rec.item_event(1, {k: np.asarray(v, np.float32) for k, v in emb.items()}, 5).SerializeToString()
+    with pytest.raises(rec.EventRejected) as e:
+        rec.decode_item(raw, MODS)
+    assert e.value.reason == reason
+
+
+def test_decode_item_keeps_present_modalities_only() -> None:
+    raw = rec.item_event(9, {"image": np.array([0.5, -1.0]), "text": None}, 5, title="t").SerializeToString()
+    f = rec.decode_item(raw, MODS)
+    assert list(f.features) == ["image"] and f.features["image"].dtype == np.float32
+    assert f.event.item_id == 9 and f.event.title == "t"
+
+
+def test_training_sample_carries_history_target_and_label() -> None:
+    ev = rec.action_event("e", 1, 2, pb.ACTION_TYPE_LIKE, 5)
+    s = rec.training_sample(ev, np.arange(12).reshape(2, 6), np.array([1, 5]), tuple(range(100, 106)), "v1")
+    assert list(s.history_tokens) == list(range(12)) and list(s.history_actions) == [1, 5]
+    assert list(s.target_tokens) == list(range(100, 106)) and s.n_codes == 6
+    assert (s.label, s.tokenizer_version, s.event_id, s.target_item_id) == (1.0, "v1", "e", 2)
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    store = open_stream_store(OnlineStoreConfig(backend="sqlite", repo_dir=tmp_path, stream_len=3, n_codes=6))
+    yield store
+    store.close()
+
+
+def test_action_processor_appends_emits_samples_and_dead_letters(sqlite_store) -> None:
+    sqlite_store.put_item_sids([ItemSids(i, tuple(range(i * 10, i * 10 + 6)), "v1", 0) for i in (1, 2)])
+    batch = [
+        _msg(rec.action_event("a", 7, 1, 2, 10).SerializeToString(), 0),
+        _msg(b"junk", 1),
+        _msg(rec.action_event("b", 7, 3, 2, 11).SerializeToString(), 2),  # item 3 unknown
+        _msg(rec.action_event("c", 7, 2, 3, 12).SerializeToString(), 3),
+        _msg(rec.action_event("a", 7, 1, 2, 10).SerializeToString(), 4),  # redelivery
+    ]
+    out = ActionProcessor(sqlite_store).process(batch)
+    assert (out.appended, out.duplicates) == (2, 1)
+    reasons = {pb.DeadLetter.FromString(v).offset: pb.DeadLetter.FromString(v).reason for _, v in out.dead_letters}
+    assert reasons == {1: rec.DECODE_ERROR, 2: rec.UNKNOWN_ITEM}
+    samples = [pb.TrainingSample.FromString(v) for _, v in out.samples]
+    assert [s.event_id for s in samples] == ["a", "c", "a"]
+    assert list(samples[1].history_tokens) == list(range(10, 16))
+    assert list(samples[2].history_tokens) == []  # the redelivered sample repeats the original
+    (s,) = sqlite_store.read_streams([7])
+    assert s.event_ids == ["a", "c"]
+
+
+def test_item_processor_tokenizes_and_dead_letters(sqlite_store, tiny_tokenizer_dir) -> None:
+    from models.tokenizer import FrozenTokenizer
+    from models.tokenizer.testing import synthetic_items
+
+    tok = FrozenTokenizer.load(tiny_tokenizer_dir)
+    feats, _, _ = synthetic_items(4, tok.modalities, seed=3)
+    good = [{m: feats[m][i] for m in tok.modalities} for i in range(3)]
+    good[1].pop(next(iter(tok.modalities)))
+    bad = {m: np.full(w, np.nan, np.float32) for m, w in tok.modalities.items()}
+    batch = [_msg(rec.item_event(100 + i, e, 5).SerializeToString(), i, "item-events") for i, e in enumerate([*good, bad])]
+    out = ItemProcessor(sqlite_store, tok).process(batch)
+    assert out.items_written == 3
+    assert [pb.DeadLetter.FromString(v).reason for _, v in out.dead_letters] == [rec.NON_FINITE_EMBEDDING]
+    stored = sqlite_store.read_item_sids([100, 101, 102, 103])
+    assert sorted(stored) == [100, 101, 102]
+    for i in range(3):
+        assert list(stored[100 + i].tokens) == tok.encode(good[i]).tolist()
+        assert stored[100 + i].tokenizer_version == tok.version
