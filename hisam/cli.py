@@ -21,6 +21,13 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("tokenizer eval", "hisam.jobs.tokenizer_eval", "evaluate tokenizers and write a report"),
     ("tokenizer encode", "hisam.jobs.tokenizer_encode", "encode items with a frozen tokenizer"),
     ("bench tokenizer", "hisam.bench.tokenizer", "tokenizer quality and encode-speed benchmark"),
+    ("services up", "hisam.jobs.services_up", "run the broker and a private Redis until Ctrl-C"),
+    ("stream worker", "hisam.jobs.stream_worker", "run the stream agents (appends, item ingestion, dead letters)"),
+    ("events produce", "hisam.jobs.events_produce", "replay a dataset's items and interactions into the topics"),
+    ("bench stream", "hisam.bench.stream", "stream throughput and freshness vs Feast's write path"),
+    ("ranker pretrain", "hisam.jobs.ranker_pretrain", "pre-train the HMAT ranker (PT, next-token)"),
+    ("ranker finetune", "hisam.jobs.ranker_finetune", "fine-tune the HMAT ranker (SFT on actions)"),
+    ("ranker eval", "hisam.jobs.ranker_eval", "evaluate ranker runs and write the Table 2 report"),
 ]
 
 

@@ -1,0 +1,70 @@
+"""``hisam tokenizer train``: train semantic-ID tokenizers on a dataset's item catalogue."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+from models.tokenizer import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="ml-100k", help="'ml-100k' or a directory in the custom format (hisam/data/FORMAT.md)")
+    parser.add_argument("--data-dir", default=os.environ.get("HISAM_DATA_DIR", "data"))
+    parser.add_argument("--tokenizers-dir", default="artifacts/tokenizers", help="where tokenizer artifacts live")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hisam.tokenizers import VARIANTS
+
+    add_common(parser)
+    parser.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="repeatable; default: dst")
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=None, help="default: per kind (hisam.tokenizers.DEFAULT_LR)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="model config override, e.g. --set codebook_size=128")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from hisam.data import load_dataset
+    from hisam.tokenizers import DEFAULT_LR, VARIANTS, train_variant
+
+    ds = load_dataset(args.dataset, args.data_dir, progress=not args.no_progress)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    overrides = parse_overrides(args.set)
+    for name in args.variant or ["dst"]:
+        kind = VARIANTS[name][0]
+        cfg = TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr if args.lr is not None else DEFAULT_LR[kind],
+            seed=args.seed,
+            device=device,
+            progress=not args.no_progress,
+        )
+        tok = train_variant(name, ds, Path(args.tokenizers_dir), cfg, overrides)
+        print(f"{name}: {tok.version} -> {Path(args.tokenizers_dir) / name}")
+    return 0
