@@ -28,6 +28,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("ranker pretrain", "hisam.jobs.ranker_pretrain", "pre-train the HMAT ranker (PT, next-token)"),
     ("ranker finetune", "hisam.jobs.ranker_finetune", "fine-tune the HMAT ranker (SFT on actions)"),
     ("ranker eval", "hisam.jobs.ranker_eval", "evaluate ranker runs and write the Table 2 report"),
+    ("bench ranker", "hisam.bench.ranker", "HMAT one-pass / anchor-cache / training speed vs baselines"),
 ]
 
 
