@@ -7,14 +7,16 @@ each an HMAT checkpoint (models/hmat/train.py); ``report/`` holds what ``ranker 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hisam.data import Dataset
-from hisam.ranker import RankerInputs, load_inputs, model_config, select_users, training_sequences
+from hisam.data import Dataset, DatasetError, load_dataset
+from hisam.ranker import RankerInputs, load_inputs, model_config, run_dir, select_users, training_sequences
 from hisam.ranker.profiles import ProfileVocab
 from models.hmat.baselines import VARIANTS, uses_item_ids
 from models.hmat.model import HMAT
@@ -144,3 +146,45 @@ def train_stage(
 
 def saved_vocab(config: dict[str, Any]) -> ProfileVocab:
     return ProfileVocab.from_dict(config["profile_vocab"])
+
+
+log = logging.getLogger(__name__)
+
+
+def dataset_or_none(args: argparse.Namespace) -> Dataset | None:
+    """The dataset the job names, or None after logging why it cannot be loaded."""
+    try:
+        return load_dataset(args.dataset, args.data_dir, progress=not args.no_progress)
+    except DatasetError as e:
+        log.error("%s", e)
+        return None
+
+
+def train_runs(
+    args: argparse.Namespace,
+    stage: str,
+    subdir: str,
+    init_for: Callable[[Path], Path | None] = lambda run: None,
+) -> int:
+    """Train ``stage`` ("pt" or "sft") for every variant and seed; checkpoints in <run>/<subdir>."""
+    apply_threads(args)
+    ds = dataset_or_none(args)
+    if ds is None:
+        return 1
+    cache: dict = {}
+    for variant in args.variant:
+        try:
+            inputs = inputs_for(ds, variant, args, cache)
+        except (FileNotFoundError, ValueError) as e:  # no or bad tokenizer for a semantic-ID variant
+            log.error("%s: %s", variant, e)
+            return 1
+        for seed in args.seeds:
+            run = run_dir(args.out, variant, seed)
+            try:
+                init = init_for(run)
+            except FileNotFoundError as e:
+                log.error("%s", e)
+                return 1
+            result = train_stage(args, ds, variant, seed, stage, run / subdir, inputs, init=init)
+            log.info("%s seed %d: %s done after %d steps -> %s", variant, seed, stage.upper(), result.steps, result.checkpoint)
+    return 0

@@ -15,8 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from hisam.data import DatasetError, load_dataset
-from hisam.jobs.ranker_common import add_data_arguments, apply_threads, saved_vocab
+from hisam.jobs.ranker_common import add_data_arguments, apply_threads, dataset_or_none, saved_vocab
 from hisam.ranker import PROTOCOLS, EvalSet, RankerInputs, eval_set, load_inputs, select_users, write_report
 from models.hmat.baselines import VARIANTS, uses_item_ids
 from models.hmat.evaluate import ranking_metrics, score_examples, score_timelines
@@ -61,10 +60,8 @@ def find_runs(out: Path, variants: list[str] | None, seeds: list[int] | None) ->
 def main(args: argparse.Namespace) -> int:
     apply_threads(args)
     # Setup.
-    try:
-        ds = load_dataset(args.dataset, args.data_dir, progress=not args.no_progress)
-    except DatasetError as e:
-        log.error("%s", e)
+    ds = dataset_or_none(args)
+    if ds is None:
         return 1
     runs = find_runs(args.out, args.variant, args.seeds)
     if not runs:

@@ -8,14 +8,9 @@ same model shape; the default trains from scratch. Writes ``<out>/<variant>/seed
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-from hisam.data import DatasetError, load_dataset
-from hisam.jobs.ranker_common import add_train_arguments, apply_threads, inputs_for, train_stage
-from hisam.ranker import run_dir
-
-log = logging.getLogger(__name__)
+from hisam.jobs.ranker_common import add_train_arguments, train_runs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,26 +32,4 @@ def init_dir(init: str, run: Path) -> Path | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    apply_threads(args)
-    try:
-        ds = load_dataset(args.dataset, args.data_dir, progress=not args.no_progress)
-    except DatasetError as e:
-        log.error("%s", e)
-        return 1
-    cache: dict = {}
-    for variant in args.variant:
-        try:
-            inputs = inputs_for(ds, variant, args, cache)
-        except (FileNotFoundError, ValueError) as e:  # no or bad tokenizer for a semantic-ID variant
-            log.error("%s: %s", variant, e)
-            return 1
-        for seed in args.seeds:
-            run = run_dir(args.out, variant, seed)
-            try:
-                init = init_dir(args.init, run)
-            except FileNotFoundError as e:
-                log.error("%s", e)
-                return 1
-            result = train_stage(args, ds, variant, seed, "sft", run / "finetune", inputs, init=init)
-            log.info("%s seed %d: SFT done after %d steps -> %s", variant, seed, result.steps, result.checkpoint)
-    return 0
+    return train_runs(args, "sft", "finetune", lambda run: init_dir(args.init, run))
