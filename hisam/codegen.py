@@ -17,8 +17,8 @@ PROTO_ROOT = REPO_ROOT / "proto"
 
 def generate(out_root: Path = REPO_ROOT) -> list[Path]:
     """Compile every proto under proto/ into ``out_root``; return the .proto files compiled."""
-    from grpc_tools import protoc  # dev dependency; only the codegen step needs it
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency; only the codegen step needs it
 
     protos = sorted(PROTO_ROOT.rglob("*.proto"))
     if not protos:

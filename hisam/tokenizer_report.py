@@ -10,10 +10,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from hisam.tokenizers import TokenizerReport  # noqa: E402
+from hisam.tokenizers import TokenizerReport
 
 
 def _fmt(values: list[float], digits: int = 2) -> str:
@@ -84,19 +84,23 @@ def write_report(reports: list[TokenizerReport], modalities: list[str], out_dir:
     md = [
         f"# Tokenizer report ({dataset})",
         "",
-        "Equal code length for every tokenizer. Collision rate: share of items whose full ID another item also has, "
-        "before and after resolution. Utilisation: share of the K entries of each layer used by at least one item. "
-        "Recon FVU: fraction of variance unexplained of each modality's reconstruction target (standardised raw "
-        "input; `dst-paper` reconstructs the aligned vector). vCLUB MI: a fresh variational net fitted on half the "
-        "items, bound evaluated on the other half, between the shared part z_hat_s and each specific part u_m.",
+        (
+            "Equal code length for every tokenizer. Collision rate: share of items whose full ID another item also "
+            "has, before and after resolution. Utilisation: share of the K entries of each layer used by at least one "
+            "item. Recon FVU: fraction of variance unexplained of each modality's reconstruction target (standardised "
+            "raw input; `dst-paper` reconstructs the aligned vector). vCLUB MI: a fresh variational net fitted on half "
+            "the items, bound evaluated on the other half, between the shared part z_hat_s and each specific part u_m."
+        ),
         "",
         markdown_table(reports, modalities),
         "",
         "![utilisation](utilisation.png)",
         "",
-        "Layer x modality association (Hi-SAM Fig. 3), epsilon^2 of each modality's *unique* part (what the other "
-        "modalities cannot predict) explained by the code of each layer; shared layers should be balanced, each "
-        "specific layer should stand out on its own modality:",
+        (
+            "Layer x modality association (Hi-SAM Fig. 3), epsilon^2 of each modality's *unique* part (what the "
+            "other modalities cannot predict) explained by the code of each layer; shared layers should be balanced, "
+            "each specific layer should stand out on its own modality:"
+        ),
         "",
         "![heatmap](heatmap_unique.png)",
         "",

@@ -21,7 +21,6 @@ from models.tokenizer import (
     TrainConfig,
     build_model,
     collision_rate,
-    encode_all,
     resolve_collisions,
     save_tokenizer,
     train_tokenizer,

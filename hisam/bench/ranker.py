@@ -49,8 +49,17 @@ def _median_seconds(fn, reps: int, sync) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
-    from models.hmat import HMAT, UserSequence, build_stream, encode_history, hmat_cpu, hmat_small, rank_candidates
-    from models.hmat import score_with_cache, sft_loss
+    from models.hmat import (
+        HMAT,
+        UserSequence,
+        build_stream,
+        encode_history,
+        hmat_cpu,
+        hmat_small,
+        rank_candidates,
+        score_with_cache,
+        sft_loss,
+    )
     from models.hmat.baselines import variant_config
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -6,6 +6,7 @@ Encodes the dataset's catalogue (collision-free, written as CSV), or only the gi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import sys
 from pathlib import Path
@@ -36,13 +37,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"unknown item ids: {', '.join(unknown)}", file=sys.stderr)
             return 2
         rows = [ds.items.row_of[i] for i in args.item]
-    out = sys.stdout if args.out == "-" else open(args.out, "w", newline="")
-    try:
+    with contextlib.nullcontext(sys.stdout) if args.out == "-" else open(args.out, "w", newline="") as out:
         w = csv.writer(out)
         w.writerow(["item_id", "title", *[f"t{l}" for l in range(tok.n_codes)], "reassigned", "tokenizer_version"])
         for r in rows:
             w.writerow([ids[r], ds.items.titles[r], *tokens[r].tolist(), int(moved[r]), tok.version])
-    finally:
-        if out is not sys.stdout:
-            out.close()
     return 0

@@ -7,14 +7,27 @@ from models.tokenizer.artifact import (
     load_tokenizer,
     save_tokenizer,
 )
-from models.tokenizer.baselines import MACRec, MACRecConfig, RQVAE, RQVAEConfig
+from models.tokenizer.baselines import RQVAE, MACRec, MACRecConfig, RQVAEConfig
 from models.tokenizer.collisions import CollisionError, collision_rate, resolve_collisions
 from models.tokenizer.dst import DST, DSTConfig
 from models.tokenizer.train import TrainConfig, encode_all, train_tokenizer
 
 __all__ = [
-    "DST", "DSTConfig", "MACRec", "MACRecConfig", "RQVAE", "RQVAEConfig",
-    "FrozenTokenizer", "TokenizerInputError", "CollisionError",
-    "TrainConfig", "train_tokenizer", "encode_all", "build_model", "save_tokenizer", "load_tokenizer",
-    "collision_rate", "resolve_collisions",
+    "DST",
+    "RQVAE",
+    "CollisionError",
+    "DSTConfig",
+    "FrozenTokenizer",
+    "MACRec",
+    "MACRecConfig",
+    "RQVAEConfig",
+    "TokenizerInputError",
+    "TrainConfig",
+    "build_model",
+    "collision_rate",
+    "encode_all",
+    "load_tokenizer",
+    "resolve_collisions",
+    "save_tokenizer",
+    "train_tokenizer",
 ]

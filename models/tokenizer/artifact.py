@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from models.tokenizer.baselines import MACRec, MACRecConfig, RQVAE, RQVAEConfig
+from models.tokenizer.baselines import RQVAE, MACRec, MACRecConfig, RQVAEConfig
 from models.tokenizer.collisions import resolve_collisions
 from models.tokenizer.dst import DST, DSTConfig
 
@@ -120,7 +120,7 @@ class FrozenTokenizer:
         self.imputes_missing = getattr(model.config, "missing", "impute") == "impute"
 
     @classmethod
-    def load(cls, path: str | Path) -> "FrozenTokenizer":
+    def load(cls, path: str | Path) -> FrozenTokenizer:
         model, meta = load_tokenizer(path)
         return cls(model, meta["version"])
 

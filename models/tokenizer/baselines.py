@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from models.tokenizer.base import InputNormalizer, TokenizerStep, masked_mse, mlp
 from models.tokenizer.losses import info_nce

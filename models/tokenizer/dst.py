@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from models.tokenizer.base import InputNormalizer, TokenizerStep, masked_mse, mlp
 from models.tokenizer.losses import VCLUB, gram_alignment_loss
@@ -271,7 +271,7 @@ class DST(nn.Module):
         e = self.align(x, present)
         z = self.global_repr(e)
         self.shared.init_from(z, generator)
-        codes, z_hat_s, r, _ = self.shared.assign(z)
+        _, z_hat_s, r, _ = self.shared.assign(z)
         u = self.recover(r, e, z_hat_s)
         for m in self.names:
             self.specific[m].init_from(u[m], generator)

@@ -6,8 +6,8 @@ Letters: B batch, M modalities, D aligned width.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def small_det(g: torch.Tensor) -> torch.Tensor:

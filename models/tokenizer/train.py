@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)

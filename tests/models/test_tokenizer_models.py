@@ -19,9 +19,8 @@ from models.tokenizer import (
     train_tokenizer,
 )
 from models.tokenizer.metrics import utilisation
-from models.tokenizer.train import to_tensors
 from models.tokenizer.testing import TINY_MODALITIES, synthetic_items, tiny_config, tiny_tokenizer
-
+from models.tokenizer.train import to_tensors
 
 LR = {"dst": 3e-3, "macrec": 1e-3, "rqvae": 1e-3}
 
@@ -70,7 +69,7 @@ def test_training_is_deterministic():
 
 
 def test_dst_without_mi_term_skips_vclub():
-    model, hist, _, _ = _train("dst", epochs=2, lambda_mi=0.0)
+    _, hist, _, _ = _train("dst", epochs=2, lambda_mi=0.0)
     assert all(h["mi"] == 0.0 for h in hist if "mi" in h)
 
 
@@ -116,7 +115,7 @@ def test_single_and_batched_encode_agree_and_are_deterministic(frozen):
 
 
 def test_encode_batch_resolves_collisions_against_taken(frozen):
-    feats, present, _ = synthetic_items(5, seed=4)
+    feats, _, _ = synthetic_items(5, seed=4)
     row = {m: np.repeat(feats[m][:1], 3, axis=0) for m in feats}  # three identical items
     natural = frozen.encode_batch(row)
     assert collision_rate(natural) == 1.0

@@ -13,6 +13,7 @@ from hisam.data import Dataset
 from hisam.ranker import ProfileVocab, load_inputs, model_config, semantic_codes
 from models.tokenizer import FrozenTokenizer
 
+
 @pytest.fixture
 def hisam_cli():
     """The real ``hisam`` entry point."""
