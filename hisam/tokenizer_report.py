@@ -40,19 +40,28 @@ def markdown_table(reports: list[TokenizerReport], modalities: list[str]) -> str
 
 
 def plot_utilisation(reports: list[TokenizerReport], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    """Two panels per layer: share of entries used, and perplexity / K (how evenly they are used)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     n = len(reports)
     width = 0.8 / max(n, 1)
-    for i, r in enumerate(reports):
-        xs = np.arange(len(r.utilisation_per_layer)) + i * width
-        ax.bar(xs, r.utilisation_per_layer, width, label=r.name)
-    ax.axhline(0.9, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("code position (layer)")
-    ax.set_ylabel("share of codebook used")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Codebook utilisation per layer")
-    ax.legend(fontsize=7, ncols=min(n, 5))
-    fig.tight_layout()
+    for ax, key, title in (
+        (axes[0], "utilisation_per_layer", "Share of codebook entries used"),
+        (axes[1], "perplexity_per_layer", "Perplexity / K (1 = perfectly even use)"),
+    ):
+        for i, r in enumerate(reports):
+            values = np.asarray(getattr(r, key), dtype=float)
+            if key == "perplexity_per_layer":
+                values = values / r.codebook_size
+            ax.bar(np.arange(len(values)) + i * width, values, width, label=r.name)
+        ax.set_xticks(np.arange(len(reports[0].code_modalities)) + 0.4 - width / 2)
+        ax.set_xticklabels([f"{i + 1}:{c}" for i, c in enumerate(reports[0].code_modalities)], fontsize=7, rotation=30)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title, fontsize=10)
+    axes[0].axhline(0.9, color="grey", lw=0.8, ls="--")
+    axes[0].set_ylabel("share")
+    axes[0].set_xlabel("code position (labels: the first tokenizer's layers)", fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncols=min(n, 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

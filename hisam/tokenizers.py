@@ -124,6 +124,7 @@ class TokenizerReport:
     kind: str
     version: str
     code_modalities: list[str]
+    codebook_size: int
     collision_rate: float
     collision_rate_resolved: float
     utilisation_per_layer: list[float]
@@ -160,6 +161,7 @@ def evaluate_tokenizer(path: Path, ds: Dataset, mi_steps: int = 300) -> Tokenize
         kind=tok.kind,
         version=tok.version,
         code_modalities=model.code_modalities(),
+        codebook_size=k,
         collision_rate=collision_rate(codes),
         collision_rate_resolved=collision_rate(tokens),
         utilisation_per_layer=utilisation(codes, k),
