@@ -1,0 +1,207 @@
+"""Memory-anchor attention as one named operator: ``hisam::anchor_attention`` (METHOD.md §3-§4).
+
+Letters: B batch, S query tokens, Sk keys (cached slots + S), H query heads, G key/value
+heads (GQA, H = G * R), D head dim.
+
+Three faces of the same operator, kept together so they cannot drift apart:
+
+- PyTorch: ``torch.ops.hisam.anchor_attention(q, k, v, mask)`` registered with
+  ``torch.library.custom_op``; the eager kernel is the model's SDPA path, the fake kernel
+  gives ``torch.export`` the output shape (that of ``q``).
+- ONNX node: the exporter maps the op to ``onnx_stub``, which emits one bare node
+  ``hisam.AnchorAttention`` (domain ``hisam``, opset version 1) instead of tracing inside.
+- ONNX function: ``AnchorAttention`` below, the same computation in standard ONNX ops,
+  attached to the exported model by ``attach_function``. ONNX Runtime inlines it when
+  no kernel for ``hisam.AnchorAttention`` is registered, so every runtime can run the
+  model; a registered fused kernel (an ORT custom-op library; a TensorRT plugin, see
+  export.py) takes precedence over the body (ENVIRONMENT.md; no such kernel exists yet).
+
+Contract (all three): q (B, H, S, D); k, v (B, G, Sk, D), keys already rotated; mask
+(B, S, Sk) bool, True: query s may attend key k (``mask.attention_mask``); returns
+softmax(q k^T / sqrt(D), masked) v, (B, H, S, D), in q's dtype, softmax in fp32. The
+mask must leave every row at least one key (``attention_mask`` guarantees this: padding
+queries attend everything), or that row is NaN.
+
+Why the mask is an input and GQA is inside:
+- The mask depends on token metadata only, not on the layer, so it is built once per
+  forward (mask.py, the tested pure function) and shared by all layers; building it
+  inside the op would rebuild it per layer, and would tie the op to the stream's
+  metadata encoding. A fused kernel that wants to skip masked tiles can still do so:
+  its tile-skipping reads the same mask. (A metadata-taking variant is the natural
+  second op if a kernel should avoid reading the (B, S, Sk) mask at all; export.py.)
+- GQA inside: the op sees the G key/value heads as they are cached, so neither the
+  anchor cache nor the graph ever materialises R copies of them; the ONNX body groups
+  the query heads as (B, G, R, S, D) and broadcasts keys over R, and a kernel indexes
+  key head h // R. Head h of q uses key head h // R, as ``model.repeat_kv``.
+
+Using the op from the model without editing model.py: ``anchor_attention_op(model)``
+swaps each ``Attention`` module's forward for ``_attention_forward`` (below), the same
+computation as ``Attention.forward`` with the attention call replaced; tests compare it
+with the model's own forward. The 3-line model.py change that would make the swap
+unnecessary is ``attn_impl == "custom_op"`` dispatching to
+``torch.ops.hisam.anchor_attention(q, k_all, v_all, mask)`` (export.py docstring).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+
+import onnx
+import onnxscript
+import torch
+import torch.nn.functional as F
+from onnxscript import FLOAT
+from onnxscript import opset18 as op
+
+from models.hmat.model import HMAT, Attention, AttnImpl, LayerKV, apply_hrope, repeat_kv
+
+DOMAIN = "hisam"
+DOMAIN_VERSION = 1
+ONNX_OP_NAME = "AnchorAttention"
+HISAM = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
+
+
+# --- PyTorch ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("hisam::anchor_attention", mutates_args=())
+def anchor_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D), mask) v with GQA; shapes in the module docstring."""
+    n_rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask[:, None])
+
+
+@anchor_attention.register_fake
+def _anchor_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of key/value heads (GQA)")
+    return torch.empty_like(q)
+
+
+def _attention_forward(
+    self: Attention,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    past: LayerKV | None,
+    attn_impl: AttnImpl,
+) -> tuple[torch.Tensor, LayerKV]:
+    """``Attention.forward`` with the attention call as the custom op (inference only: no dropout)."""
+    B, S, _ = x.shape
+    q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, S, D)
+    k = self.k_proj(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, S, D)
+    v = self.v_proj(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, S, D)
+    q = apply_hrope(q, cos, sin, self.inter_dims)
+    k = apply_hrope(k, cos, sin, self.inter_dims)
+    k_all = k if past is None else torch.cat([past[0], k], dim=2)  # (B, G, Sk, D)
+    v_all = v if past is None else torch.cat([past[1], v], dim=2)  # (B, G, Sk, D)
+    y = torch.ops.hisam.anchor_attention(q, k_all, v_all, mask)  # (B, H, S, D)
+    y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # (B, S, H * D)
+    return self.o_proj(y), (k, v)
+
+
+@contextlib.contextmanager
+def anchor_attention_op(model: HMAT) -> Iterator[HMAT]:
+    """Run ``model``'s attention through ``hisam::anchor_attention`` inside the block.
+
+    Inference only: raises ``ValueError`` if the model is in training mode (the op has
+    no dropout and no autograd formula).
+    """
+    if model.training:
+        raise ValueError("anchor_attention_op is for inference: call model.eval() first")
+    modules = [m for m in model.modules() if isinstance(m, Attention)]
+    for m in modules:
+        m.forward = types.MethodType(_attention_forward, m)
+    try:
+        yield model
+    finally:
+        for m in modules:
+            del m.forward  # back to the class's forward
+
+
+# --- ONNX ------------------------------------------------------------------------------------
+
+
+def _register_schema() -> None:
+    """Declare ``hisam.AnchorAttention`` to onnx (process-wide, once): the exporter builds
+    nodes from a schema, and the checker then validates the node's inputs against it."""
+    if onnx.defs.has(ONNX_OP_NAME, DOMAIN):
+        return
+    param = onnx.defs.OpSchema.FormalParameter
+    onnx.defs.register_schema(
+        onnx.defs.OpSchema(
+            ONNX_OP_NAME,
+            DOMAIN,
+            DOMAIN_VERSION,
+            "Memory-anchor attention with GQA (models/hmat/onnx_ops.py); output has q's shape.",
+            inputs=[param("q", "T"), param("k", "T"), param("v", "T"), param("mask", "tensor(bool)")],
+            outputs=[param("out", "T")],
+            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "q, k, v and out")],
+        )
+    )
+
+
+_register_schema()
+
+
+def onnx_stub(q, k, v, mask):
+    """Exporter translation: one bare ``hisam.AnchorAttention`` node, body attached later."""
+    return HISAM.AnchorAttention(q, k, v, mask)
+
+
+CUSTOM_TRANSLATION_TABLE = {torch.ops.hisam.anchor_attention.default: onnx_stub}
+
+
+@onnxscript.script(HISAM, default_opset=op)
+def AnchorAttention(q, k, v, mask):  # CamelCase: ONNX op names
+    """The ONNX function body: the op's contract (module docstring) in standard opset-18 ops."""
+    qf = op.Cast(q, to=FLOAT.dtype)
+    kf = op.Cast(k, to=FLOAT.dtype)
+    vf = op.Cast(v, to=FLOAT.dtype)
+    b = op.Shape(q, start=0, end=1)
+    h = op.Shape(q, start=1, end=2)
+    s = op.Shape(q, start=2, end=3)
+    d = op.Shape(q, start=3, end=4)
+    g = op.Shape(k, start=1, end=2)
+    r = op.Div(h, g)
+    # Scale q, not the scores: S * D multiplications instead of S * Sk. The Mul follows the
+    # Reshape because with Mul(Cast(q)) first ONNX Runtime 1.32 refused the inlined model
+    # ("input '_inlfunc_AnchorAttention_qf' is not ... output of a previous node").
+    scale = op.Div(op.Constant(value_float=1.0), op.Sqrt(op.Cast(d, to=FLOAT.dtype)))
+    q5 = op.Mul(op.Reshape(qf, op.Concat(b, g, r, s, d, axis=0)), scale)  # (B, G, R, S, D): head h = g * R + r
+    kt = op.Unsqueeze(op.Transpose(kf, perm=[0, 1, 3, 2]), [2])  # (B, G, 1, D, Sk)
+    v5 = op.Unsqueeze(vf, [2])  # (B, G, 1, Sk, D)
+    scores = op.MatMul(q5, kt)  # (B, G, R, S, Sk)
+    neg_inf = op.Constant(value_float=float("-inf"))
+    scores = op.Where(op.Unsqueeze(mask, [1, 2]), scores, neg_inf)  # mask (B, 1, 1, S, Sk)
+    probs = op.Softmax(scores, axis=-1)
+    out = op.Reshape(op.MatMul(probs, v5), op.Shape(q))  # (B, G, R, S, D) -> (B, H, S, D)
+    return op.CastLike(out, q)
+
+
+def function_proto() -> onnx.FunctionProto:
+    """The ``hisam.AnchorAttention`` ONNX function (domain ``hisam``, standard-op body)."""
+    return AnchorAttention.to_function_proto()
+
+
+def attach_function(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Add the ``hisam.AnchorAttention`` function to ``model`` (in place) and import its domain.
+
+    The body uses opset 18 ops; the model's own default-domain opset must be >= 18 (the
+    dynamo exporter's default is).
+    """
+    default = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if default is None or default < 18:
+        raise ValueError(f"model imports default opset {default}; the AnchorAttention body needs >= 18")
+    fn = function_proto()
+    del fn.opset_import[:]
+    fn.opset_import.extend([onnx.helper.make_opsetid("", default)])  # one default opset per model
+    existing = [i for i, f in enumerate(model.functions) if (f.domain, f.name) == (DOMAIN, ONNX_OP_NAME)]
+    for i in reversed(existing):
+        del model.functions[i]
+    model.functions.append(fn)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    return model
