@@ -50,6 +50,9 @@ class StreamSettings:
     # embedded broker never expires a member that died without leaving, so on it this is
     # what makes crash recovery work at all. Unique per worker (a StatefulSet pod name).
     instance_id: str | None = None
+    # Pause after an empty fetch (the embedded broker does not hold fetches; see
+    # _hold_empty_fetches). Bounds the idle fetch rate; adds at most this to freshness.
+    idle_fetch_s: float = float(os.environ.get("HISAM_IDLE_FETCH_MS", "5")) / 1000
 
 
 class _Progress:
@@ -131,6 +134,29 @@ def _raw(events: Sequence) -> list[rec.RawMessage]:
     ]
 
 
+async def send_batches(producer, topic: str, records: Sequence[tuple[bytes, bytes]]) -> list[asyncio.Future]:
+    """Send keyed records as one record batch per partition; returns the delivery futures.
+
+    ``producer`` is faust's aiokafka Producer: the record batches are aiokafka's own
+    (``create_batch`` / ``send_batch``), partitioned by faust's ``key_partition`` (the
+    default murmur2 partitioner), so each key lands where a keyed send would put it.
+    """
+    if not records:
+        return []
+    aio = producer._ensure_producer()  # the aiokafka producer faust started
+    batches: dict[int, list] = {}
+    for key, value in records:
+        partition = producer.key_partition(topic, key).partition
+        group = batches.get(partition)
+        if group is None:
+            group = batches[partition] = [aio.create_batch()]
+        if group[-1].append(key=key, value=value, timestamp=None) is None:  # full: start another
+            group.append(aio.create_batch())
+            if group[-1].append(key=key, value=value, timestamp=None) is None:
+                raise ValueError(f"a {len(value)}-byte record does not fit in an empty {topic} batch")
+    return [await aio.send_batch(b, topic, partition=p) for p, group in batches.items() for b in group]
+
+
 def create_app(settings: StreamSettings):
     """Build the faust app with its agents; the caller runs it (``run_worker``)."""
     with warnings.catch_warnings():
@@ -155,6 +181,9 @@ def create_app(settings: StreamSettings):
         broker_rebalance_timeout=settings.session_timeout_s,
         consumer_group_instance_id=settings.instance_id,
     )
+    from stream.transport import fast_transport
+
+    app.transport = fast_transport(app, settings.idle_fetch_s)  # before the first topic asks for one
     actions_topic = app.topic(tp.USER_ACTIONS, internal=False)
     items_topic = app.topic(tp.ITEM_EVENTS, internal=False)
 
@@ -163,11 +192,11 @@ def create_app(settings: StreamSettings):
     action_pool = ThreadPoolExecutor(1, thread_name_prefix="hisam-actions")
 
     async def emit(out: BatchOutput) -> None:
-        # The producer directly (not Topic.send): one future per record, no per-record
-        # message wrappers; at thousands of records per second that overhead dominates.
-        producer = app.producer
-        futs = [await producer.send(tp.TRAINING_SAMPLES, k, v, None, None, None) for k, v in out.samples]
-        futs += [await producer.send(tp.DEAD_LETTERS, k, v, None, None, None) for k, v in out.dead_letters]
+        # Record batches straight to the producer (not Topic.send, not one send per record):
+        # per-record sends cost ~12 us of CPU each, a record appended to a batch ~5 us.
+        # Keys go to the partitions a keyed send would pick (faust's key_partition).
+        futs = await send_batches(app.producer, tp.TRAINING_SAMPLES, out.samples)
+        futs += await send_batches(app.producer, tp.DEAD_LETTERS, out.dead_letters)
         if futs:
             await asyncio.gather(*futs)  # acknowledged before the batch is acked
 
