@@ -47,6 +47,12 @@ def env(kafka_bootstrap, redis_url, tiny_tokenizer_dir, tmp_path_factory):
             "--repo-dir", str(repo), "--stream-len", str(T), "--n-codes", str(N_CODES),
             "--tokenizer", str(tiny_tokenizer_dir), "--app-id", f"hisam-test-{RUN}",
             "--within-ms", "20", "--session-timeout", "6", "--instance-id", f"worker-{RUN}",
+            # The idempotency window is the user's last T actions (features/online.py): a
+            # redelivery is harmless while no user has more than T actions in the uncommitted
+            # span. Offsets commit every batch, so batches of 100 over these 10 users keep the
+            # span near 20 per user, under T = 50; batches of 500 (the default) put it at the
+            # edge and the crash test then double-counted about one run in eight.
+            "--batch-size", "100",
         ],
         repo / "worker.log",
     )  # fmt: skip
