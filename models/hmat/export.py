@@ -49,15 +49,11 @@ detected, as in PyTorch.
 The custom op. Each graph holds ``hisam.AnchorAttention`` nodes (one per layer, except
 that ``encode_history`` drops the last layer's, whose output nothing reads; domain
 ``hisam``, version 1) and the model-local ONNX function of the same name whose body is
-standard ops (onnx_ops.py). Export: ``anchor_attention_op`` routes the model's attention
-through ``torch.ops.hisam.anchor_attention``; the dynamo exporter maps the op to a stub
-emitting the bare node (``custom_translation_table``), and ``attach_function`` adds the
-body afterwards (the exporter would otherwise inline a traced body). The 3-line change to
-model.py that would replace the forward swap::
-
-    AttnImpl = Literal["reference", "sdpa", "custom_op"]          # and accept it in __post_init__
-    elif attn_impl == "custom_op":                               # in Attention.forward
-        y = torch.ops.hisam.anchor_attention(q, k_all, v_all, mask)  # GQA inside: k_all, not k_rep
+standard ops (onnx_ops.py). Export: ``anchor_attention_op`` switches the model to
+``attn_impl="custom_op"``, which routes attention through ``torch.ops.hisam.anchor_attention``
+(K/V at G heads: GQA inside the op); the dynamo exporter maps the op to a stub emitting the
+bare node (``custom_translation_table``), and ``attach_function`` adds the body afterwards
+(the exporter would otherwise inline a traced body).
 
 TensorRT route (design; nothing here runs it, and the TensorRT details below are to be
 checked against the TensorRT version deployed). Two ways to build an engine from these

@@ -28,7 +28,9 @@ from torch import nn
 from models.hmat.mask import attention_mask
 from models.hmat.sequence import StreamLayout, TokenStream
 
-AttnImpl = Literal["reference", "sdpa"]
+# "custom_op": torch.ops.hisam.anchor_attention (registered by models/hmat/onnx_ops.py), the
+# path ONNX export takes so that attention becomes one custom-domain node; inference only.
+AttnImpl = Literal["reference", "sdpa", "custom_op"]
 RopeKind = Literal["hrope", "rope1d"]
 LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, G, S, D) each, keys rotated
 
@@ -77,8 +79,8 @@ class HMATConfig:
             raise ValueError(f"positive_action={self.positive_action} is not one of {self.n_actions} action types")
         if self.rope not in ("hrope", "rope1d"):
             raise ValueError(f"rope={self.rope!r} is not 'hrope' or 'rope1d'")
-        if self.attn_impl not in ("reference", "sdpa"):
-            raise ValueError(f"attn_impl={self.attn_impl!r} is not 'reference' or 'sdpa'")
+        if self.attn_impl not in ("reference", "sdpa", "custom_op"):
+            raise ValueError(f"attn_impl={self.attn_impl!r} is not 'reference', 'sdpa' or 'custom_op'")
 
     @property
     def head_dim(self) -> int:
@@ -255,6 +257,12 @@ class Attention(nn.Module):
         # so they are concatenated as they are (inference.py, position map).
         k_all = k if past is None else torch.cat([past[0], k], dim=2)  # (B, G, Sk, D)
         v_all = v if past is None else torch.cat([past[1], v], dim=2)  # (B, G, Sk, D)
+        if attn_impl == "custom_op":  # GQA handled inside the op: K/V stay at G heads
+            if self.training:
+                raise ValueError("attn_impl='custom_op' is for inference: it has no dropout and no autograd formula")
+            y = torch.ops.hisam.anchor_attention(q, k_all, v_all, mask)  # (B, H, S, D)
+            y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # (B, S, H * D)
+            return self.o_proj(y), (k, v)
         n_rep = self.n_head // self.n_kv_head
         k_rep, v_rep = repeat_kv(k_all, n_rep), repeat_kv(v_all, n_rep)  # (B, H, Sk, D)
         dropout_p = self.dropout if self.training else 0.0

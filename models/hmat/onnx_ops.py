@@ -34,18 +34,15 @@ Why the mask is an input and GQA is inside:
   the query heads as (B, G, R, S, D) and broadcasts keys over R, and a kernel indexes
   key head h // R. Head h of q uses key head h // R, as ``model.repeat_kv``.
 
-Using the op from the model without editing model.py: ``anchor_attention_op(model)``
-swaps each ``Attention`` module's forward for ``_attention_forward`` (below), the same
-computation as ``Attention.forward`` with the attention call replaced; tests compare it
-with the model's own forward. The 3-line model.py change that would make the swap
-unnecessary is ``attn_impl == "custom_op"`` dispatching to
-``torch.ops.hisam.anchor_attention(q, k_all, v_all, mask)`` (export.py docstring).
+Using the op from the model: ``attn_impl="custom_op"`` (model.py) dispatches attention to
+``torch.ops.hisam.anchor_attention(q, k_all, v_all, mask)``; ``anchor_attention_op(model)``
+switches a model to it for the duration of a block (export); tests compare it with the
+model's own forward.
 """
 
 from __future__ import annotations
 
 import contextlib
-import types
 from collections.abc import Iterator
 
 import onnx
@@ -55,7 +52,7 @@ import torch.nn.functional as F
 from onnxscript import FLOAT
 from onnxscript import opset18 as op
 
-from models.hmat.model import HMAT, Attention, AttnImpl, LayerKV, apply_hrope, repeat_kv
+from models.hmat.model import HMAT, repeat_kv
 
 DOMAIN = "hisam"
 DOMAIN_VERSION = 1
@@ -79,29 +76,6 @@ def _anchor_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     return torch.empty_like(q)
 
 
-def _attention_forward(
-    self: Attention,
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    mask: torch.Tensor,
-    past: LayerKV | None,
-    attn_impl: AttnImpl,
-) -> tuple[torch.Tensor, LayerKV]:
-    """``Attention.forward`` with the attention call as the custom op (inference only: no dropout)."""
-    B, S, _ = x.shape
-    q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, S, D)
-    k = self.k_proj(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, S, D)
-    v = self.v_proj(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, S, D)
-    q = apply_hrope(q, cos, sin, self.inter_dims)
-    k = apply_hrope(k, cos, sin, self.inter_dims)
-    k_all = k if past is None else torch.cat([past[0], k], dim=2)  # (B, G, Sk, D)
-    v_all = v if past is None else torch.cat([past[1], v], dim=2)  # (B, G, Sk, D)
-    y = torch.ops.hisam.anchor_attention(q, k_all, v_all, mask)  # (B, H, S, D)
-    y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # (B, S, H * D)
-    return self.o_proj(y), (k, v)
-
-
 @contextlib.contextmanager
 def anchor_attention_op(model: HMAT) -> Iterator[HMAT]:
     """Run ``model``'s attention through ``hisam::anchor_attention`` inside the block.
@@ -111,14 +85,12 @@ def anchor_attention_op(model: HMAT) -> Iterator[HMAT]:
     """
     if model.training:
         raise ValueError("anchor_attention_op is for inference: call model.eval() first")
-    modules = [m for m in model.modules() if isinstance(m, Attention)]
-    for m in modules:
-        m.forward = types.MethodType(_attention_forward, m)
+    previous = model.config.attn_impl
+    model.config.attn_impl = "custom_op"  # Attention.forward's custom_op branch
     try:
         yield model
     finally:
-        for m in modules:
-            del m.forward  # back to the class's forward
+        model.config.attn_impl = previous
 
 
 # --- ONNX ------------------------------------------------------------------------------------
