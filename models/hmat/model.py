@@ -260,6 +260,8 @@ class Attention(nn.Module):
         if attn_impl == "custom_op":  # GQA handled inside the op: K/V stay at G heads
             if self.training:
                 raise ValueError("attn_impl='custom_op' is for inference: it has no dropout and no autograd formula")
+            import models.hmat.onnx_ops  # noqa: F401  registers torch.ops.hisam.anchor_attention (no-op once loaded)
+
             y = torch.ops.hisam.anchor_attention(q, k_all, v_all, mask)  # (B, H, S, D)
             y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # (B, S, H * D)
             return self.o_proj(y), (k, v)
