@@ -203,3 +203,19 @@ def encode_latency(tok: FrozenTokenizer, ds: Dataset, n_single: int = 1000, n_ba
         "batch_items_per_s": float(per_s),
         "threads": 1,
     }
+
+
+def compare_variants(
+    ds: Dataset, root: Path, epochs: int, seed: int = 0, device: str = "cpu", reuse: bool = False
+) -> tuple[dict[str, TokenizerReport], dict[str, float]]:
+    """Train every variant on one budget (or reuse saved artifacts), evaluate each, and time
+    DST's frozen encoder: what both the main job and ``hisam bench tokenizer`` report."""
+    from models.tokenizer import FrozenTokenizer
+
+    reports = {}
+    for name, (kind, _) in VARIANTS.items():
+        if not (reuse and (root / name / "config.json").exists()):
+            cfg = TrainConfig(epochs=epochs, lr=DEFAULT_LR[kind], seed=seed, device=device)
+            train_variant(name, ds, root, cfg)
+        reports[name] = evaluate_tokenizer(root / name, ds)
+    return reports, encode_latency(FrozenTokenizer.load(root / "dst"), ds)

@@ -31,18 +31,10 @@ def main(args: argparse.Namespace) -> int:
 
     from hisam.data import load_dataset
     from hisam.tokenizer_report import markdown_table, write_report
-    from hisam.tokenizers import DEFAULT_LR, VARIANTS, encode_latency, evaluate_tokenizer, train_variant
-    from models.tokenizer import FrozenTokenizer
+    from hisam.tokenizers import compare_variants
 
     ds = load_dataset(args.dataset, args.data_dir, progress=False)
-    root = Path(args.tokenizers_dir)
-    reports = {}
-    for name, (kind, _) in VARIANTS.items():
-        if not (args.reuse and (root / name / "config.json").exists()):
-            cfg = TrainConfig(epochs=args.epochs, lr=DEFAULT_LR[kind], seed=args.seed, progress=True)
-            train_variant(name, ds, root, cfg)
-        reports[name] = evaluate_tokenizer(root / name, ds)
-    latency = encode_latency(FrozenTokenizer.load(root / "dst"), ds)
+    reports, latency = compare_variants(ds, Path(args.tokenizers_dir), args.epochs, seed=args.seed, reuse=args.reuse)
     modalities = list(ds.items.features)
     write_report(list(reports.values()), modalities, Path(args.report), ds.name)
 

@@ -32,8 +32,7 @@ def main(args: argparse.Namespace) -> int:
 
     from hisam.data import load_dataset
     from hisam.tokenizer_report import markdown_table, write_report
-    from hisam.tokenizers import DEFAULT_LR, VARIANTS, encode_latency, evaluate_tokenizer, train_variant
-    from models.tokenizer import FrozenTokenizer
+    from hisam.tokenizers import VARIANTS, compare_variants
 
     started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,13 +41,9 @@ def main(args: argparse.Namespace) -> int:
     log.info("%s", ds.summary())
 
     log.info("[2/3] tokenizers: %s on %s", ", ".join(VARIANTS), device)
-    root = Path(args.artifacts) / "tokenizers"
-    for name, (kind, _) in VARIANTS.items():
-        train_variant(name, ds, root, TrainConfig(epochs=args.epochs, lr=DEFAULT_LR[kind], device=device))
-
-    log.info("[3/3] evaluation")
-    reports = [evaluate_tokenizer(root / name, ds) for name in VARIANTS]
-    latency = encode_latency(FrozenTokenizer.load(root / "dst"), ds)
+    by_name, latency = compare_variants(ds, Path(args.artifacts) / "tokenizers", args.epochs, device=device)
+    reports = list(by_name.values())
+    log.info("[3/3] report")
     modalities = list(ds.items.features)
     extra = (
         f"DST frozen encode, one thread: single item p50 {latency['single_p50_ms']:.3f} ms, "
