@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.hmat.mask import CachedBlocks
 from models.hmat.model import HMAT, AttnImpl, HMATConfig, LayerKV
 from models.hmat.sequence import TokenStream, TokenType, continue_stream
 
@@ -93,10 +94,17 @@ def _compact(
 
 
 def _run_after_cache(
-    model: HMAT, cache: AnchorKVCache, new: TokenStream, attn_impl: AttnImpl | None
+    model: HMAT, cache: AnchorKVCache, new: TokenStream, attn_impl: AttnImpl | None, block: int = 0
 ) -> tuple[torch.Tensor, list[LayerKV]]:
-    """Run ``new`` tokens attending the cache's slots and themselves."""
-    mask = model.stream_mask(new, cache.slots.cat(new))  # (B, S, M + S)
+    """Run ``new`` tokens attending the cache's slots and themselves.
+
+    ``block`` > 0: ``new`` is whole candidate blocks of that many tokens, and the mask is
+    passed as its ``CachedBlocks`` structure (the fast path); 0: the dense mask.
+    """
+    if block:
+        mask: torch.Tensor | CachedBlocks = CachedBlocks(cache.slots.valid, block)
+    else:
+        mask = model.stream_mask(new, cache.slots.cat(new))  # (B, S, M + S)
     positions = new.rotary_positions(model.config.rope)  # (B, S, 2)
     return model(new.tokens, positions, mask, list(zip(cache.keys, cache.values, strict=True)), attn_impl)
 
@@ -138,11 +146,14 @@ def score_with_cache(
     """P(positive) (B, N) for ``candidates`` (B, N, k) semantic-ID codes, against the cache.
 
     Candidates attend the cached slots and their own block only, with i = n_items + 1, so
-    the result equals ``rank_candidates`` on the full stream.
+    the result equals ``rank_candidates`` on the full stream. With ``attn_impl`` None the
+    attention runs block-structured (``mask.CachedBlocks``: the dense mask is never
+    built); naming an ``attn_impl`` runs it under the dense mask with that kernel.
     """
-    B, N, _ = candidates.shape
+    B, N, k = candidates.shape
     new = continue_stream(model.config.layout, cache.n_items, cache.next_order, candidates=candidates)
-    hidden, _ = _run_after_cache(model, cache, new, attn_impl)  # (B, N * (k + 1), C)
+    block = k + 1 if attn_impl is None else 0
+    hidden, _ = _run_after_cache(model, cache, new, attn_impl, block)  # (B, N * (k + 1), C)
     anchors = hidden[new.token_type == TokenType.CAND_ANCHOR].view(B, N, -1)  # (B, N, C), blocks in order
     return model.positive_prob(anchors)
 

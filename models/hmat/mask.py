@@ -5,6 +5,8 @@ Letters: B batch, Sq query tokens, Sk key tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from models.hmat.sequence import TokenStream, TokenType
@@ -73,3 +75,32 @@ def attention_mask(
             memory = memory | (k_type == TokenType.ACTION)
         allowed = allowed & ((k_type == TokenType.PROFILE) | same_segment | memory)
     return allowed | (q_type == TokenType.PAD)
+
+
+@dataclass(frozen=True)
+class CachedBlocks:
+    """The mask of candidates scored against an anchor cache, kept as its structure.
+
+    In ``score_with_cache`` every query is a candidate token and the keys are the cached
+    slots followed by the candidate tokens. By ``attention_mask`` a candidate token may see
+    every valid cached slot (profile and memory tokens only are kept, all earlier in
+    logical order; under the causal ablation the cache holds every history token, all
+    earlier too) and the earlier tokens of its own block, nothing else. So the (Sq, M + Sq)
+    dense mask is all ones over the valid slots, and block-diagonal lower-triangular over
+    the new tokens: attention splits into a dense part over the M slots and N independent
+    ``block`` x ``block`` parts, O(Sq (M + block)) instead of O(Sq (M + Sq)). Tested equal
+    to the dense mask (tests/models/test_hmat_inference.py).
+
+    ``slot_valid`` (B, M): True where the slot holds a token (False: padding).
+    ``block``: tokens per candidate block (k + 1), the new tokens being N whole blocks.
+    """
+
+    slot_valid: torch.Tensor
+    block: int
+
+    def dense(self, n_new: int) -> torch.Tensor:
+        """The same mask as a (B, n_new, M + n_new) bool tensor (for checks and the fallback)."""
+        B, M = self.slot_valid.shape
+        idx = torch.arange(n_new, device=self.slot_valid.device)
+        own = (idx[None, :] // self.block == idx[:, None] // self.block) & (idx[None, :] <= idx[:, None])
+        return torch.cat([self.slot_valid[:, None, :].expand(B, n_new, M), own[None].expand(B, n_new, n_new)], -1)

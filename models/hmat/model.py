@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.hmat.mask import attention_mask
+from models.hmat.mask import CachedBlocks, attention_mask
 from models.hmat.sequence import StreamLayout, TokenStream
 
 # "custom_op": torch.ops.hisam.anchor_attention (registered by models/hmat/onnx_ops.py), the
@@ -133,9 +133,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -223,6 +221,32 @@ def reference_attention(
     return (probs @ v.float()).to(q.dtype)  # (B, H, S, D)
 
 
+def cached_block_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: LayerKV, blocks: CachedBlocks
+) -> torch.Tensor:
+    """Attention under a ``CachedBlocks`` mask, in fp32, without building the dense mask.
+
+    q (B, H, S, D) with S = N * block new tokens; k/v (B, G, S, D) their keys/values;
+    ``past`` (B, G, M, D) cached keys/values. Each query's logits over the M slots and
+    over its own block are softmaxed together (one concatenated row), so the result is
+    ``reference_attention`` under ``blocks.dense(S)``; GQA by broadcasting, no K/V copies.
+    """
+    B, H, S, D = q.shape
+    G, b = k.shape[1], blocks.block
+    r, N = H // G, S // b
+    qf = q.float().view(B, G, r, S, D) / math.sqrt(D)
+    k_past, v_past = past[0].float()[:, :, None], past[1].float()[:, :, None]  # (B, G, 1, M, D)
+    M = k_past.shape[3]
+    s_past = (qf @ k_past.transpose(-2, -1)).masked_fill(~blocks.slot_valid[:, None, None, None, :], float("-inf"))
+    qb = qf.view(B, G, r, N, b, D)
+    kb, vb = k.float().view(B, G, 1, N, b, D), v.float().view(B, G, 1, N, b, D)
+    causal = torch.ones(b, b, dtype=torch.bool, device=q.device).tril()
+    s_own = (qb @ kb.transpose(-2, -1)).masked_fill(~causal, float("-inf"))  # (B, G, r, N, b, b)
+    probs = torch.cat([s_past.view(B, G, r, N, b, M), s_own], dim=-1).softmax(-1)  # (B, G, r, N, b, M + b)
+    y = probs[..., :M].reshape(B, G, r, S, M) @ v_past + (probs[..., M:] @ vb).view(B, G, r, S, D)
+    return y.view(B, H, S, D).to(q.dtype)
+
+
 class Attention(nn.Module):
     """GQA self-attention with H-RoPE over [cached keys, new keys] under an explicit mask."""
 
@@ -242,17 +266,23 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | CachedBlocks,
         past: LayerKV | None,
         attn_impl: AttnImpl,
     ) -> tuple[torch.Tensor, LayerKV]:
-        """x (B, S, C), mask (B, S, Sk); returns the output and this call's rotated K/V."""
+        """x (B, S, C), mask (B, S, Sk) or its ``CachedBlocks`` structure (then ``attn_impl`` is
+        not used); returns the output and this call's rotated K/V."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, S, D)
         k = self.k_proj(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, S, D)
         v = self.v_proj(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, S, D)
         q = apply_hrope(q, cos, sin, self.inter_dims)
         k = apply_hrope(k, cos, sin, self.inter_dims)
+        if isinstance(mask, CachedBlocks):  # candidates against an anchor cache (inference.score_with_cache)
+            if past is None:
+                raise ValueError("a CachedBlocks mask needs the cached keys/values")
+            y = cached_block_attention(q, k, v, past, mask).transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)
+            return self.o_proj(y), (k, v)
         # Cached keys were rotated at their own logical coordinates when they were computed,
         # so they are concatenated as they are (inference.py, position map).
         k_all = k if past is None else torch.cat([past[0], k], dim=2)  # (B, G, Sk, D)
@@ -305,7 +335,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | CachedBlocks,
         past: LayerKV | None,
         attn_impl: AttnImpl,
     ) -> tuple[torch.Tensor, LayerKV]:
@@ -359,7 +389,7 @@ class HMAT(nn.Module):
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | CachedBlocks,
         past: list[LayerKV] | None = None,
         attn_impl: AttnImpl | None = None,
     ) -> tuple[torch.Tensor, list[LayerKV]]:

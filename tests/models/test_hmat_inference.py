@@ -160,3 +160,33 @@ def test_memory_anchor_changes_what_the_model_sees() -> None:
     other.load_state_dict(model.state_dict())
     s = build_stream([with_candidates(history(ma, 4), torch.randint(ma.codebook_size, (3, ma.n_sid)))], ma.layout)
     assert (rank_candidates(model, s) - rank_candidates(other, s)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("changes", [{}, {"action_is_memory": False}, {"ma_attn": False}], ids=["ma", "anchor", "causal"])
+def test_block_structured_cache_scoring_equals_dense_mask(changes: dict) -> None:
+    """The fast path (``CachedBlocks``) against the dense mask, on a cache with padding slots in the middle."""
+    cfg = tiny_config(**changes)
+    model = scrambled(HMAT(cfg))
+    users = [history(cfg, 3), history(cfg, 1, n_profile=1), history(cfg, 0)]
+    cache = encode_history(model, build_stream(users, cfg.layout))
+    more = torch.randint(cfg.codebook_size, (3, 2, cfg.n_sid))
+    cache = append_history(model, cache, more, torch.randint(cfg.n_actions, (3, 2)))  # padding now mid-cache
+    cands = torch.randint(cfg.codebook_size, (3, 5, cfg.n_sid))
+    for impl in ("reference", "sdpa"):
+        dense = score_with_cache(model, cache, cands, attn_impl=impl)
+        assert (score_with_cache(model, cache, cands) - dense).abs().max() <= ATOL
+
+
+def test_cached_blocks_dense_is_the_ma_attn_mask() -> None:
+    """``CachedBlocks.dense`` says the same as ``attention_mask`` on a candidate continuation."""
+    from models.hmat.mask import CachedBlocks
+    from models.hmat.sequence import continue_stream
+
+    cfg = tiny_config()
+    model = scrambled(HMAT(cfg))
+    cache = encode_history(model, build_stream([history(cfg, 3), history(cfg, 1)], cfg.layout))
+    cands = torch.randint(cfg.codebook_size, (2, 3, cfg.n_sid))
+    new = continue_stream(cfg.layout, cache.n_items, cache.next_order, candidates=cands)
+    expected = model.stream_mask(new, cache.slots.cat(new))
+    got = CachedBlocks(cache.slots.valid, cfg.n_sid + 1).dense(new.tokens.shape[1])
+    assert torch.equal(got, expected)
