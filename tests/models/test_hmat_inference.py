@@ -162,7 +162,9 @@ def test_memory_anchor_changes_what_the_model_sees() -> None:
     assert (rank_candidates(model, s) - rank_candidates(other, s)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("changes", [{}, {"action_is_memory": False}, {"ma_attn": False}], ids=["ma", "anchor", "causal"])
+@pytest.mark.parametrize(
+    "changes", [{}, {"action_is_memory": False}, {"ma_attn": False}], ids=["ma", "anchor", "causal"]
+)
 def test_block_structured_cache_scoring_equals_dense_mask(changes: dict) -> None:
     """The fast path (``CachedBlocks``) against the dense mask, on a cache with padding slots in the middle."""
     cfg = tiny_config(**changes)
