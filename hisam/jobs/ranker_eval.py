@@ -20,6 +20,7 @@ from hisam.ranker import PROTOCOLS, EvalSet, RankerInputs, eval_set, load_inputs
 from models.hmat.baselines import VARIANTS, uses_item_ids
 from models.hmat.evaluate import ranking_metrics, score_examples, score_timelines
 from models.hmat.train import load_checkpoint, load_history, pick_device
+from models.tokenizer import FrozenTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="one-pass: one stream per scored row; cached: the stream protocol with the anchor KV cache "
         "(same scores, far fewer tokens at long histories)",
     )
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="OUT=TOKENIZER",
+        help="more fine-tuned runs for the same report, trained on another tokenizer's codes (e.g. HMAT on "
+        "RQ-VAE IDs: runs/ranker-rqvae=artifacts/tokenizers/rqvae); their rows are labelled '<variant>@<kind>'; "
+        "repeatable",
+    )
     parser.add_argument("--report-dir", type=Path, help="where the report goes (default <out>/report)")
     parser.add_argument("--max-tokens", type=int, default=32768, help="padded tokens per scoring batch")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+
+
+def tokenizer_kind(path: Path) -> str:
+    """'rqvae', 'dst', ... from the artifact's version (``KIND-<hash>``)."""
+    return FrozenTokenizer.load(path).version.rsplit("-", 1)[0]
+
+
+def parse_also(specs: list[str]) -> list[tuple[Path, Path]]:
+    """``OUT=TOKENIZER`` pairs; ``ValueError`` naming the one that is not."""
+    pairs = []
+    for spec in specs:
+        out, sep, tokenizer = spec.partition("=")
+        if not sep or not out or not tokenizer:
+            raise ValueError(f"--also {spec!r}: expected OUT=TOKENIZER (a run directory and a tokenizer directory)")
+        pairs.append((Path(out), Path(tokenizer)))
+    return pairs
 
 
 def find_runs(out: Path, variants: list[str] | None, seeds: list[int] | None) -> list[tuple[str, int, Path]]:
@@ -63,24 +89,32 @@ def main(args: argparse.Namespace) -> int:
     ds = dataset_or_none(args)
     if ds is None:
         return 1
-    runs = find_runs(args.out, args.variant, args.seeds)
-    if not runs:
-        log.error("no fine-tuned runs under %s (expected <variant>/seed<k>/finetune)", args.out)
+    try:
+        sources = [(args.out, args.tokenizer, None), *((o, t, tokenizer_kind(t)) for o, t in parse_also(args.also))]
+    except (ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
         return 1
+    runs = []  # (row label, variant, seed, run directory, tokenizer directory)
+    for out, tokenizer_dir, kind in sources:
+        found = find_runs(out, args.variant, args.seeds)
+        if not found:
+            log.error("no fine-tuned runs under %s (expected <variant>/seed<k>/finetune)", out)
+            return 1
+        runs += [(v if kind is None else f"{v}@{kind}", v, seed, run, tokenizer_dir) for v, seed, run in found]
     device = pick_device(args.device)
     users = select_users(ds, args.max_users)
     results: dict[str, list[dict]] = {}
     histories: dict[tuple[str, int, str], list[dict]] = {}
     versions, presets, windows = set(), set(), set()
-    inputs_cache: dict[tuple[bool, str], RankerInputs] = {}
-    evals_cache: dict[tuple[tuple[bool, str], int], EvalSet] = {}
-    for variant, seed, run in runs:
+    inputs_cache: dict[tuple[bool, str, str], RankerInputs] = {}
+    evals_cache: dict[tuple[tuple[bool, str, str], int], EvalSet] = {}
+    for label, variant, seed, run, tokenizer_dir in runs:
         # Model.
         model, saved = load_checkpoint(run / "finetune", device)
         # Data: the codes and profiles this checkpoint was trained on (shared between runs that agree).
-        key = (uses_item_ids(variant), json.dumps(saved["profile_vocab"], sort_keys=True))
+        tokenizer = None if uses_item_ids(variant) else tokenizer_dir
+        key = (uses_item_ids(variant), str(tokenizer), json.dumps(saved["profile_vocab"], sort_keys=True))
         if key not in inputs_cache:
-            tokenizer = None if uses_item_ids(variant) else args.tokenizer
             try:
                 inputs_cache[key] = load_inputs(ds, variant, tokenizer, saved_vocab(saved))
             except (FileNotFoundError, ValueError) as e:  # no or bad tokenizer for a semantic-ID variant
@@ -108,11 +142,11 @@ def main(args: argparse.Namespace) -> int:
             scores = score_examples(model, evals.examples, **options)
         metrics = ranking_metrics(evals.user_idx, evals.item_idx, evals.label, scores, ds.cold_users, ds.cold_items)
         log.info(
-            "%s seed %d: %s", variant, seed, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("auc"))
+            "%s seed %d: %s", label, seed, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith("auc"))
         )
-        results.setdefault(variant, []).append({**metrics, "seed": seed})
+        results.setdefault(label, []).append({**metrics, "seed": seed})
         for stage, sub in (("pt", "pretrain"), ("sft", "finetune")):
-            histories[(variant, seed, stage)] = load_history(run / sub)
+            histories[(label, seed, stage)] = load_history(run / sub)
         versions.add(saved["tokenizer_version"])
         presets.add(saved.get("preset"))
         windows.add(model.config.max_items)
@@ -121,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
         "protocol": args.protocol,
         "scorer": args.scorer if args.protocol == "stream" else "one-pass",
         "users": "all" if users is None else f"first {len(users)}",
-        "seeds": sorted({seed for _, seed, _ in runs}),
+        "seeds": sorted({seed for _, _, seed, _, _ in runs}),
         "presets": sorted(str(p) for p in presets),
         "max history items": sorted(windows),
         "item codes": sorted(versions),

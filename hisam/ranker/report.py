@@ -33,6 +33,16 @@ LABELS = {
 }
 
 
+TOKENIZER_NAMES = {"dst": "DST", "rqvae": "RQ-VAE", "macrec": "MACRec"}
+
+
+def row_label(variant: str) -> str:
+    """Report label of a row: a variant, or ``variant@kind`` for one trained on another tokenizer's codes."""
+    base, _, kind = variant.partition("@")
+    name = LABELS.get(base, base)
+    return f"{name} on {TOKENIZER_NAMES.get(kind, kind)} IDs" if kind else name
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     """(mean, sample std, count) over the finite values; NaNs where undefined."""
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
@@ -54,7 +64,7 @@ def metrics_table(results: Mapping[str, Sequence[Mapping[str, float]]]) -> str:
     head = "| Method | Seeds | " + " | ".join(title for _, title in COLUMNS) + " |"
     rule = "|---|---:|" + "---:|" * len(COLUMNS)
     rows = [
-        f"| {LABELS.get(variant, variant)} | {len(runs)} | "
+        f"| {row_label(variant)} | {len(runs)} | "
         + " | ".join(format_cell([r[key] for r in runs]) for key, _ in COLUMNS)
         + " |"
         for variant, runs in results.items()
@@ -93,7 +103,7 @@ def plot_curves(histories: Mapping[tuple[str, int, str], Sequence[Mapping[str, A
                 color=colours[variant],
                 alpha=0.8,
                 lw=1.2,
-                label=None if variant in seen else LABELS.get(variant, variant),
+                label=None if variant in seen else row_label(variant),
             )
             seen.add(variant)
         ax.set_xlabel("optimiser step")

@@ -105,3 +105,26 @@ def test_finetune_from_a_missing_pretrain_fails_cleanly(hisam_cli, toy_dir: Path
     assert hisam_cli([*no_tokenizer, "--no-progress"]) == 1
     assert hisam_cli(["ranker", "eval", "--dataset", str(toy_dir), "--out", str(tmp_path), "--no-progress"]) == 1
     assert not np.any([p.name == "finetune" for p in tmp_path.rglob("*")])
+
+
+def test_eval_adds_runs_trained_on_another_tokenizer(
+    hisam_cli, toy_dir: Path, toy_tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """Table 4's 'HMAT on RQ-VAE IDs': ``--also OUT=TOKENIZER`` rows beside the main runs, by tokenizer kind."""
+    from models.tokenizer.testing import TINY_MODALITIES, tiny_tokenizer
+
+    rq_dir = tmp_path / "rqvae_tok"
+    tiny_tokenizer(rq_dir, kind="rqvae", modalities=TINY_MODALITIES, n_items=200, epochs=4)  # one thread: autouse
+    train = ["--variant", "hmat", "--seeds", "0", "--max-items", "6", "--epochs", "1", "--batch-size", "16"]
+    for out, tok in ((tmp_path / "main", toy_tokenizer_dir), (tmp_path / "rq", rq_dir)):
+        common = ["--dataset", str(toy_dir), "--tokenizer", str(tok), "--out", str(out), "--no-progress"]
+        assert hisam_cli(["ranker", "finetune", *common, *train, "--warmup-steps", "2"]) == 0
+    base = ["ranker", "eval", "--dataset", str(toy_dir), "--tokenizer", str(toy_tokenizer_dir), "--no-progress"]
+    base += ["--out", str(tmp_path / "main")]
+    assert hisam_cli([*base, "--also", f"{tmp_path / 'rq'}={rq_dir}"]) == 0
+    metrics = json.loads((tmp_path / "main" / "report" / "metrics.json").read_text())
+    assert list(metrics["results"]) == ["hmat", "hmat@rqvae"]
+    assert "HMAT (H-RoPE + MA-Attn) on RQ-VAE IDs" in (tmp_path / "main" / "report" / "report.md").read_text()
+    # The runs under --also were trained on RQ-VAE codes: pairing them with the DST tokenizer is refused.
+    assert hisam_cli([*base, "--also", f"{tmp_path / 'rq'}={toy_tokenizer_dir}"]) == 1
+    assert hisam_cli([*base, "--also", "no-equals-sign"]) == 1
