@@ -116,9 +116,17 @@ def decode_value(raw: bytes | None) -> OnlineValue:
 
 
 def timestamp_bytes(event_time_ms: int) -> bytes:
-    """Serialised ``google.protobuf.Timestamp`` for an epoch-ms time (Redis ``_ts`` field)."""
+    """Serialised ``google.protobuf.Timestamp`` for an epoch-ms time (Redis ``_ts`` field).
+
+    Written by hand (field 1 seconds, field 2 nanos, varints; zero fields omitted, as
+    protobuf does): it runs once per appended action, and building the message costs more.
+    """
     ms = int(event_time_ms)
-    return Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000).SerializeToString()
+    if ms < 0:
+        return Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000).SerializeToString()
+    seconds, nanos = divmod(ms, 1000)
+    out = b"\x08" + varints((seconds,)) if seconds else b""
+    return out + b"\x10" + varints((nanos * 1_000_000,)) if nanos else out
 
 
 def sqlite_timestamp(event_time_ms: int) -> int:
@@ -144,3 +152,10 @@ def varints(values: Sequence[int]) -> bytes:
             v >>= 7
         out.append(v)
     return bytes(out)
+
+
+def unpack_varints(packed: bytes) -> list[int]:
+    """The ints of a packed repeated-int payload (the inverse of ``varints``), by protobuf's parser."""
+    if not packed:
+        return []
+    return list(OnlineInt64List.FromString(b"\x0a" + varints((len(packed),)) + packed).val)

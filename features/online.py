@@ -13,12 +13,23 @@ and write Feast's own storage layout (``features.encoding``) atomically:
 * SQLite: one ``BEGIN IMMEDIATE`` transaction per append or per batch, against Feast's
   table layout; SQLite's write lock serialises concurrent writers.
 
-Idempotency: an action whose event id is in the user's current window is a no-op that
-reports its original position, so a redelivered message changes nothing and can still
-rebuild the TrainingSample it produced. The window is the last T actions; a redelivery
-older than T newer actions of the same user would be appended again (it cannot happen
-with at-least-once redelivery of uncommitted offsets unless one user sends more than T
-actions inside one uncommitted batch).
+Idempotency: every appended event id is remembered in a per-user *seen window* of the
+last ``seen_window`` (W) appended ids, independent of T. An action whose id is in the window
+is a duplicate: nothing is written and it produces no TrainingSample (its sample was
+produced when it was first appended). The window must cover the longest redelivery of one
+user's actions: at-least-once redelivers what was written but not yet committed, at most
+the batch in flight plus the acked batches awaiting their offset commit, so the worker
+requires W >= 2 x its batch size (``stream.app``); the default 1024 covers the default
+batches of 500. Memory is bounded: W ids of at most ``MAX_EVENT_ID_BYTES`` per user.
+
+* Redis: the window is a field of the user's own hash (``_hisam:user_stream:seen``, the
+  ids NUL-delimited, oldest first, with its count in ``..:seen_n``). In the user's hash it
+  is written by the same script call, lives in the same Redis Cluster slot whatever the
+  key's bytes (Feast's binary keys can contain ``{``/``}``, so no hash tag could follow a
+  separate key reliably), and is deleted with the entity by Feast's
+  ``delete_entity_values``; Feast reads only the fields it asks for.
+* SQLite: a side table ``{project}_hisam_seen`` (one row per remembered id, with the
+  per-user sequence number that orders eviction), written in the append's transaction.
 
 Reads for everything but the hot path go through Feast (``feast_read_streams``); serving
 may use ``StreamStore.read_streams``, a direct read of the same bytes that skips Feast's
@@ -36,7 +47,7 @@ import sqlite3
 import struct
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 from urllib.parse import urlparse
@@ -49,6 +60,9 @@ if TYPE_CHECKING:  # feast is imported only by the functions that need it
     from feast import FeatureStore
 
 log = logging.getLogger(__name__)
+
+# Longest event id accepted: bounds the seen window's memory (W ids per user).
+MAX_EVENT_ID_BYTES = 256
 
 Backend = Literal["sqlite", "redis"]
 
@@ -72,6 +86,9 @@ class OnlineStoreConfig:
     project: str = enc.DEFAULT_PROJECT
     stream_len: int = 300  # T: items kept per user (the paper's 300)
     n_codes: int = 6  # semantic-ID tokens per item
+    # W: appended event ids remembered per user for idempotency (see the module doc);
+    # at least 2 x the stream worker's batch size.
+    seen_window: int = 1024
     # Redis Cluster: batch appends become one script call per action (keys of one call
     # must share a hash slot). Reads and the layout are the same.
     redis_cluster: bool = False
@@ -81,8 +98,10 @@ class OnlineStoreConfig:
             raise ValueError(f"backend must be 'sqlite' or 'redis', got {self.backend!r}")
         if self.backend == "redis" and not self.redis_url:
             raise ValueError("backend 'redis' needs redis_url (redis://host:port/db)")
-        if self.stream_len < 1 or self.n_codes < 1:
-            raise ValueError(f"stream_len and n_codes must be >= 1, got {self.stream_len}, {self.n_codes}")
+        if self.stream_len < 1 or self.n_codes < 1 or self.seen_window < 1:
+            raise ValueError(
+                f"stream_len, n_codes and seen_window must be >= 1, got {self.stream_len}, {self.n_codes}, {self.seen_window}"
+            )
         if not self.project.isidentifier():
             raise ValueError(f"project must be an identifier (it names tables), got {self.project!r}")
 
@@ -163,6 +182,8 @@ class StreamAction:
     def validate(self, n_codes: int) -> None:
         if not self.event_id or "\x00" in self.event_id:
             raise ValueError(f"event_id must be a non-empty string without NUL, got {self.event_id!r}")
+        if len(self.event_id.encode("utf-8")) > MAX_EVENT_ID_BYTES:
+            raise ValueError(f"event_id is longer than {MAX_EVENT_ID_BYTES} bytes: {self.event_id[:40]!r}...")
         if len(self.item_tokens) != n_codes:
             raise ValueError(f"item {self.item_id} has {len(self.item_tokens)} tokens, the store keeps {n_codes}")
         if self.action < 0 or self.event_time_ms < 0 or min(self.item_tokens) < 0:
@@ -173,14 +194,30 @@ class StreamAction:
 class AppendResult:
     """Outcome of one append.
 
-    ``appended`` is False for a duplicate event id. ``history_tokens`` (P, n_codes) and
-    ``history_actions`` (P,) are the user's stream before this action, oldest first
-    (for a duplicate: the items that preceded it in the current window).
+    ``appended`` is False for a duplicate (an event id in the seen window): nothing was
+    written and the caller must not produce a TrainingSample for it. For an appended
+    action, the history is the user's stream before it, oldest first, kept as protobuf
+    packed varints (what both stores hold, and what a TrainingSample's repeated fields
+    are on the wire): ``history_tokens`` (P, n_codes) and ``history_actions`` (P,) decode
+    them. A duplicate, or an append with ``want_history=False``, has an empty history.
     """
 
     appended: bool
-    history_tokens: np.ndarray
-    history_actions: np.ndarray
+    history_tokens_packed: bytes
+    history_actions_packed: bytes
+    n_codes: int
+
+    @property
+    def duplicate(self) -> bool:
+        return not self.appended
+
+    @property
+    def history_tokens(self) -> np.ndarray:
+        return _unpack(self.history_tokens_packed).reshape(-1, self.n_codes)  # (P, n_codes)
+
+    @property
+    def history_actions(self) -> np.ndarray:
+        return _unpack(self.history_actions_packed)
 
 
 @dataclass(frozen=True)
@@ -236,10 +273,9 @@ def _ints(value: enc.OnlineValue) -> np.ndarray:
     return np.asarray(value.int64_list_val.val, dtype=np.int64)
 
 
-def _history(tokens_raw: bytes | None, actions_raw: bytes | None, position: int, n_codes: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = _ints(enc.decode_value(tokens_raw))[: position * n_codes].reshape(-1, n_codes)  # (P, n_codes)
-    actions = _ints(enc.decode_value(actions_raw))[:position]
-    return tokens, actions
+def _unpack(packed: bytes) -> np.ndarray:
+    """Packed protobuf varints (a repeated int64 field's payload) -> int64 array."""
+    return np.asarray(enc.unpack_varints(packed), np.int64)
 
 
 def _user_stream(user_id: int, raw: Sequence[bytes | None], n_codes: int) -> UserStream | None:
@@ -259,7 +295,7 @@ def _user_stream(user_id: int, raw: Sequence[bytes | None], n_codes: int) -> Use
 
 
 _U32 = struct.Struct("<I")
-_REPLY_HEAD = struct.Struct("<BIII")  # appended, position, len(tokens value), len(actions value)
+_REPLY_HEAD = struct.Struct("<BII")  # appended, len(history token varints), len(history action varints)
 
 
 def _lua_bytes(b: bytes) -> str:
@@ -272,14 +308,15 @@ _APPEND_LUA = r"""
 -- layout (see features/encoding.py). KEYS[i]: the i-th action's user hash key.
 -- ARGV[1], per action: u32-length-prefixed event_id, token varints, action varint,
 -- time varint, time ms (decimal), Timestamp proto bytes; then a u8 want_history.
--- Reply, per action: u8 appended, u32 position, u32 len + tokens_value, u32 len +
--- actions_value; the history is the first `position` items of the returned values
--- (before the append, or the current window when the event id is a duplicate).
+-- Reply, per action: u8 appended, u32 len(tokens), u32 len(actions), then the user's
+-- token and action varints before the append (the history; empty for a duplicate or
+-- when not wanted). Idempotency: the last W appended event ids of the user (M_SEEN).
 local NC = __NC__
 local T = __T__
+local W = __W__
 local F_TOK, F_ACT, F_EID, F_TIM = __F_TOK__, __F_ACT__, __F_EID__, __F_TIM__
 local F_TS, P_TS, P_N, P_LAST = __F_TS__, __P_TS__, __P_N__, __P_LAST__
-local M_SEEN, M_LEN, M_MAX, M_TOTAL = __M_SEEN__, __M_LEN__, __M_MAX__, __M_TOTAL__
+local M_SEEN, M_SEEN_N, M_LEN, M_MAX, M_TOTAL = __M_SEEN__, __M_SEEN_N__, __M_LEN__, __M_MAX__, __M_TOTAL__
 
 local function varint(n)
   local out = {}
@@ -344,24 +381,27 @@ local function unwrap_strings(v)
   return string.sub(v, p, p + len - 1)
 end
 
-local function append_one(key, eid, tokv, actv, timv, ms_str, ts, want)
-  local cur = redis.call('HMGET', key, F_TOK, F_ACT, F_EID, F_TIM, M_SEEN, M_LEN, M_MAX, M_TOTAL)
-  local seen = cur[5] or '\0'
+-- Drop the oldest ids of the seen window (NUL-delimited, leading NUL) beyond W.
+local function trim_seen(seen, count)
+  if count <= W then return seen, count end
+  local p = 1
+  for _ = 1, count - W do p = string.find(seen, '\0', p + 1, true) end
+  return string.sub(seen, p), W
+end
 
-  local found = string.find(seen, '\0' .. eid .. '\0', 1, true)
-  if found then
-    if not want then return 0, 0, '', '' end
-    local _, delims = string.gsub(string.sub(seen, 1, found), '%z', '')
-    return 0, delims - 1, cur[1] or '', cur[2] or ''
+local function append_one(key, eid, tokv, actv, timv, ms_str, ts, want)
+  local cur = redis.call('HMGET', key, F_TOK, F_ACT, F_EID, F_TIM, M_SEEN, M_LEN, M_MAX, M_TOTAL, M_SEEN_N)
+  local seen = cur[5] or '\0'
+  if string.find(seen, '\0' .. eid .. '\0', 1, true) then
+    return 0, '', ''  -- a duplicate: nothing written, no history (no sample)
   end
 
+  local tok0, act0 = unwrap_ints(cur[1]), unwrap_ints(cur[2])
   local n = tonumber(cur[6] or '0')
-  local tok = unwrap_ints(cur[1]) .. tokv
-  local act = unwrap_ints(cur[2]) .. actv
+  local tok = tok0 .. tokv
+  local act = act0 .. actv
   local tim = unwrap_ints(cur[4]) .. timv
   local eids = unwrap_strings(cur[3]) .. '\10' .. varint(#eid) .. eid
-  seen = seen .. eid .. '\0'
-  local position = n
   n = n + 1
   if n > T then
     local drop = n - T
@@ -369,16 +409,21 @@ local function append_one(key, eid, tokv, actv, timv, ms_str, ts, want)
     act = string.sub(act, skip_varints(act, 1, drop))
     tim = string.sub(tim, skip_varints(tim, 1, drop))
     eids = string.sub(eids, skip_strings(eids, 1, drop))
-    local p = 1
-    for _ = 1, drop do p = string.find(seen, '\0', p + 1, true) end
-    seen = string.sub(seen, p)
     n = T
   end
+  -- The seen window: its count is stored; a hash written before the count existed (the
+  -- window then held the stream's ids) is counted once.
+  local seen_n = tonumber(cur[9] or '')
+  if seen_n == nil then
+    local _, delims = string.gsub(seen, '%z', '')
+    seen_n = delims - 1
+  end
+  seen, seen_n = trim_seen(seen .. eid .. '\0', seen_n + 1)
   local total = tonumber(cur[8] or '0') + 1
 
   local hset = {F_TOK, wrap_ints(tok), F_ACT, wrap_ints(act), F_EID, '\98' .. varint(#eids) .. eids,
-                F_TIM, wrap_ints(tim), M_SEEN, seen, M_LEN, tostring(n), M_TOTAL, tostring(total),
-                P_N, '\32' .. varint(total)}
+                F_TIM, wrap_ints(tim), M_SEEN, seen, M_SEEN_N, tostring(seen_n), M_LEN, tostring(n),
+                M_TOTAL, tostring(total), P_N, '\32' .. varint(total)}
   -- Feast's event timestamp of both views is the newest event time seen (events may
   -- arrive out of time order; the stream keeps arrival order).
   local ms = tonumber(ms_str)
@@ -388,8 +433,8 @@ local function append_one(key, eid, tokv, actv, timv, ms_str, ts, want)
     end
   end
   redis.call('HSET', key, unpack(hset))
-  if not want then return 1, 0, '', '' end
-  return 1, position, cur[1] or '', cur[2] or ''
+  if not want then return 1, '', '' end
+  return 1, tok0, act0
 end
 
 -- One call appends to every key in order (the same key may repeat). Arguments and
@@ -414,8 +459,8 @@ for _, key in ipairs(KEYS) do
   local ts = field()
   local want
   want, pos = struct.unpack('<B', blob, pos)
-  local appended, position, tok, act = append_one(key, eid, tokv, actv, timv, ms_str, ts, want == 1)
-  out[#out + 1] = struct.pack('<BI4I4I4', appended, position, #tok, #act) .. tok .. act
+  local appended, tok, act = append_one(key, eid, tokv, actv, timv, ms_str, ts, want == 1)
+  out[#out + 1] = struct.pack('<BI4I4', appended, #tok, #act) .. tok .. act
 end
 return table.concat(out)
 """
@@ -442,6 +487,7 @@ def build_append_lua(config: OnlineStoreConfig) -> str:
     subs = {
         "__NC__": str(config.n_codes),
         "__T__": str(config.stream_len),
+        "__W__": str(config.seen_window),
         "__F_TOK__": _lua_bytes(enc.redis_field(fv, "sid_tokens")),
         "__F_ACT__": _lua_bytes(enc.redis_field(fv, "actions")),
         "__F_EID__": _lua_bytes(enc.redis_field(fv, "event_ids")),
@@ -452,6 +498,7 @@ def build_append_lua(config: OnlineStoreConfig) -> str:
         "__P_LAST__": _lua_bytes(enc.redis_field(pf, "last_action_ms")),
         # hisam's own bookkeeping fields; Feast reads only the fields it asks for.
         "__M_SEEN__": _lua_bytes(f"_hisam:{fv}:seen".encode()),
+        "__M_SEEN_N__": _lua_bytes(f"_hisam:{fv}:seen_n".encode()),
         "__M_LEN__": _lua_bytes(f"_hisam:{fv}:len".encode()),
         "__M_MAX__": _lua_bytes(f"_hisam:{fv}:max_ms".encode()),
         "__M_TOTAL__": _lua_bytes(f"_hisam:{fv}:total".encode()),
@@ -497,20 +544,14 @@ class RedisStreamStore:
         parts.append(b"\x01" if want_history else b"\x00")
         return b"".join(parts)
 
-    def _results(self, blob: bytes, want_history: bool) -> list[AppendResult]:
+    def _results(self, blob: bytes) -> list[AppendResult]:
         out = []
         pos, n_codes = 0, self.config.n_codes
-        empty_t, empty_a = np.zeros((0, n_codes), np.int64), np.zeros(0, np.int64)
         while pos < len(blob):
-            appended, position, lt, la = _REPLY_HEAD.unpack_from(blob, pos)
+            appended, lt, la = _REPLY_HEAD.unpack_from(blob, pos)
             pos += _REPLY_HEAD.size
-            tok_raw, act_raw = blob[pos : pos + lt], blob[pos + lt : pos + lt + la]
+            out.append(AppendResult(bool(appended), blob[pos : pos + lt], blob[pos + lt : pos + lt + la], n_codes))
             pos += lt + la
-            if want_history:
-                tokens, actions = _history(tok_raw, act_raw, position, n_codes)
-                out.append(AppendResult(bool(appended), tokens, actions))
-            else:
-                out.append(AppendResult(bool(appended), empty_t, empty_a))
         return out
 
     def append(self, action: StreamAction, want_history: bool = True) -> AppendResult:
@@ -542,7 +583,7 @@ class RedisStreamStore:
         errors = [r for r in replies if isinstance(r, Exception)]
         if errors:
             raise OnlineStoreError(f"{len(errors)} of {len(groups)} append calls failed; first: {errors[0]}")
-        return [res for blob in replies for res in self._results(blob, want_history)]
+        return [res for blob in replies for res in self._results(blob)]
 
     def read_streams(self, user_ids: Sequence[int]) -> list[UserStream | None]:
         """Direct read (one pipelined HMGET round trip); None for a user with no stream."""
@@ -616,19 +657,31 @@ _FEAST_SQLITE_DDL = (
     # Feast 0.67's own DDL (feast/infra/online_stores/sqlite.py, update()); creating it
     # here lets the stream run before `apply`, and Feast's CREATE ... IF NOT EXISTS is
     # then a no-op.
-    "CREATE TABLE IF NOT EXISTS \"{t}\" (entity_key BLOB, feature_name TEXT, value BLOB, value_text TEXT, "
+    'CREATE TABLE IF NOT EXISTS "{t}" (entity_key BLOB, feature_name TEXT, value BLOB, value_text TEXT, '
     "vector_value BLOB, event_ts timestamp, created_ts timestamp, PRIMARY KEY(entity_key, feature_name))"
+)
+
+# The seen window (module doc): one row per remembered event id; ``seq`` is the user's
+# append count when the id was appended (evict: seq <= n_actions - W). Not a Feast table.
+_SEEN_DDL = (
+    (
+        'CREATE TABLE IF NOT EXISTS "{t}" (entity_key BLOB NOT NULL, event_id TEXT NOT NULL, seq INTEGER NOT NULL, '
+        "PRIMARY KEY(entity_key, event_id)) WITHOUT ROWID"
+    ),
+    'CREATE INDEX IF NOT EXISTS "{t}_by_seq" ON "{t}" (entity_key, seq)',
 )
 
 
 @dataclass
 class _SqliteUser:
+    key: bytes  # Feast's entity key
     tokens: list[int]
     actions: list[int]
     event_ids: list[str]
     times: list[int]
     n_actions: int
     last_ms: int | None
+    new_ids: dict[str, int] = field(default_factory=dict)  # appended in this batch -> seq
     dirty: bool = False
 
 
@@ -641,10 +694,13 @@ class SqliteStreamStore:
         self._stream_t = enc.sqlite_table(config.project, enc.USER_STREAM_FV)
         self._profile_t = enc.sqlite_table(config.project, enc.USER_PROFILE_FV)
         self._item_t = enc.sqlite_table(config.project, enc.ITEM_SID_FV)
+        self._seen_t = f"{config.project}_hisam_seen"
         config.sqlite_db.parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
         for t in (self._stream_t, self._profile_t, self._item_t):
             conn.execute(_FEAST_SQLITE_DDL.format(t=t))
+        for ddl in _SEEN_DDL:
+            conn.execute(ddl.format(t=self._seen_t))
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -662,7 +718,8 @@ class SqliteStreamStore:
         rows = dict(conn.execute(f'SELECT feature_name, value FROM "{self._stream_t}" WHERE entity_key = ?', (ek,)))
         prof = dict(conn.execute(f'SELECT feature_name, value FROM "{self._profile_t}" WHERE entity_key = ?', (ek,)))
         last = enc.decode_value(prof.get("last_action_ms"))
-        return _SqliteUser(
+        s = _SqliteUser(
+            key=ek,
             tokens=list(enc.decode_value(rows.get("sid_tokens")).int64_list_val.val),
             actions=list(enc.decode_value(rows.get("actions")).int64_list_val.val),
             event_ids=list(enc.decode_value(rows.get("event_ids")).string_list_val.val),
@@ -670,9 +727,29 @@ class SqliteStreamStore:
             n_actions=enc.decode_value(prof.get("n_actions")).int64_val,
             last_ms=last.int64_val if last.HasField("int64_val") else None,
         )
+        if (
+            s.event_ids
+            and conn.execute(f'SELECT 1 FROM "{self._seen_t}" WHERE entity_key = ? LIMIT 1', (ek,)).fetchone() is None
+        ):
+            # A stream written before the seen table existed: its ids start the window.
+            first = s.n_actions - len(s.event_ids) + 1
+            conn.executemany(
+                f'INSERT OR IGNORE INTO "{self._seen_t}" (entity_key, event_id, seq) VALUES (?, ?, ?)',
+                [(ek, e, first + i) for i, e in enumerate(s.event_ids)],
+            )
+        return s
 
-    def _save(self, conn: sqlite3.Connection, user_id: int, s: _SqliteUser) -> None:
-        ek = enc.entity_key_bytes(enc.USER_ID_KEY, user_id)
+    def _seen(self, conn: sqlite3.Connection, s: _SqliteUser, event_id: str) -> bool:
+        """Whether ``event_id`` is among the user's last W appends (rows past that are stale)."""
+        seq = s.new_ids.get(event_id)
+        if seq is None:
+            q = f'SELECT seq FROM "{self._seen_t}" WHERE entity_key = ? AND event_id = ?'
+            row = conn.execute(q, (s.key, event_id)).fetchone()
+            seq = row[0] if row else None
+        return seq is not None and seq > s.n_actions - self.config.seen_window
+
+    def _save(self, conn: sqlite3.Connection, s: _SqliteUser) -> None:
+        ek = s.key
         ts = enc.sqlite_timestamp(s.last_ms or 0)
         upsert = (
             'INSERT INTO "{t}" (entity_key, feature_name, value, event_ts, created_ts) VALUES (?, ?, ?, ?, ?) '
@@ -695,32 +772,32 @@ class SqliteStreamStore:
                 (ek, "last_action_ms", enc.int64_value(s.last_ms or 0), ts, ts),
             ],
         )
+        conn.executemany(
+            f'INSERT OR REPLACE INTO "{self._seen_t}" (entity_key, event_id, seq) VALUES (?, ?, ?)',
+            [(ek, e, q) for e, q in s.new_ids.items()],
+        )
+        conn.execute(
+            f'DELETE FROM "{self._seen_t}" WHERE entity_key = ? AND seq <= ?',
+            (ek, s.n_actions - self.config.seen_window),
+        )
 
-    def _apply(self, s: _SqliteUser, a: StreamAction, want_history: bool) -> AppendResult:
+    def _apply(self, conn: sqlite3.Connection, s: _SqliteUser, a: StreamAction, want_history: bool) -> AppendResult:
         nc = self.config.n_codes
-        if a.event_id in s.event_ids:
-            position = s.event_ids.index(a.event_id)
-            appended = False
-        else:
-            position = len(s.event_ids)
-            appended = True
-        if want_history:
-            hist_t = np.asarray(s.tokens[: position * nc], np.int64).reshape(-1, nc)  # (P, n_codes)
-            hist_a = np.asarray(s.actions[:position], np.int64)
-        else:
-            hist_t, hist_a = np.zeros((0, nc), np.int64), np.zeros(0, np.int64)
-        if appended:
-            s.tokens.extend(a.item_tokens)
-            s.actions.append(a.action)
-            s.event_ids.append(a.event_id)
-            s.times.append(a.event_time_ms)
-            drop = len(s.event_ids) - self.config.stream_len
-            if drop > 0:
-                del s.tokens[: drop * nc], s.actions[:drop], s.event_ids[:drop], s.times[:drop]
-            s.n_actions += 1
-            s.last_ms = a.event_time_ms if s.last_ms is None else max(s.last_ms, a.event_time_ms)
-            s.dirty = True
-        return AppendResult(appended, hist_t, hist_a)
+        if self._seen(conn, s, a.event_id):
+            return AppendResult(False, b"", b"", nc)
+        hist = (enc.varints(s.tokens), enc.varints(s.actions)) if want_history else (b"", b"")
+        s.tokens.extend(a.item_tokens)
+        s.actions.append(a.action)
+        s.event_ids.append(a.event_id)
+        s.times.append(a.event_time_ms)
+        drop = len(s.event_ids) - self.config.stream_len
+        if drop > 0:
+            del s.tokens[: drop * nc], s.actions[:drop], s.event_ids[:drop], s.times[:drop]
+        s.n_actions += 1
+        s.new_ids[a.event_id] = s.n_actions
+        s.last_ms = a.event_time_ms if s.last_ms is None else max(s.last_ms, a.event_time_ms)
+        s.dirty = True
+        return AppendResult(True, *hist, nc)
 
     def append(self, action: StreamAction, want_history: bool = True) -> AppendResult:
         return self.append_batch([action], want_history)[0]
@@ -738,10 +815,10 @@ class SqliteStreamStore:
                 s = users.get(a.user_id)
                 if s is None:
                     s = users[a.user_id] = self._load(conn, a.user_id)
-                results.append(self._apply(s, a, want_history))
-            for uid, s in users.items():
+                results.append(self._apply(conn, s, a, want_history))
+            for s in users.values():
                 if s.dirty:
-                    self._save(conn, uid, s)
+                    self._save(conn, s)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -761,7 +838,9 @@ class SqliteStreamStore:
         out = []
         for u, ek in zip(user_ids, keys):
             row = by_key.get(ek)
-            out.append(None if row is None else _user_stream(u, [row.get(f) for f in enc.STREAM_FEATURES], self.config.n_codes))
+            out.append(
+                None if row is None else _user_stream(u, [row.get(f) for f in enc.STREAM_FEATURES], self.config.n_codes)
+            )
         return out
 
     def put_item_sids(self, items: Sequence[ItemSids]) -> None:

@@ -45,9 +45,11 @@ class ActionProcessor:
 
     The item's semantic IDs are looked up in the online store; an action on an item the
     store does not know is dead-lettered (``unknown_item``) rather than appended with
-    made-up tokens. A duplicate (redelivered) action is not appended again but its sample
-    is re-emitted with its original history, so a crash between the store write and the
-    produce loses no sample (samples carry event_id: the trainer dedups).
+    made-up tokens. A duplicate (an event id in the user's seen window: a redelivery) is
+    neither appended nor sampled again: its sample was produced with its first append.
+    Duplicates are counted (``BatchOutput.duplicates``) and logged, never silent. The one
+    case this costs a sample: a crash after a batch's store write and before its samples
+    are acknowledged (the redelivered batch is all duplicates).
     """
 
     def __init__(self, store: StreamStore):
@@ -97,12 +99,16 @@ class ActionProcessor:
         for (msg, ev, it), res in zip(known, results):
             if res is None:
                 continue
-            if res.appended:
-                out.appended += 1
-            else:
+            if res.duplicate:
                 out.duplicates += 1
-            sample = rec.training_sample(ev, res.history_tokens, res.history_actions, it.tokens, it.tokenizer_version)
-            out.samples.append((rec.user_key(ev.user_id), sample.SerializeToString()))
+                continue
+            out.appended += 1
+            sample = rec.training_sample_bytes(
+                ev, res.history_tokens_packed, res.history_actions_packed, it.tokens, it.tokenizer_version
+            )
+            out.samples.append((rec.user_key(ev.user_id), sample))
+        if out.duplicates:
+            log.info("%d redelivered actions were already appended: not appended or sampled again", out.duplicates)
         return out
 
     @staticmethod
@@ -123,7 +129,9 @@ class ItemProcessor:
         self.store = store
         self.tokenizer = tokenizer
         if tokenizer.n_codes != store.config.n_codes:
-            raise ValueError(f"tokenizer emits {tokenizer.n_codes} codes, the online store keeps {store.config.n_codes}")
+            raise ValueError(
+                f"tokenizer emits {tokenizer.n_codes} codes, the online store keeps {store.config.n_codes}"
+            )
 
     def process(self, batch: Sequence[rec.RawMessage]) -> BatchOutput:
         from models.tokenizer import TokenizerInputError

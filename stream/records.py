@@ -130,6 +130,56 @@ def training_sample(
     )
 
 
+def _len_delimited(tag: int, payload: bytes) -> bytes:
+    if not payload:
+        return b""  # proto3 writes no empty packed field
+    n, head = len(payload), bytearray((tag,))
+    while n >= 0x80:
+        head.append((n & 0x7F) | 0x80)
+        n >>= 7
+    head.append(n)
+    return bytes(head) + payload
+
+
+_HISTORY_TOKENS_TAG = (2 << 3) | 2  # TrainingSample.history_tokens, packed
+_HISTORY_ACTIONS_TAG = (3 << 3) | 2  # TrainingSample.history_actions, packed
+
+
+def training_sample_bytes(
+    ev: pb.ActionEvent,
+    history_tokens_packed: bytes,
+    history_actions_packed: bytes,
+    target_tokens: tuple[int, ...],
+    tokenizer_version: str,
+) -> bytes:
+    """``training_sample(...).SerializeToString()``, byte for byte, from a packed history.
+
+    The online store hands back the history as packed varints, which is exactly how the
+    sample's two repeated fields travel on the wire: they are copied, not decoded into
+    Python ints and encoded again (a full T=300 history is 1,800 tokens). Fields are
+    written in field-number order, as protobuf serialises them.
+    """
+    head = pb.TrainingSample(user_id=ev.user_id).SerializeToString()
+    tail = pb.TrainingSample(
+        target_item_id=ev.item_id,
+        target_tokens=target_tokens,
+        target_action=ev.action,
+        label=label_of(ev.action),
+        event_id=ev.event_id,
+        event_time_ms=ev.event_time_ms,
+        tokenizer_version=tokenizer_version,
+        n_codes=len(target_tokens),
+    ).SerializeToString()
+    return b"".join(
+        (
+            head,
+            _len_delimited(_HISTORY_TOKENS_TAG, history_tokens_packed),
+            _len_delimited(_HISTORY_ACTIONS_TAG, history_actions_packed),
+            tail,
+        )
+    )
+
+
 def dead_letter(msg: RawMessage, reason: str, detail: str, now_ms: int) -> pb.DeadLetter:
     return pb.DeadLetter(
         topic=msg.topic,
@@ -145,10 +195,14 @@ def dead_letter(msg: RawMessage, reason: str, detail: str, now_ms: int) -> pb.De
 
 def action_event(event_id: str, user_id: int, item_id: int, action: int, event_time_ms: int) -> pb.ActionEvent:
     """Build an ActionEvent (used by the replay producer and tests)."""
-    return pb.ActionEvent(event_id=event_id, user_id=user_id, item_id=item_id, action=action, event_time_ms=event_time_ms)
+    return pb.ActionEvent(
+        event_id=event_id, user_id=user_id, item_id=item_id, action=action, event_time_ms=event_time_ms
+    )
 
 
-def item_event(item_id: int, embeddings: Mapping[str, np.ndarray], event_time_ms: int, title: str = "", text: str = "") -> pb.ItemEvent:
+def item_event(
+    item_id: int, embeddings: Mapping[str, np.ndarray], event_time_ms: int, title: str = "", text: str = ""
+) -> pb.ItemEvent:
     """Build an ItemEvent from per-modality vectors (None or absent: modality missing)."""
     ev = pb.ItemEvent(item_id=item_id, title=title, text=text, event_time_ms=event_time_ms)
     for name, vec in embeddings.items():

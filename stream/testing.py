@@ -30,8 +30,9 @@ class WorkerProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    def start(self, extra_env: dict[str, str] | None = None) -> None:
+        """Start the worker; ``extra_env`` adds to its environment (e.g. fault injection)."""
+        env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning", **(extra_env or {})}
         with open(self.log_path, "a") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hisam.jobs.stream_worker", *self.args],
@@ -53,6 +54,11 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    def wait_exit(self, timeout_s: float) -> int:
+        """Wait for the worker to exit by itself; returns its exit status."""
+        assert self.proc is not None
+        return self.proc.wait(timeout_s)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

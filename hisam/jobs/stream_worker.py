@@ -20,11 +20,23 @@ log = logging.getLogger(__name__)
 
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     """Online-store options shared by the stream commands and the stream benchmark."""
-    parser.add_argument("--backend", choices=["sqlite", "redis"], default=os.environ.get("HISAM_ONLINE_BACKEND", "sqlite"))
-    parser.add_argument("--redis-url", default=os.environ.get("HISAM_REDIS_URL"), help="redis://host:port/db (backend redis)")
-    parser.add_argument("--repo-dir", type=Path, default=Path("artifacts/feature_repo"), help="Feast repo (yaml, registry, SQLite db)")
+    parser.add_argument(
+        "--backend", choices=["sqlite", "redis"], default=os.environ.get("HISAM_ONLINE_BACKEND", "sqlite")
+    )
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("HISAM_REDIS_URL"), help="redis://host:port/db (backend redis)"
+    )
+    parser.add_argument(
+        "--repo-dir", type=Path, default=Path("artifacts/feature_repo"), help="Feast repo (yaml, registry, SQLite db)"
+    )
     parser.add_argument("--stream-len", type=int, default=300, help="T: items kept per user")
     parser.add_argument("--n-codes", type=int, default=6, help="semantic-ID tokens per item")
+    parser.add_argument(
+        "--seen-window",
+        type=int,
+        default=1024,
+        help="W: event ids remembered per user for idempotency (at least 2 x --batch-size)",
+    )
 
 
 def store_config_from_args(args: argparse.Namespace) -> OnlineStoreConfig:
@@ -34,6 +46,7 @@ def store_config_from_args(args: argparse.Namespace) -> OnlineStoreConfig:
         redis_url=args.redis_url,
         stream_len=args.stream_len,
         n_codes=args.n_codes,
+        seen_window=args.seen_window,
     )
 
 
@@ -43,14 +56,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", type=Path, default=None, help="frozen tokenizer dir; enables item ingestion")
     parser.add_argument("--app-id", default="hisam-stream", help="consumer group (workers with one id share the load)")
     parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--within-ms", type=float, default=20.0, help="max wait to fill a batch (bounds freshness)")
+    parser.add_argument("--within-ms", type=float, default=5.0, help="max wait to fill a batch (bounds freshness)")
     parser.add_argument("--partitions", type=int, default=4, help="partitions of topics created by this worker")
     parser.add_argument(
         "--instance-id",
         default=os.environ.get("HISAM_INSTANCE_ID") or socket.gethostname(),
         help="static group member id, unique per worker (default: $HISAM_INSTANCE_ID or the host name)",
     )
-    parser.add_argument("--session-timeout", type=float, default=10.0, help="seconds before a dead worker's partitions move")
+    parser.add_argument(
+        "--session-timeout", type=float, default=10.0, help="seconds before a dead worker's partitions move"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -77,5 +92,7 @@ if __name__ == "__main__":  # lets tests and supervisors run it without the CLI 
     p.add_argument("-v", "--verbose", action="store_true")
     add_arguments(p)
     a = p.parse_args()
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     sys.exit(main(a))

@@ -55,6 +55,9 @@ def test_timestamps_match_feast() -> None:
     ts.FromDatetime(datetime.fromtimestamp(ms / 1000, tz=UTC))
     parsed = Timestamp.FromString(enc.timestamp_bytes(ms))
     assert (parsed.seconds, parsed.nanos // 1_000_000) == (ts.seconds, ts.nanos // 1_000_000)
+    for t in (0, 5, 1000, 1_700_000_000_000, ms, -1):  # hand-written bytes = protobuf's
+        s, n = divmod(t, 1000)
+        assert enc.timestamp_bytes(t) == Timestamp(seconds=s, nanos=n * 1_000_000).SerializeToString(), t
 
     from feast.infra.online_stores import (
         sqlite as feast_sqlite,  # registers Feast's adapters

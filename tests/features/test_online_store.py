@@ -20,6 +20,7 @@ from features.online import (
 
 N_CODES = 6
 T = 5
+W = 8  # seen window: > T, so that ids evicted from the stream are still remembered
 
 pytestmark = pytest.mark.redis
 
@@ -35,6 +36,7 @@ def backend(request, tmp_path_factory, redis_url):
         project="t_online",
         stream_len=T,
         n_codes=N_CODES,
+        seen_window=W,
     )
     fs = open_feature_store(cfg)
     store = open_stream_store(cfg)
@@ -80,15 +82,15 @@ def test_append_is_bounded_ordered_and_visible_through_feast(backend) -> None:
     assert feast_read_streams(fs, [999_999], N_CODES) == [None]
 
 
-def test_duplicate_event_is_a_noop_that_returns_its_original_history(backend) -> None:
+def test_duplicate_event_is_a_noop_without_history(backend) -> None:
     _, store, _ = backend
     user = 202
     first = [store.append(_action(user, k)) for k in range(3)]
     assert [r.history_actions.tolist() for r in first] == [[], [0], [0, 1]]
     np.testing.assert_array_equal(first[2].history_tokens[:, 0], [0, 10])
     again = store.append(_action(user, 1))
-    assert not again.appended
-    np.testing.assert_array_equal(again.history_tokens, first[1].history_tokens)
+    assert again.duplicate and not again.appended
+    assert again.history_tokens.shape == (0, N_CODES) and again.history_actions.size == 0
     (s,) = store.read_streams([user])
     assert s.event_ids == [f"u{user}-e{k}" for k in range(3)]
 
@@ -102,12 +104,106 @@ def test_batch_append_equals_single_appends(backend, cluster_mode: bool) -> None
     res = store.append_batch(acts)
     assert [r.appended for r in res] == [True] * 11 + [False]
     assert [len(r.history_actions) for r in res[:8]] == [0, 1, 2, 3, 4, 5, 5, 5]
-    # a duplicate's history is what precedes it in the current (trimmed) window
-    np.testing.assert_array_equal(res[11].history_actions, res[7].history_actions[-4:])
+    np.testing.assert_array_equal(res[7].history_actions, [k % 4 for k in range(2, 7)])  # the last T before it
+    assert res[11].history_actions.size == 0
     su, sv = store.read_streams([u, v])
     assert su.event_ids == [f"u{u}-e{k}" for k in range(3, 8)]
     assert sv.event_ids == [f"u{v}-e{k}" for k in range(3)]
     store.close()
+
+
+def _n_actions(fs, user: int) -> int:
+    return fs.get_online_features(features=["user_profile:n_actions"], entity_rows=[{"user_id": user}]).to_dict()[
+        "n_actions"
+    ][0]
+
+
+def test_duplicate_older_than_T_is_not_appended_again(backend) -> None:
+    """The seen window is independent of T: a redelivery of ids evicted from the stream is a no-op."""
+    _, store, fs = backend
+    user = 606
+    store.append_batch([_action(user, k) for k in range(W)])  # ids 0..7; the stream keeps 3..7
+    redelivered = store.append_batch([_action(user, k) for k in range(W)])
+    assert [r.duplicate for r in redelivered] == [True] * W
+    (s,) = store.read_streams([user])
+    assert s.event_ids == [f"u{user}-e{k}" for k in range(W - T, W)]
+    assert _n_actions(fs, user) == W  # counted once
+
+
+def test_seen_window_evicts_the_oldest_ids_first(backend) -> None:
+    cfg, store, fs = backend
+    user = 707
+    store.append_batch([_action(user, k) for k in range(W + 2)])  # ids 0, 1 fall out of the window
+    res = store.append_batch([_action(user, k) for k in (2, 1, 0, W + 1)])
+    # 2 is still remembered; 1 and 0 are not: appended again, they push 2 and 3 out
+    assert [r.appended for r in res] == [False, True, True, False]
+    # the window is now 4..9, 1, 0: 4 is remembered, 3 is not (and pushes 4 out), 5 is
+    assert [r.appended for r in store.append_batch([_action(user, k) for k in (4, 3, 5, 4)])] == [
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert _seen_ids(cfg, store, user) == [f"u{user}-e{k}" for k in (6, 7, 8, 9, 1, 0, 3, 4)]
+    assert _n_actions(fs, user) == W + 2 + 4
+
+
+def test_seen_window_memory_is_bounded(backend) -> None:
+    cfg, store, _ = backend
+    user = 808
+    for start in range(0, 10 * W, 7):
+        store.append_batch([_action(user, k) for k in range(start, min(start + 7, 10 * W))], want_history=False)
+    assert _seen_ids(cfg, store, user) == [f"u{user}-e{k}" for k in range(9 * W, 10 * W)]  # oldest first
+
+
+def _seen_ids(cfg, store, user: int) -> list[str]:
+    """The ids the backend remembers for a user, oldest first, read from its own storage."""
+    from features import encoding as enc
+
+    if cfg.backend == "redis":
+        key = enc.redis_key(cfg.project, enc.USER_ID_KEY, user)
+        seen, count = store._client.hmget(key, [b"_hisam:user_stream:seen", b"_hisam:user_stream:seen_n"])
+        ids = [x.decode() for x in seen.split(b"\x00") if x]
+        assert int(count) == len(ids)
+        return ids
+    conn = store._conn()
+    ek = enc.entity_key_bytes(enc.USER_ID_KEY, user)
+    return [
+        e for (e,) in conn.execute(f'SELECT event_id FROM "{store._seen_t}" WHERE entity_key = ? ORDER BY seq', (ek,))
+    ]
+
+
+def test_feast_reads_ignore_the_seen_window_and_cluster_keys_share_the_users_slot(backend) -> None:
+    """Nothing beyond the user's own hash is written (Redis): one key, so one Cluster slot."""
+    cfg, store, fs = backend
+    if cfg.backend != "redis":
+        pytest.skip("Redis layout")
+    from features import encoding as enc
+
+    user = 125  # 0x7d: Feast's key holds a '}' byte, so no hash tag could follow it
+    before = set(store._client.keys(b"*"))
+    store.append_batch([_action(user, k) for k in range(3)])
+    assert set(store._client.keys(b"*")) - before <= {enc.redis_key(cfg.project, enc.USER_ID_KEY, user)}
+    (s,) = feast_read_streams(fs, [user], N_CODES)
+    assert s.event_ids == [f"u{user}-e{k}" for k in range(3)]
+
+
+def test_window_migrates_from_the_stream_only_layout(backend) -> None:
+    """A stream written before the seen window existed: its ids count as seen."""
+    cfg, store, _ = backend
+    from features import encoding as enc
+
+    user = 909
+    store.append_batch([_action(user, k) for k in range(3)])
+    if cfg.backend == "redis":  # the old layout: the window field held the stream's ids, no count
+        store._client.hdel(enc.redis_key(cfg.project, enc.USER_ID_KEY, user), b"_hisam:user_stream:seen_n")
+    else:
+        conn = store._conn()
+        conn.execute(
+            f'DELETE FROM "{store._seen_t}" WHERE entity_key = ?', (enc.entity_key_bytes(enc.USER_ID_KEY, user),)
+        )
+    assert [r.appended for r in store.append_batch([_action(user, k) for k in range(4)])] == [False] * 3 + [True]
+    assert _seen_ids(cfg, store, user) == [f"u{user}-e{k}" for k in range(4)]
 
 
 def test_two_concurrent_writers_on_one_user_lose_nothing(backend) -> None:

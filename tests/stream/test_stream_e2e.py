@@ -47,12 +47,10 @@ def env(kafka_bootstrap, redis_url, tiny_tokenizer_dir, tmp_path_factory):
             "--repo-dir", str(repo), "--stream-len", str(T), "--n-codes", str(N_CODES),
             "--tokenizer", str(tiny_tokenizer_dir), "--app-id", f"hisam-test-{RUN}",
             "--within-ms", "20", "--session-timeout", "6", "--instance-id", f"worker-{RUN}",
-            # The idempotency window is the user's last T actions (features/online.py): a
-            # redelivery is harmless while no user has more than T actions in the uncommitted
-            # span. Offsets commit every batch, so batches of 100 over these 10 users keep the
-            # span near 20 per user, under T = 50; batches of 500 (the default) put it at the
-            # edge and the crash test then double-counted about one run in eight.
-            "--batch-size", "100",
+            # Batches of 500 (the default) put up to ~100 actions of one of the crash tests'
+            # users in one uncommitted span, over T = 50: only the seen window (W = 1024 ids
+            # per user, independent of T) keeps their redelivery from being appended twice.
+            "--batch-size", "500",
         ],
         repo / "worker.log",
     )  # fmt: skip
@@ -61,7 +59,9 @@ def env(kafka_bootstrap, redis_url, tiny_tokenizer_dir, tmp_path_factory):
     fs = open_feature_store(cfg)
     producer = prod.make_producer(kafka_bootstrap, linger_ms=2)
     # Items known to the store up front (ingestion itself is tested below).
-    store.put_item_sids([ItemSids(BASE + i, tuple(BASE + i * 10 + j for j in range(N_CODES)), "test-v", 0) for i in range(40)])
+    store.put_item_sids(
+        [ItemSids(BASE + i, tuple(BASE + i * 10 + j for j in range(N_CODES)), "test-v", 0) for i in range(40)]
+    )
     yield {"cfg": cfg, "worker": worker, "store": store, "fs": fs, "producer": producer, "bootstrap": kafka_bootstrap}
     producer.close()
     worker.stop()
@@ -79,7 +79,9 @@ def _events(users: range, per_user: int, tag: str) -> list[pb.ActionEvent]:
 
 
 def _n_actions(fs, user_ids) -> list[int | None]:
-    got = fs.get_online_features(features=["user_profile:n_actions"], entity_rows=[{"user_id": u} for u in user_ids]).to_dict()
+    got = fs.get_online_features(
+        features=["user_profile:n_actions"], entity_rows=[{"user_id": u} for u in user_ids]
+    ).to_dict()
     return got["n_actions"]
 
 
@@ -146,6 +148,29 @@ def test_killed_worker_restarts_without_losing_or_doubling(env) -> None:
     _check_streams(env, evs)
 
 
+def test_crash_right_after_a_store_write_neither_loses_nor_doubles(env) -> None:
+    """The worst moment, made deterministic: a batch is in the store, its offsets are not.
+
+    The worker exits (fault injection, as abrupt as SIGKILL) right after the store write of
+    a full batch of 500, before the batch's samples or acks: the whole batch, ~100 actions
+    per user here, twice T, is redelivered to the restarted worker and must change nothing.
+    With an idempotency window of the last T ids it double-counted every run.
+    """
+    evs = _events(range(200, 205), per_user=300, tag="fault")
+    users = sorted({e.user_id for e in evs})
+    worker = env["worker"]
+    worker.stop()  # a backlog first, so that the worker reads full batches
+    prod.produce_actions(env["producer"], evs)
+    worker.start(extra_env={"HISAM_FAULT_EXIT_AFTER_APPENDS": "600"})
+    assert worker.wait_exit(120) == 137, worker.log_tail()
+    done_before = sum(n or 0 for n in _n_actions(env["fs"], users))
+    assert 600 <= done_before < len(evs), done_before
+    worker.start()
+    wait_until(lambda: sum(n or 0 for n in _n_actions(env["fs"], users)) >= len(evs), 90, 0.3, "appends after restart")
+    time.sleep(1.0)  # any further redelivery lands now; it must change nothing
+    _check_streams(env, evs)
+
+
 def test_bad_events_land_in_dead_letters_with_their_reason(env, tiny_tokenizer_dir) -> None:
     from models.tokenizer import FrozenTokenizer
 
@@ -157,11 +182,31 @@ def test_bad_events_land_in_dead_letters_with_their_reason(env, tiny_tokenizer_d
     p = env["producer"]
     cases = {
         "garbage-action": (tp.USER_ACTIONS, b"\xff\x00not a protobuf", rec.DECODE_ERROR),
-        "unknown-item": (tp.USER_ACTIONS, rec.action_event(f"{RUN}-u", BASE + 300, 987_654_321, 2, 5).SerializeToString(), rec.UNKNOWN_ITEM),
-        "no-action": (tp.USER_ACTIONS, rec.action_event(f"{RUN}-n", BASE + 300, BASE, 0, 5).SerializeToString(), rec.INVALID_FIELD),
-        "nan-embedding": (tp.ITEM_EVENTS, rec.item_event(BASE + 900, {name: nan_vec}, 5).SerializeToString(), rec.NON_FINITE_EMBEDDING),
-        "wrong-width": (tp.ITEM_EVENTS, rec.item_event(BASE + 901, {name: np.ones(width + 1)}, 5).SerializeToString(), rec.WRONG_WIDTH),
-        "unknown-modality": (tp.ITEM_EVENTS, rec.item_event(BASE + 902, {"smell": ok_vec}, 5).SerializeToString(), rec.UNKNOWN_MODALITY),
+        "unknown-item": (
+            tp.USER_ACTIONS,
+            rec.action_event(f"{RUN}-u", BASE + 300, 987_654_321, 2, 5).SerializeToString(),
+            rec.UNKNOWN_ITEM,
+        ),
+        "no-action": (
+            tp.USER_ACTIONS,
+            rec.action_event(f"{RUN}-n", BASE + 300, BASE, 0, 5).SerializeToString(),
+            rec.INVALID_FIELD,
+        ),
+        "nan-embedding": (
+            tp.ITEM_EVENTS,
+            rec.item_event(BASE + 900, {name: nan_vec}, 5).SerializeToString(),
+            rec.NON_FINITE_EMBEDDING,
+        ),
+        "wrong-width": (
+            tp.ITEM_EVENTS,
+            rec.item_event(BASE + 901, {name: np.ones(width + 1)}, 5).SerializeToString(),
+            rec.WRONG_WIDTH,
+        ),
+        "unknown-modality": (
+            tp.ITEM_EVENTS,
+            rec.item_event(BASE + 902, {"smell": ok_vec}, 5).SerializeToString(),
+            rec.UNKNOWN_MODALITY,
+        ),
         "garbage-item": (tp.ITEM_EVENTS, b"\x0a\xff\xff", rec.DECODE_ERROR),
     }
     for case, (topic, value, _) in cases.items():
@@ -205,6 +250,8 @@ def test_new_item_is_readable_through_feast_right_after_its_event(env, tiny_toke
     # ... and an action on it is appended at once (the item is usable immediately).
     ev = rec.action_event(f"{RUN}-new", BASE + 400, item, 2, 1_700_000_000_001)
     prod.produce_actions(env["producer"], [ev])
-    (s,) = wait_until(lambda: [x for x in feast_read_streams(env["fs"], [BASE + 400], N_CODES) if x], 30, 0.05, "append")
+    (s,) = wait_until(
+        lambda: [x for x in feast_read_streams(env["fs"], [BASE + 400], N_CODES) if x], 30, 0.05, "append"
+    )
     assert s.event_ids == [ev.event_id] and s.tokens[0].tolist() == got
     print(f"new item visible through Feast {latency_ms:.0f} ms after produce")

@@ -75,6 +75,20 @@ def test_training_sample_carries_history_target_and_label() -> None:
     assert (s.label, s.tokenizer_version, s.event_id, s.target_item_id) == (1.0, "v1", "e", 2)
 
 
+@pytest.mark.parametrize("n_hist", [0, 1, 300])
+def test_training_sample_bytes_equal_the_protobuf_serialisation(n_hist: int) -> None:
+    from features import encoding as enc
+
+    ev = rec.action_event("ev-é", 2**40, 77, pb.ACTION_TYPE_PURCHASE, 1_700_000_000_123)
+    tokens = np.arange(n_hist * 6).reshape(n_hist, 6) * 997  # multi-byte varints
+    actions = np.arange(n_hist) % 7
+    want = rec.training_sample(ev, tokens, actions, tuple(range(5000, 5006)), "tok-v2").SerializeToString()
+    got = rec.training_sample_bytes(
+        ev, enc.varints(tokens.ravel().tolist()), enc.varints(actions.tolist()), tuple(range(5000, 5006)), "tok-v2"
+    )
+    assert got == want
+
+
 @pytest.fixture
 def sqlite_store(tmp_path):
     store = open_stream_store(OnlineStoreConfig(backend="sqlite", repo_dir=tmp_path, stream_len=3, n_codes=6))
@@ -96,9 +110,9 @@ def test_action_processor_appends_emits_samples_and_dead_letters(sqlite_store) -
     reasons = {pb.DeadLetter.FromString(v).offset: pb.DeadLetter.FromString(v).reason for _, v in out.dead_letters}
     assert reasons == {1: rec.DECODE_ERROR, 2: rec.UNKNOWN_ITEM}
     samples = [pb.TrainingSample.FromString(v) for _, v in out.samples]
-    assert [s.event_id for s in samples] == ["a", "c", "a"]
-    assert list(samples[1].history_tokens) == list(range(10, 16))
-    assert list(samples[2].history_tokens) == []  # the redelivered sample repeats the original
+    assert [s.event_id for s in samples] == ["a", "c"]  # the redelivery is neither appended nor sampled
+    assert list(samples[0].history_tokens) == [] and list(samples[1].history_tokens) == list(range(10, 16))
+    assert list(samples[1].history_actions) == [2]
     (s,) = sqlite_store.read_streams([7])
     assert s.event_ids == ["a", "c"]
 
@@ -112,7 +126,9 @@ def test_item_processor_tokenizes_and_dead_letters(sqlite_store, tiny_tokenizer_
     good = [{m: feats[m][i] for m in tok.modalities} for i in range(3)]
     good[1].pop(next(iter(tok.modalities)))
     bad = {m: np.full(w, np.nan, np.float32) for m, w in tok.modalities.items()}
-    batch = [_msg(rec.item_event(100 + i, e, 5).SerializeToString(), i, "item-events") for i, e in enumerate([*good, bad])]
+    batch = [
+        _msg(rec.item_event(100 + i, e, 5).SerializeToString(), i, "item-events") for i, e in enumerate([*good, bad])
+    ]
     out = ItemProcessor(sqlite_store, tok).process(batch)
     assert out.items_written == 3
     assert [pb.DeadLetter.FromString(v).reason for _, v in out.dead_letters] == [rec.NON_FINITE_EMBEDDING]
