@@ -29,6 +29,13 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("ranker finetune", "hisam.jobs.ranker_finetune", "fine-tune the HMAT ranker (SFT on actions)"),
     ("ranker eval", "hisam.jobs.ranker_eval", "evaluate ranker runs and write the Table 2 report"),
     ("bench ranker", "hisam.bench.ranker", "HMAT one-pass / anchor-cache / training speed vs baselines"),
+    ("serve", "hisam.jobs.serve", "run the gRPC Rank API on Triton (publishes --checkpoint first)"),
+    ("rank", "hisam.jobs.rank", "rank items for a user through a running Rank server"),
+    ("bench rank", "hisam.bench.rank", "Rank latency/QPS through gRPC + Triton vs pure ONNX Runtime compute"),
+    ("trainer run", "hisam.jobs.trainer_run", "near-line SFT from training-samples with gated publish to Triton"),
+    ("trainer status", "hisam.jobs.trainer_status", "the trainer's serving version, rolling metrics and lineage"),
+    ("trainer rollback", "hisam.jobs.trainer_rollback", "withdraw the newest model version(s) from the repository"),
+    ("bench trainer", "hisam.bench.trainer", "near-line vs frozen prequential AUC, trainer samples/s, publish latency"),
 ]
 
 

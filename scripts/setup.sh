@@ -31,6 +31,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip check
   touch "$stamp"
 fi
+# A real Triton (2.51, CPU, Python backend) under .triton/, beside the venv, not in it
+# (its Python backend needs numpy 1.x; scripts/install_triton.sh says why).
+HISAM_VENV="$VENV" bash scripts/install_triton.sh >/dev/null
 "$VENV/bin/python" -m hisam.cli codegen >/dev/null
 # Redis for the production-store tests and the Redis path (the broker comes from PyPI).
 command -v redis-server >/dev/null 2>&1 || bash scripts/services.sh install

@@ -1,0 +1,147 @@
+"""``hisam serve``: the gRPC Rank API over a Triton-served HMAT model (serving/).
+
+By default it starts the embedded Triton (``scripts/install_triton.sh`` installs it) on
+``--model-repo``; ``--triton-url`` uses a running one instead, and ``--inference ort`` runs
+the graphs in this process. ``--checkpoint`` first publishes a ranker checkpoint as a new
+version of the repository (a version already there is not published twice). The user
+streams and item IDs are read from the online store the stream worker writes (same store
+options). Runs until SIGTERM / Ctrl-C, then drains in-flight calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port of the Rank API (0: any free port)")
+    parser.add_argument("--model-repo", type=Path, default=Path("artifacts/model_repo"), help="Triton model repository")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="ranker checkpoint to publish before serving")
+    parser.add_argument("--dataset", default=None, help="users table for profile tokens (with --checkpoint's vocab)")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--inference", choices=["triton", "ort"], default="triton", help="Triton, or in-process ORT")
+    parser.add_argument(
+        "--triton-url", default=os.environ.get("HISAM_TRITON_URL"), help="host:port of a running Triton"
+    )
+    parser.add_argument("--instances", type=int, default=1, help="Triton model instances per model (publish)")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per instance")
+    parser.add_argument("--max-candidates", type=int, default=1000)
+    parser.add_argument("--cache-mb", type=float, default=256.0, help="anchor KV cache budget (0: always recompute)")
+    parser.add_argument("--item-ttl", type=float, default=60.0, help="seconds an item's semantic IDs stay cached")
+    add_store_arguments(parser)
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the online store is (the stream worker's options of the same names)."""
+    parser.add_argument(
+        "--backend", choices=["sqlite", "redis"], default=os.environ.get("HISAM_ONLINE_BACKEND", "sqlite")
+    )
+    parser.add_argument("--redis-url", default=os.environ.get("HISAM_REDIS_URL"), help="redis://host:port/db")
+    parser.add_argument("--repo-dir", type=Path, default=Path("artifacts/feature_repo"), help="Feast repo (SQLite db)")
+    parser.add_argument("--stream-len", type=int, default=300, help="T: items kept per user")
+    parser.add_argument("--n-codes", type=int, default=6, help="semantic-ID tokens per item")
+
+
+def store_config(args: argparse.Namespace):
+    from features.online import OnlineStoreConfig
+
+    return OnlineStoreConfig(
+        backend=args.backend,
+        repo_dir=args.repo_dir,
+        redis_url=args.redis_url,
+        stream_len=args.stream_len,
+        n_codes=args.n_codes,
+    )
+
+
+def load_profiles(args: argparse.Namespace):
+    from serving.profiles import Profiles
+
+    if args.checkpoint is None:
+        return Profiles.empty()
+    from hisam.ranker.profiles import ProfileVocab
+    from models.hmat.train import read_checkpoint_config
+
+    cfg = read_checkpoint_config(args.checkpoint)
+    if "profile_vocab" not in cfg:
+        return Profiles.empty()
+    users = None
+    if args.dataset:
+        from hisam.data import load_dataset
+
+        users = load_dataset(args.dataset, args.data_dir, progress=False).users
+    return Profiles.from_vocab(ProfileVocab.from_dict(cfg["profile_vocab"]), users)
+
+
+def make_ranker(args: argparse.Namespace, triton_url: str | None, profiles):
+    """The Ranker for these options; call it on the serving event loop."""
+    from features.online import open_stream_store
+    from serving.backends import OrtBackend, TritonBackend
+    from serving.online import OnlineReader
+    from serving.ranking import Ranker, model_info
+
+    backend = TritonBackend(triton_url) if args.inference == "triton" else OrtBackend(args.model_repo, args.threads)
+    reader = OnlineReader(open_stream_store(store_config(args)), item_ttl_s=args.item_ttl)
+    return Ranker(
+        backend,
+        reader,
+        profiles,
+        model_info(args.model_repo),
+        max_candidates=args.max_candidates,
+        cache_bytes=int(args.cache_mb * (1 << 20)),
+    )
+
+
+async def _serve(args: argparse.Namespace, triton_url: str | None, profiles) -> None:
+    from serving.server import rank_server
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ranker = make_ranker(args, triton_url, profiles)
+    try:
+        async with rank_server(ranker, args.host, args.port) as handle:
+            print(f"RankingService listening on {handle.address}", flush=True)
+            await stop.wait()
+            log.info("shutting down: draining in-flight calls")
+    finally:
+        await ranker.backend.close()
+
+
+def main(args: argparse.Namespace) -> int:
+    from serving.repository import publish_version
+
+    if args.checkpoint is not None:
+        publish_version(args.model_repo, args.checkpoint, instances=args.instances, threads=args.threads)
+    profiles = load_profiles(args)
+    with contextlib.ExitStack() as stack:
+        url = args.triton_url
+        if args.inference == "triton" and url is None:
+            from serving.triton import triton_server
+
+            url = stack.enter_context(triton_server(args.model_repo)).url
+        asyncio.run(_serve(args, url, profiles))
+    return 0
+
+
+if __name__ == "__main__":  # lets benchmarks and supervisors run it without the CLI registry
+    import sys
+
+    p = argparse.ArgumentParser(prog="hisam serve", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_arguments(p)
+    a = p.parse_args()
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sys.exit(main(a))
