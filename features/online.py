@@ -195,17 +195,25 @@ class AppendResult:
     """Outcome of one append.
 
     ``appended`` is False for a duplicate (an event id in the seen window): nothing was
-    written and the caller must not produce a TrainingSample for it. For an appended
-    action, the history is the user's stream before it, oldest first, kept as protobuf
-    packed varints (what both stores hold, and what a TrainingSample's repeated fields
-    are on the wire): ``history_tokens`` (P, n_codes) and ``history_actions`` (P,) decode
-    them. A duplicate, or an append with ``want_history=False``, has an empty history.
+    written. For an appended action, the history is the user's stream before it, oldest
+    first, kept as protobuf packed varints (what both stores hold, and what a
+    TrainingSample's repeated fields are on the wire): ``history_tokens`` (P, n_codes) and
+    ``history_actions`` (P,) decode them. An append with ``want_history=False`` has an
+    empty history.
+
+    ``resampled``: a duplicate whose action the stream still holds comes back with the
+    history before it (as the stream holds it now: the original history less any older
+    items trimmed since), so the caller can produce its TrainingSample again: a crash
+    after the store write and before the sample was sent then loses no sample (samples
+    carry the event id; the trainer drops repeats). A duplicate older than the stream has
+    ``resampled`` False and an empty history: no sample can be rebuilt for it.
     """
 
     appended: bool
     history_tokens_packed: bytes
     history_actions_packed: bytes
     n_codes: int
+    resampled: bool = False
 
     @property
     def duplicate(self) -> bool:
@@ -308,9 +316,10 @@ _APPEND_LUA = r"""
 -- layout (see features/encoding.py). KEYS[i]: the i-th action's user hash key.
 -- ARGV[1], per action: u32-length-prefixed event_id, token varints, action varint,
 -- time varint, time ms (decimal), Timestamp proto bytes; then a u8 want_history.
--- Reply, per action: u8 appended, u32 len(tokens), u32 len(actions), then the user's
--- token and action varints before the append (the history; empty for a duplicate or
--- when not wanted). Idempotency: the last W appended event ids of the user (M_SEEN).
+-- Reply, per action: u8 status (1 appended, 0 duplicate, 2 duplicate still in the stream),
+-- u32 len(tokens), u32 len(actions), then the user's token and action varints before the
+-- action (the history; empty when not wanted, and for a duplicate the stream no longer
+-- holds). Idempotency: the last W appended event ids of the user (M_SEEN).
 local NC = __NC__
 local T = __T__
 local W = __W__
@@ -389,11 +398,30 @@ local function trim_seen(seen, count)
   return string.sub(seen, p), W
 end
 
+-- A duplicate: nothing is written. If the stream still holds it, status 2 and the
+-- history before it (its sample can be sent again); else status 0 and no history.
+local function duplicate(cur, eid, want)
+  if not want then return 0, '', '' end
+  local eids = unwrap_strings(cur[3])
+  local p, i = 1, 0
+  while p <= #eids do
+    local len, q = read_varint(eids, p + 1)
+    i = i + 1
+    if len == #eid and string.sub(eids, q, q + len - 1) == eid then
+      local tok0, act0 = unwrap_ints(cur[1]), unwrap_ints(cur[2])
+      return 2, string.sub(tok0, 1, skip_varints(tok0, 1, (i - 1) * NC) - 1),
+             string.sub(act0, 1, skip_varints(act0, 1, i - 1) - 1)
+    end
+    p = q + len
+  end
+  return 0, '', ''
+end
+
 local function append_one(key, eid, tokv, actv, timv, ms_str, ts, want)
   local cur = redis.call('HMGET', key, F_TOK, F_ACT, F_EID, F_TIM, M_SEEN, M_LEN, M_MAX, M_TOTAL, M_SEEN_N)
   local seen = cur[5] or '\0'
   if string.find(seen, '\0' .. eid .. '\0', 1, true) then
-    return 0, '', ''  -- a duplicate: nothing written, no history (no sample)
+    return duplicate(cur, eid, want)
   end
 
   local tok0, act0 = unwrap_ints(cur[1]), unwrap_ints(cur[2])
@@ -548,9 +576,10 @@ class RedisStreamStore:
         out = []
         pos, n_codes = 0, self.config.n_codes
         while pos < len(blob):
-            appended, lt, la = _REPLY_HEAD.unpack_from(blob, pos)
+            status, lt, la = _REPLY_HEAD.unpack_from(blob, pos)
             pos += _REPLY_HEAD.size
-            out.append(AppendResult(bool(appended), blob[pos : pos + lt], blob[pos + lt : pos + lt + la], n_codes))
+            hist = blob[pos : pos + lt], blob[pos + lt : pos + lt + la]
+            out.append(AppendResult(status == 1, *hist, n_codes, resampled=status == 2))
             pos += lt + la
         return out
 
@@ -784,6 +813,9 @@ class SqliteStreamStore:
     def _apply(self, conn: sqlite3.Connection, s: _SqliteUser, a: StreamAction, want_history: bool) -> AppendResult:
         nc = self.config.n_codes
         if self._seen(conn, s, a.event_id):
+            if want_history and a.event_id in s.event_ids:  # still in the stream: its sample can be rebuilt
+                i = s.event_ids.index(a.event_id)
+                return AppendResult(False, enc.varints(s.tokens[: i * nc]), enc.varints(s.actions[:i]), nc, True)
             return AppendResult(False, b"", b"", nc)
         hist = (enc.varints(s.tokens), enc.varints(s.actions)) if want_history else (b"", b"")
         s.tokens.extend(a.item_tokens)

@@ -46,10 +46,12 @@ class ActionProcessor:
     The item's semantic IDs are looked up in the online store; an action on an item the
     store does not know is dead-lettered (``unknown_item``) rather than appended with
     made-up tokens. A duplicate (an event id in the user's seen window: a redelivery) is
-    neither appended nor sampled again: its sample was produced with its first append.
-    Duplicates are counted (``BatchOutput.duplicates``) and logged, never silent. The one
-    case this costs a sample: a crash after a batch's store write and before its samples
-    are acknowledged (the redelivered batch is all duplicates).
+    not appended again. While the stream still holds it, its sample is produced again
+    from the history before it (``AppendResult.resampled``), so a crash after a batch's
+    store write and before its samples were acknowledged loses no sample; samples carry
+    the event id and the trainer drops repeats. A duplicate older than the stream gets no
+    sample (none can be rebuilt). Duplicates are counted (``BatchOutput.duplicates``) and
+    logged, never silent.
     """
 
     def __init__(self, store: StreamStore):
@@ -101,14 +103,16 @@ class ActionProcessor:
                 continue
             if res.duplicate:
                 out.duplicates += 1
-                continue
-            out.appended += 1
+                if not res.resampled:
+                    continue
+            else:
+                out.appended += 1
             sample = rec.training_sample_bytes(
                 ev, res.history_tokens_packed, res.history_actions_packed, it.tokens, it.tokenizer_version
             )
             out.samples.append((rec.user_key(ev.user_id), sample))
         if out.duplicates:
-            log.info("%d redelivered actions were already appended: not appended or sampled again", out.duplicates)
+            log.info("%d redelivered actions were already appended: not appended again", out.duplicates)
         return out
 
     @staticmethod

@@ -82,15 +82,19 @@ def test_append_is_bounded_ordered_and_visible_through_feast(backend) -> None:
     assert feast_read_streams(fs, [999_999], N_CODES) == [None]
 
 
-def test_duplicate_event_is_a_noop_without_history(backend) -> None:
+def test_duplicate_event_is_not_appended_but_resampled_while_in_the_stream(backend) -> None:
     _, store, _ = backend
     user = 202
     first = [store.append(_action(user, k)) for k in range(3)]
     assert [r.history_actions.tolist() for r in first] == [[], [0], [0, 1]]
     np.testing.assert_array_equal(first[2].history_tokens[:, 0], [0, 10])
     again = store.append(_action(user, 1))
-    assert again.duplicate and not again.appended
-    assert again.history_tokens.shape == (0, N_CODES) and again.history_actions.size == 0
+    assert again.duplicate and not again.appended and again.resampled
+    # The same history as its first append: the sample a crash may have lost can be sent again.
+    assert again.history_tokens_packed == first[1].history_tokens_packed
+    assert again.history_actions_packed == first[1].history_actions_packed
+    quiet = store.append(_action(user, 2), want_history=False)
+    assert quiet.duplicate and quiet.history_actions.size == 0
     (s,) = store.read_streams([user])
     assert s.event_ids == [f"u{user}-e{k}" for k in range(3)]
 
@@ -105,7 +109,8 @@ def test_batch_append_equals_single_appends(backend, cluster_mode: bool) -> None
     assert [r.appended for r in res] == [True] * 11 + [False]
     assert [len(r.history_actions) for r in res[:8]] == [0, 1, 2, 3, 4, 5, 5, 5]
     np.testing.assert_array_equal(res[7].history_actions, [k % 4 for k in range(2, 7)])  # the last T before it
-    assert res[11].history_actions.size == 0
+    assert res[11].resampled  # e7 again: the history before it, as the stream holds it now
+    np.testing.assert_array_equal(res[11].history_actions, [k % 4 for k in range(3, 7)])
     su, sv = store.read_streams([u, v])
     assert su.event_ids == [f"u{u}-e{k}" for k in range(3, 8)]
     assert sv.event_ids == [f"u{v}-e{k}" for k in range(3)]
@@ -125,6 +130,10 @@ def test_duplicate_older_than_T_is_not_appended_again(backend) -> None:
     store.append_batch([_action(user, k) for k in range(W)])  # ids 0..7; the stream keeps 3..7
     redelivered = store.append_batch([_action(user, k) for k in range(W)])
     assert [r.duplicate for r in redelivered] == [True] * W
+    # Only the ids the stream still holds can have their sample rebuilt.
+    assert [r.resampled for r in redelivered] == [False] * (W - T) + [True] * T
+    assert all(r.history_actions.size == 0 for r in redelivered[: W - T])
+    assert [len(r.history_actions) for r in redelivered[W - T :]] == list(range(T))
     (s,) = store.read_streams([user])
     assert s.event_ids == [f"u{user}-e{k}" for k in range(W - T, W)]
     assert _n_actions(fs, user) == W  # counted once

@@ -110,7 +110,9 @@ def test_action_processor_appends_emits_samples_and_dead_letters(sqlite_store) -
     reasons = {pb.DeadLetter.FromString(v).offset: pb.DeadLetter.FromString(v).reason for _, v in out.dead_letters}
     assert reasons == {1: rec.DECODE_ERROR, 2: rec.UNKNOWN_ITEM}
     samples = [pb.TrainingSample.FromString(v) for _, v in out.samples]
-    assert [s.event_id for s in samples] == ["a", "c"]  # the redelivery is neither appended nor sampled
+    # The redelivery is not appended, but its sample is sent again (same bytes: the trainer drops repeats).
+    assert [s.event_id for s in samples] == ["a", "c", "a"]
+    assert out.samples[2][1] == out.samples[0][1]
     assert list(samples[0].history_tokens) == [] and list(samples[1].history_tokens) == list(range(10, 16))
     assert list(samples[1].history_actions) == [2]
     (s,) = sqlite_store.read_streams([7])
