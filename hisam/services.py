@@ -81,7 +81,9 @@ def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise ServiceError(f"process {proc.args[0]!r} exited with code {proc.returncode} before {host}:{port} opened")
+            raise ServiceError(
+                f"process {proc.args[0]!r} exited with code {proc.returncode} before {host}:{port} opened"
+            )
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.settimeout(0.2)
             if s.connect_ex((host, port)) == 0:
@@ -109,7 +111,9 @@ def _tail(path: Path, n: int = 2000) -> str:
 
 
 @contextlib.contextmanager
-def kafka_broker(port: int | None = None, data_dir: Path | None = None, timeout_s: float = 20.0) -> Iterator[KafkaBroker]:
+def kafka_broker(
+    port: int | None = None, data_dir: Path | None = None, timeout_s: float = 20.0
+) -> Iterator[KafkaBroker]:
     """Run the Kafka-compatible broker (noida-db, Kafka service only) for the ``with`` body.
 
     With no ``data_dir`` the broker keeps its log in a fresh temporary directory that is
@@ -136,7 +140,9 @@ def kafka_broker(port: int | None = None, data_dir: Path | None = None, timeout_
         log.info("kafka-compatible broker up on %s (data %s)", broker.bootstrap, ddir)
         yield broker
     finally:
-        down = subprocess.run([exe, "down", "--data-dir", str(ddir)], capture_output=True, text=True, timeout=30, check=False)
+        down = subprocess.run(
+            [exe, "down", "--data-dir", str(ddir)], capture_output=True, text=True, timeout=30, check=False
+        )
         if down.returncode != 0:
             log.warning("noida-db down returned %d: %s", down.returncode, down.stdout[-400:])
         if owns_dir:
@@ -145,7 +151,9 @@ def kafka_broker(port: int | None = None, data_dir: Path | None = None, timeout_
 
 
 @contextlib.contextmanager
-def redis_server(port: int | None = None, data_dir: Path | None = None, timeout_s: float = 10.0) -> Iterator[RedisServer]:
+def redis_server(
+    port: int | None = None, data_dir: Path | None = None, timeout_s: float = 10.0
+) -> Iterator[RedisServer]:
     """Run a private, non-persistent ``redis-server`` bound to 127.0.0.1 for the ``with`` body."""
     exe = _binary("redis-server", "run `bash scripts/services.sh install` (apt-get install redis-server)")
     owns_dir = data_dir is None

@@ -66,13 +66,17 @@ def plot_utilisation(reports: list[TokenizerReport], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_heatmaps(reports: list[TokenizerReport], modalities: list[str], path: Path, key: str = "association_unique") -> None:
+def plot_heatmaps(
+    reports: list[TokenizerReport], modalities: list[str], path: Path, key: str = "association_unique"
+) -> None:
     fig, axes = plt.subplots(1, len(reports), figsize=(2.6 * len(reports) + 1, 3.6), squeeze=False)
     for ax, r in zip(axes[0], reports):
         mat = np.asarray(getattr(r, key))
         im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=max(0.05, float(mat.max())))
         ax.set_xticks(range(len(modalities)), modalities, rotation=45, fontsize=7)
-        ax.set_yticks(range(len(r.code_modalities)), [f"{i + 1}:{c}" for i, c in enumerate(r.code_modalities)], fontsize=7)
+        ax.set_yticks(
+            range(len(r.code_modalities)), [f"{i + 1}:{c}" for i, c in enumerate(r.code_modalities)], fontsize=7
+        )
         ax.set_title(r.name, fontsize=9)
         for (i, j), v in np.ndenumerate(mat):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < mat.max() * 0.6 else "k")
@@ -84,7 +88,9 @@ def plot_heatmaps(reports: list[TokenizerReport], modalities: list[str], path: P
     plt.close(fig)
 
 
-def write_report(reports: list[TokenizerReport], modalities: list[str], out_dir: Path, dataset: str, extra_md: str = "") -> Path:
+def write_report(
+    reports: list[TokenizerReport], modalities: list[str], out_dir: Path, dataset: str, extra_md: str = ""
+) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_utilisation(reports, out_dir / "utilisation.png")
     plot_heatmaps(reports, modalities, out_dir / "heatmap_unique.png", "association_unique")

@@ -55,7 +55,9 @@ def modality_widths(ds: Dataset) -> dict[str, int]:
     return {m: int(v.shape[1]) for m, v in ds.items.features.items()}
 
 
-def train_variant(name: str, ds: Dataset, out_root: Path, train_cfg: TrainConfig, overrides: dict | None = None) -> FrozenTokenizer:
+def train_variant(
+    name: str, ds: Dataset, out_root: Path, train_cfg: TrainConfig, overrides: dict | None = None
+) -> FrozenTokenizer:
     """Train one variant on the dataset's item catalogue and save it under out_root/name."""
     if name not in VARIANTS:
         raise ValueError(f"unknown tokenizer variant {name!r}; expected one of {sorted(VARIANTS)}")
@@ -92,7 +94,14 @@ def write_catalogue(tok: FrozenTokenizer, ds: Dataset, out_dir: Path) -> Path:
     """Save the catalogue's collision-free tokens next to the tokenizer (the ranker reads them)."""
     codes, tokens, moved = encode_catalogue(tok, ds)
     path = out_dir / "catalogue.npz"
-    np.savez(path, external_ids=np.asarray(ds.items.external_ids), codes=codes, tokens=tokens, reassigned=moved, version=tok.version)
+    np.savez(
+        path,
+        external_ids=np.asarray(ds.items.external_ids),
+        codes=codes,
+        tokens=tokens,
+        reassigned=moved,
+        version=tok.version,
+    )
     return path
 
 
@@ -174,7 +183,9 @@ def evaluate_tokenizer(path: Path, ds: Dataset, mi_steps: int = 300) -> Tokenize
     )
 
 
-def encode_latency(tok: FrozenTokenizer, ds: Dataset, n_single: int = 1000, n_batch_rounds: int = 5) -> dict[str, float]:
+def encode_latency(
+    tok: FrozenTokenizer, ds: Dataset, n_single: int = 1000, n_batch_rounds: int = 5
+) -> dict[str, float]:
     """Single-item p50/p99 (ms) and batch throughput (items/s) of the frozen encoder, one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -68,7 +68,13 @@ def item_events(items, now_ms: int) -> Iterator[pb.ItemEvent]:
         yield rec.item_event(int(items.ids[i]), emb, now_ms, title=items.titles[i])
 
 
-def produce(producer, topic: str, records: Iterable[tuple[bytes, bytes]], rate: float | None = None, progress_every: int = 10_000) -> ReplayStats:
+def produce(
+    producer,
+    topic: str,
+    records: Iterable[tuple[bytes, bytes]],
+    rate: float | None = None,
+    progress_every: int = 10_000,
+) -> ReplayStats:
     """Send (key, value) records, paced to ``rate`` per second (None: as fast as possible)."""
     start = time.perf_counter()
     n = 0

@@ -38,10 +38,16 @@ def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], timeout_s: float =
         warnings.simplefilter("ignore", DeprecationWarning)  # kafka-python warns on import
         from kafka.admin import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="hisam-admin", request_timeout_ms=int(timeout_s * 1000))
+    admin = KafkaAdminClient(
+        bootstrap_servers=bootstrap, client_id="hisam-admin", request_timeout_ms=int(timeout_s * 1000)
+    )
     try:
         existing = set(admin.list_topics())
-        todo = {s.name: {"num_partitions": s.partitions, "replication_factor": s.replication} for s in specs if s.name not in existing}
+        todo = {
+            s.name: {"num_partitions": s.partitions, "replication_factor": s.replication}
+            for s in specs
+            if s.name not in existing
+        }
         if todo:
             admin.create_topics(todo, timeout_ms=int(timeout_s * 1000), wait_for_metadata=True)
             log.info("created topics %s", sorted(todo))

@@ -78,7 +78,9 @@ def main(args: argparse.Namespace) -> int:
 
     full = build_stream([UserSequence(profile, sids, actions, cands)], layout).to(device)
     history = build_stream([UserSequence(profile, sids, actions)], layout).to(device)
-    singles = [build_stream([UserSequence(profile, sids, actions, cands[i : i + 1])], layout).to(device) for i in range(n)]
+    singles = [
+        build_stream([UserSequence(profile, sids, actions, cands[i : i + 1])], layout).to(device) for i in range(n)
+    ]
 
     t_one_pass = _median_seconds(lambda: rank_candidates(model, full), args.reps, sync)
     t_one_by_one = _median_seconds(lambda: [rank_candidates(model, s) for s in singles], max(1, args.reps // 2), sync)
@@ -92,7 +94,9 @@ def main(args: argparse.Namespace) -> int:
         mask = model.stream_mask(history, history)
         _, present = model(history.tokens, history.rotary_positions(base.rope), mask, None, None)
     full_kv = sum(kx.numel() * kx.element_size() + vx.numel() * vx.element_size() for kx, vx in present)
-    cache_kv = sum(kx.numel() * kx.element_size() + vx.numel() * vx.element_size() for kx, vx in zip(cache.keys, cache.values))
+    cache_kv = sum(
+        kx.numel() * kx.element_size() + vx.numel() * vx.element_size() for kx, vx in zip(cache.keys, cache.values)
+    )
 
     s_full = full.tokens.shape[1]
     s_new = n * (k + 1)
@@ -107,7 +111,10 @@ def main(args: argparse.Namespace) -> int:
         torch.manual_seed(0)
         m = HMAT(cfg).to(device).train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        users = [UserSequence(profile, torch.randint(kk, (t, k), generator=g), torch.randint(2, (t,), generator=g)) for _ in range(args.train_batch)]
+        users = [
+            UserSequence(profile, torch.randint(kk, (t, k), generator=g), torch.randint(2, (t,), generator=g))
+            for _ in range(args.train_batch)
+        ]
         stream = build_stream(users, cfg.layout).to(device)
 
         def step(m=m, opt=opt, stream=stream):
@@ -140,10 +147,20 @@ def main(args: argparse.Namespace) -> int:
         "machine": machine,
     }
     print(f"HMAT ranker speed ({args.preset} preset, T={t} items, N={n} candidates) on {machine}")
-    print(f"  one-pass ranking      {t_one_pass * 1e3:9.1f} ms   vs one at a time {t_one_by_one * 1e3:9.1f} ms   -> {result['one_pass_speedup']:.1f}x (target >= 20x)")
-    print(f"  anchor-cached scoring {t_cached * 1e3:9.1f} ms   vs full recompute {t_one_pass * 1e3:9.1f} ms   -> {result['cache_speedup']:.1f}x (target >= 10x); max |diff| {max_diff:.2e}")
-    print(f"  KV memory             {cache_kv / 2**20:9.2f} MiB vs full history   {full_kv / 2**20:9.2f} MiB -> {result['kv_memory_ratio']:.2f}x smaller (target >= 3.5x)")
-    print(f"  attention, one layer  {attn_cached / 2**20:9.2f} MiB cached vs {attn_full / 2**20:9.2f} MiB full stream (dense scores + mask)")
-    print(f"  SFT training          HMAT {train['hmat']:,.0f} tokens/s vs flat {train['flat']:,.0f} tokens/s -> {result['train_tokens_per_s_ratio_hmat_over_flat']:.2f}x")
+    print(
+        f"  one-pass ranking      {t_one_pass * 1e3:9.1f} ms   vs one at a time {t_one_by_one * 1e3:9.1f} ms   -> {result['one_pass_speedup']:.1f}x (target >= 20x)"
+    )
+    print(
+        f"  anchor-cached scoring {t_cached * 1e3:9.1f} ms   vs full recompute {t_one_pass * 1e3:9.1f} ms   -> {result['cache_speedup']:.1f}x (target >= 10x); max |diff| {max_diff:.2e}"
+    )
+    print(
+        f"  KV memory             {cache_kv / 2**20:9.2f} MiB vs full history   {full_kv / 2**20:9.2f} MiB -> {result['kv_memory_ratio']:.2f}x smaller (target >= 3.5x)"
+    )
+    print(
+        f"  attention, one layer  {attn_cached / 2**20:9.2f} MiB cached vs {attn_full / 2**20:9.2f} MiB full stream (dense scores + mask)"
+    )
+    print(
+        f"  SFT training          HMAT {train['hmat']:,.0f} tokens/s vs flat {train['flat']:,.0f} tokens/s -> {result['train_tokens_per_s_ratio_hmat_over_flat']:.2f}x"
+    )
     print(json.dumps(result))
     return 0

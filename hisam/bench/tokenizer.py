@@ -41,8 +41,10 @@ def main(args: argparse.Namespace) -> int:
     machine = f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, 1 thread"
     print(markdown_table(list(reports.values()), modalities))
     print()
-    print(f"DST frozen encode on {machine}: single item p50 {latency['single_p50_ms']:.3f} ms, "
-          f"p99 {latency['single_p99_ms']:.3f} ms (target p99 < 2 ms); batch {latency['batch_items_per_s']:.0f} items/s")
+    print(
+        f"DST frozen encode on {machine}: single item p50 {latency['single_p50_ms']:.3f} ms, "
+        f"p99 {latency['single_p99_ms']:.3f} ms (target p99 < 2 ms); batch {latency['batch_items_per_s']:.0f} items/s"
+    )
     rq = reports["rqvae"].collision_rate
     print(f"DST collision rate / plain RQ-VAE collision rate: {reports['dst'].collision_rate:.4f} / {rq:.4f}")
 

@@ -74,7 +74,9 @@ def ppmi(counts: np.ndarray, smoothing: float) -> np.ndarray:
     return np.maximum(pmi, 0.0)
 
 
-def item2vec(train: pd.DataFrame, n_items: int, config: Item2VecConfig = Item2VecConfig()) -> tuple[np.ndarray, np.ndarray]:
+def item2vec(
+    train: pd.DataFrame, n_items: int, config: Item2VecConfig = Item2VecConfig()
+) -> tuple[np.ndarray, np.ndarray]:
     """Behaviour embeddings from ``train``: ((N, dim) float32 unit-norm rows, (N,) bool present).
 
     An item is present if it co-occurs with at least one item in some user's window;

@@ -88,7 +88,9 @@ def _numeric(df: pd.DataFrame, column: str, path: Path) -> np.ndarray:
     bad = ~np.isfinite(values)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DatasetError(f"{path}: column {column}, row {row + 2}: {str(df[column].iloc[row])!r} is not a finite number")
+        raise DatasetError(
+            f"{path}: column {column}, row {row + 2}: {str(df[column].iloc[row])!r} is not a finite number"
+        )
     return values
 
 
@@ -101,11 +103,15 @@ def _timestamps(df: pd.DataFrame, path: Path) -> np.ndarray:
         return np.floor(numbers).astype(np.int64)
     if finite.any():
         row = int(np.flatnonzero(~finite)[0])
-        raise DatasetError(f"{path}: column timestamp, row {row + 2}: {str(col.iloc[row])!r} is not epoch seconds like the other rows")
+        raise DatasetError(
+            f"{path}: column timestamp, row {row + 2}: {str(col.iloc[row])!r} is not epoch seconds like the other rows"
+        )
     parsed = pd.to_datetime(col.astype(str), utc=True, errors="coerce", format="ISO8601")
     if parsed.isna().any():
         row = int(np.flatnonzero(parsed.isna().to_numpy())[0])
-        raise DatasetError(f"{path}: column timestamp, row {row + 2}: {str(col.iloc[row])!r} is neither epoch seconds nor ISO-8601")
+        raise DatasetError(
+            f"{path}: column timestamp, row {row + 2}: {str(col.iloc[row])!r} is neither epoch seconds nor ISO-8601"
+        )
     return (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy().astype(np.int64)
 
 
@@ -127,9 +133,7 @@ def read_embeddings(path: Path, row_of: dict[str, int]) -> tuple[np.ndarray, np.
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except ValueError as e:  # object arrays need pickle
-        raise DatasetError(
-            f"{path}: cannot be read without pickle ({e}); save ids as np.array(ids, dtype=str)"
-        ) from e
+        raise DatasetError(f"{path}: cannot be read without pickle ({e}); save ids as np.array(ids, dtype=str)") from e
     except (OSError, zipfile.BadZipFile) as e:
         raise DatasetError(f"{path}: not a readable .npz file: {e}") from e
     missing = [k for k in ("ids", "embeddings") if k not in arrays]
@@ -202,7 +206,9 @@ def load_custom(path: str | Path) -> Dataset:
         bad = ~np.isin(label, (0.0, 1.0))
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise DatasetError(f"{inter_path}: column label, row {row + 2}: {str(inter['label'].iloc[row])!r} is not 0 or 1")
+            raise DatasetError(
+                f"{inter_path}: column label, row {row + 2}: {str(inter['label'].iloc[row])!r} is not 0 or 1"
+            )
     interactions = prepare_interactions(
         user_idx=_index(inter["user_id"], user_of, "user_id", inter_path, user_source),
         item_idx=_index(inter["item_id"], row_of, "item_id", inter_path, item_source),

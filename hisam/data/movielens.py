@@ -176,7 +176,9 @@ def build_ml100k(
         }
     )
     interactions = prepare_interactions(
-        user_idx=_index(inter_raw["user_id"], {u: i for i, u in enumerate(users["external_id"])}, "user_id", "ml-100k.inter"),
+        user_idx=_index(
+            inter_raw["user_id"], {u: i for i, u in enumerate(users["external_id"])}, "user_id", "ml-100k.inter"
+        ),
         item_idx=_index(inter_raw["item_id"], {e: i for i, e in enumerate(external_items)}, "item_id", "ml-100k.inter"),
         rating=inter_raw["rating"].astype(np.float32).to_numpy(),
         timestamp=inter_raw["timestamp"].astype(np.float64).astype(np.int64).to_numpy(),

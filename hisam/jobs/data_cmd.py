@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="ml-100k", help="'ml-100k' or a dataset directory (see hisam/data/FORMAT.md)")
+    parser.add_argument(
+        "--dataset", default="ml-100k", help="'ml-100k' or a dataset directory (see hisam/data/FORMAT.md)"
+    )
     parser.add_argument(
         "--data-dir",
         default=os.environ.get("HISAM_DATA_DIR", "data"),

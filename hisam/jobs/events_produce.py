@@ -36,7 +36,11 @@ def main(args: argparse.Namespace) -> int:
         if not args.no_items:
             st = prod.produce_items(producer, prod.item_events(ds.items, int(time.time() * 1000)))
             log.info("produced %d item events in %.1fs", st.sent, st.seconds)
-        inter = ds.interactions if not args.limit else ds.interactions.sort_values("timestamp", kind="stable").head(args.limit)
+        inter = (
+            ds.interactions
+            if not args.limit
+            else ds.interactions.sort_values("timestamp", kind="stable").head(args.limit)
+        )
         st = prod.produce_actions(producer, prod.actions_from_interactions(inter, ds.name), rate=args.rate or None)
         log.info("produced %d actions in %.1fs (%.0f/s)", st.sent, st.seconds, st.rate)
     finally:

@@ -186,5 +186,12 @@ def train_runs(
                 log.error("%s", e)
                 return 1
             result = train_stage(args, ds, variant, seed, stage, run / subdir, inputs, init=init)
-            log.info("%s seed %d: %s done after %d steps -> %s", variant, seed, stage.upper(), result.steps, result.checkpoint)
+            log.info(
+                "%s seed %d: %s done after %d steps -> %s",
+                variant,
+                seed,
+                stage.upper(),
+                result.steps,
+                result.checkpoint,
+            )
     return 0

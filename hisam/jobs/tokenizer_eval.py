@@ -23,7 +23,9 @@ def main(args: argparse.Namespace) -> int:
     from hisam.tokenizers import evaluate_tokenizer
 
     root = Path(args.tokenizers_dir)
-    names = args.variant or sorted(p.name for p in root.iterdir() if (p / "config.json").exists()) if root.exists() else []
+    names = (
+        args.variant or sorted(p.name for p in root.iterdir() if (p / "config.json").exists()) if root.exists() else []
+    )
     if not names:
         log.error("no tokenizer artifacts under %s: run `hisam tokenizer train` first", root)
         return 2

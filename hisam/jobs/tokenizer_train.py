@@ -14,7 +14,9 @@ log = logging.getLogger(__name__)
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="ml-100k", help="'ml-100k' or a directory in the custom format (hisam/data/FORMAT.md)")
+    parser.add_argument(
+        "--dataset", default="ml-100k", help="'ml-100k' or a directory in the custom format (hisam/data/FORMAT.md)"
+    )
     parser.add_argument("--data-dir", default=os.environ.get("HISAM_DATA_DIR", "data"))
     parser.add_argument("--tokenizers-dir", default="artifacts/tokenizers", help="where tokenizer artifacts live")
 
@@ -29,7 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: per kind (hisam.tokenizers.DEFAULT_LR)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="model config override, e.g. --set codebook_size=128")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="model config override, e.g. --set codebook_size=128",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 

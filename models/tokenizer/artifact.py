@@ -72,7 +72,13 @@ def save_tokenizer(model: nn.Module, out_dir: str | Path, extra: dict | None = N
     state = _state(model)
     version = compute_version(model.kind, config, state)
     save_file(state, str(out / "model.safetensors"), metadata={"tokenizer_version": version})
-    meta = {"kind": model.kind, "version": version, "config": config, "code_length": model.config.code_length, **(extra or {})}
+    meta = {
+        "kind": model.kind,
+        "version": version,
+        "config": config,
+        "code_length": model.config.code_length,
+        **(extra or {}),
+    }
     (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))
     return version
 
@@ -90,7 +96,9 @@ def load_tokenizer(path: str | Path) -> tuple[nn.Module, dict]:
     model.load_state_dict(state)
     version = compute_version(meta["kind"], dataclasses.asdict(model.config), _state(model))
     if version != meta["version"]:
-        raise ValueError(f"tokenizer artifact {path}: weights/config give version {version}, config.json says {meta['version']}")
+        raise ValueError(
+            f"tokenizer artifact {path}: weights/config give version {version}, config.json says {meta['version']}"
+        )
     model.eval()
     return model, meta
 
@@ -159,7 +167,9 @@ class FrozenTokenizer:
                 arrays[name] = np.zeros((size, self.modalities[name]), dtype=np.float32)
             else:
                 given = present.get(name) if present is not None else None
-                masks[name] = np.ones(size, dtype=bool) if given is None else np.asarray(given, dtype=bool).reshape(size)
+                masks[name] = (
+                    np.ones(size, dtype=bool) if given is None else np.asarray(given, dtype=bool).reshape(size)
+                )
             bad = ~np.isfinite(arrays[name]) & masks[name][:, None]
             if bad.any():
                 row, col = map(int, np.argwhere(bad)[0])
@@ -172,12 +182,16 @@ class FrozenTokenizer:
         if not self.imputes_missing:
             for name in self.modalities:
                 if not masks[name].all():
-                    raise TokenizerInputError(name, "modality missing and this tokenizer is configured with missing='error'")
+                    raise TokenizerInputError(
+                        name, "modality missing and this tokenizer is configured with missing='error'"
+                    )
         return arrays, masks
 
     # ---------------------------------------------------------------------- encode
     @torch.inference_mode()
-    def encode_codes(self, features: Mapping[str, object], present: Mapping[str, object] | None = None, batched: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def encode_codes(
+        self, features: Mapping[str, object], present: Mapping[str, object] | None = None, batched: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Local codes (B, L) in [0, K) and last-layer distances (B, K)."""
         arrays, masks = self._validate(features, present, batched)
         x = {m: torch.from_numpy(a) for m, a in arrays.items()}

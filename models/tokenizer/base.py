@@ -24,8 +24,12 @@ class TokenizerStep:
     terms: dict[str, torch.Tensor]  # named loss terms, detached, for logging
     codes: torch.Tensor  # (B, L) long, local codes in [0, K)
     last_distances: torch.Tensor  # (B, K) distances of the last layer's input to its codebook
-    layer_inputs: list[tuple[nn.Module, torch.Tensor]] = field(default_factory=list)  # (quantiser, its input) for restarts
-    recon: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (x_hat, target, rows)
+    layer_inputs: list[tuple[nn.Module, torch.Tensor]] = field(
+        default_factory=list
+    )  # (quantiser, its input) for restarts
+    recon: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )  # name -> (x_hat, target, rows)
 
 
 class InputNormalizer(nn.Module):

@@ -74,7 +74,9 @@ class RQVAE(nn.Module):
             loss_recon = loss_recon + masked_mse(x_hat[:, sl], inp[:, sl], present[m])
         loss = loss_recon + out.loss
         terms = {"recon": loss_recon.detach(), "commit": out.loss.detach()}
-        return TokenizerStep(loss, terms, out.codes, out.distances[-1], list(zip(self.rq.layers, out.layer_inputs)), recon)
+        return TokenizerStep(
+            loss, terms, out.codes, out.distances[-1], list(zip(self.rq.layers, out.layer_inputs)), recon
+        )
 
     @torch.no_grad()
     def encode(self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,12 +84,16 @@ class RQVAE(nn.Module):
         return codes, dist
 
     @torch.no_grad()
-    def init_codebooks(self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> None:
+    def init_codebooks(
+        self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> None:
         self.normalizer.fit(x, present)
         self.rq.init_from(self.encoder(self._inputs(x, present)), generator)
 
     @torch.no_grad()
-    def refit_codebooks(self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> None:
+    def refit_codebooks(
+        self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> None:
         self.rq.init_from(self.encoder(self._inputs(x, present)), generator)
 
     def decoder_parameters(self) -> list[nn.Parameter]:
@@ -114,7 +120,9 @@ class MACRecConfig:
 
     def __post_init__(self) -> None:
         if len(self.lambda_con) != self.layers_per_modality:
-            raise ValueError(f"lambda_con needs one weight per layer ({self.layers_per_modality}), got {self.lambda_con}")
+            raise ValueError(
+                f"lambda_con needs one weight per layer ({self.layers_per_modality}), got {self.lambda_con}"
+            )
         self.lambda_con = tuple(self.lambda_con)
 
     @property
@@ -132,7 +140,10 @@ class MACRec(nn.Module):
         self.normalizer = InputNormalizer(c.modalities)
         self.encoders = nn.ModuleDict({m: mlp(w, c.hidden, c.dim) for m, w in c.modalities.items()})
         self.rqs = nn.ModuleDict(
-            {m: ResidualQuantizer(c.layers_per_modality, c.codebook_size, c.dim, c.beta, c.usage_decay, c.commitment) for m in self.names}
+            {
+                m: ResidualQuantizer(c.layers_per_modality, c.codebook_size, c.dim, c.beta, c.usage_decay, c.commitment)
+                for m in self.names
+            }
         )
         self.decoders = nn.ModuleDict({m: mlp(c.dim, c.hidden, w) for m, w in c.modalities.items()})
         # Pseudo-label centroids per modality (k-means on standardised raw embeddings), set at init.
@@ -163,7 +174,9 @@ class MACRec(nn.Module):
             recon[m] = (x_hat, xn[m], present[m])
             loss_recon = loss_recon + masked_mse(x_hat, xn[m], present[m])
             lab = labels[other]
-            positive = (lab.unsqueeze(0) == lab.unsqueeze(1)) & (lab.unsqueeze(1) >= 0) & not_self & present[m].unsqueeze(0)
+            positive = (
+                (lab.unsqueeze(0) == lab.unsqueeze(1)) & (lab.unsqueeze(1) >= 0) & not_self & present[m].unsqueeze(0)
+            )
             for layer, weight in enumerate(c.lambda_con):
                 if weight > 0:
                     r = out.layer_inputs[layer]
@@ -174,7 +187,12 @@ class MACRec(nn.Module):
                 eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
                 loss_align = loss_align + 0.5 * (info_nce(a, v, eye, c.tau) + info_nce(v, a, eye, c.tau))
         loss = loss_recon + loss_commit + loss_con + c.lambda_align * loss_align
-        terms = {"recon": loss_recon.detach(), "commit": loss_commit.detach(), "con": loss_con.detach(), "align": loss_align.detach()}
+        terms = {
+            "recon": loss_recon.detach(),
+            "commit": loss_commit.detach(),
+            "con": loss_con.detach(),
+            "align": loss_align.detach(),
+        }
         last = outs[self.names[-1]].distances[-1]
         return TokenizerStep(loss, terms, torch.cat(codes, 1), last, layer_inputs, recon)
 
@@ -188,7 +206,9 @@ class MACRec(nn.Module):
         return torch.cat(codes, 1), dist
 
     @torch.no_grad()
-    def init_codebooks(self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> None:
+    def init_codebooks(
+        self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> None:
         self.normalizer.fit(x, present)
         for m in self.names:
             xn = self.normalizer(m, x[m])
@@ -203,7 +223,9 @@ class MACRec(nn.Module):
             self.rqs[m].init_from(self.encoders[m](xn * present[m].unsqueeze(-1)), generator)
 
     @torch.no_grad()
-    def refit_codebooks(self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> None:
+    def refit_codebooks(
+        self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> None:
         for m in self.names:
             xn = self.normalizer(m, x[m]) * present[m].unsqueeze(-1)
             self.rqs[m].init_from(self.encoders[m](xn), generator)

@@ -127,7 +127,9 @@ class DST(nn.Module):
             return torch.stack([e[m] for m in self.names], 0).mean(0)  # (B, D)
         return self.aggregate(torch.cat([e[m] for m in self.names], -1))
 
-    def recover(self, r: torch.Tensor, e: dict[str, torch.Tensor], z_hat_s: torch.Tensor, probes_t: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def recover(
+        self, r: torch.Tensor, e: dict[str, torch.Tensor], z_hat_s: torch.Tensor, probes_t: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """PSGR: h_k = W_k r; alpha_{m,k} = softmax_k(<Q_m e_m, h_k>/sqrt(D)); u_m = sum_k alpha h_k.
 
         All modalities in one batched pass (the unfold W_k is shared; the probes Q_m are stacked):
@@ -140,7 +142,9 @@ class DST(nn.Module):
         h = self.unfold(src).view(len(self.names), b, c.n_subspaces, c.dim)  # (M, B, N_h, D)
         if c.use_psgr:
             if probes_t is None:
-                probes_t = torch.stack([self.probes[m].weight for m in self.names], 0).transpose(1, 2)  # (M, D_in, D_out)
+                probes_t = torch.stack([self.probes[m].weight for m in self.names], 0).transpose(
+                    1, 2
+                )  # (M, D_in, D_out)
             q = torch.bmm(ee, probes_t)  # (M, B, D)
             alpha = torch.softmax(torch.einsum("mbd,mbkd->mbk", q, h) / math.sqrt(c.dim), -1)  # (M, B, N_h)
         else:
@@ -214,7 +218,9 @@ class DST(nn.Module):
             r = r - book[c]
         u = self.recover(r, e, z_hat_s, k["probes"])
         uu = torch.stack([u[m] for m in self.names], 0)  # (M, B, D)
-        dist = ((uu * uu).sum(-1, keepdim=True) - 2 * torch.bmm(uu, k["books_t"]) + k["books_sq"]).clamp_min(0)  # (M, B, K)
+        dist = ((uu * uu).sum(-1, keepdim=True) - 2 * torch.bmm(uu, k["books_t"]) + k["books_sq"]).clamp_min(
+            0
+        )  # (M, B, K)
         return torch.cat([*codes, dist.argmin(-1).t()], 1), dist[-1]
 
     @torch.no_grad()
@@ -235,7 +241,9 @@ class DST(nn.Module):
             "shared": [(vq.codebook, (vq.codebook * vq.codebook).sum(-1).unsqueeze(0)) for vq in self.shared.layers],
             "books_t": books.transpose(1, 2).contiguous(),  # (M, D, K)
             "books_sq": (books * books).sum(-1).unsqueeze(1),  # (M, 1, K)
-            "probes": torch.stack([self.probes[m].weight for m in self.names], 0).transpose(1, 2).contiguous(),  # (M, D_in, D_out)
+            "probes": torch.stack([self.probes[m].weight for m in self.names], 0)
+            .transpose(1, 2)
+            .contiguous(),  # (M, D_in, D_out)
         }
 
     # ---------------------------------------------------------------- training hooks
@@ -254,7 +262,9 @@ class DST(nn.Module):
         return sum(self.mi[m].learning_loss(z_hat_s, u[m]) for m in self.names)
 
     @torch.no_grad()
-    def init_codebooks(self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> None:
+    def init_codebooks(
+        self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> None:
         """k-means initialisation, layer by layer, on what each quantiser will see."""
         self.normalizer.fit(x, present)
         e = self.align(x, present)
@@ -266,7 +276,9 @@ class DST(nn.Module):
             self.specific[m].init_from(u[m], generator)
 
     @torch.no_grad()
-    def refit_codebooks(self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> None:
+    def refit_codebooks(
+        self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> None:
         """Final k-means pass of every codebook on what it now sees (train.TrainConfig.refit)."""
         e = self.align(x, present)
         z = self.global_repr(e)
@@ -279,7 +291,9 @@ class DST(nn.Module):
     def decoder_parameters(self) -> list[nn.Parameter]:
         return list(self.decoders.parameters())
 
-    def shared_and_specific(self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def shared_and_specific(
+        self, x: dict[str, torch.Tensor], present: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(z_hat_s, {m: u_m}): the two parts whose mutual information vCLUB bounds."""
         e = self.align(x, present)
         rq = self.shared(self.global_repr(e))

@@ -32,7 +32,9 @@ def fraction_of_variance_unexplained(x_hat: np.ndarray, target: np.ndarray) -> f
     return float(((target - x_hat) ** 2).sum() / max(sst, 1e-12))
 
 
-def code_modality_association(codes: np.ndarray, features: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> np.ndarray:
+def code_modality_association(
+    codes: np.ndarray, features: dict[str, np.ndarray], present: dict[str, np.ndarray]
+) -> np.ndarray:
     """(L, M) chance-corrected correlation ratio between each code layer and each modality.
 
     For layer l and modality m: group the items (with m present) by their code at layer l and

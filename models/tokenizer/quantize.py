@@ -148,7 +148,15 @@ class ResidualQuantizer(nn.Module):
     codebook still moves to the residual it serves.
     """
 
-    def __init__(self, n_layers: int, codebook_size: int, dim: int, beta: float = 0.25, usage_decay: float = 0.99, commitment: str = "per_layer"):
+    def __init__(
+        self,
+        n_layers: int,
+        codebook_size: int,
+        dim: int,
+        beta: float = 0.25,
+        usage_decay: float = 0.99,
+        commitment: str = "per_layer",
+    ):
         super().__init__()
         if commitment not in ("per_layer", "total"):
             raise ValueError(f"commitment must be 'per_layer' or 'total', got {commitment!r}")
@@ -202,5 +210,7 @@ class ResidualQuantizer(nn.Module):
             r = r - vq.codebook[vq.distances(r).argmin(-1)]
 
     @torch.no_grad()
-    def restart_dead(self, layer_inputs: list[torch.Tensor], threshold: float, generator: torch.Generator | None = None) -> int:
+    def restart_dead(
+        self, layer_inputs: list[torch.Tensor], threshold: float, generator: torch.Generator | None = None
+    ) -> int:
         return sum(vq.restart_dead(x.detach(), threshold, generator) for vq, x in zip(self.layers, layer_inputs))

@@ -18,7 +18,9 @@ from models.tokenizer.train import TrainConfig, train_tokenizer
 TINY_MODALITIES = {"text": 24, "behaviour": 12, "metadata": 8}
 
 
-def synthetic_items(n: int = 400, modalities: dict[str, int] | None = None, seed: int = 0, missing_rate: float = 0.0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+def synthetic_items(
+    n: int = 400, modalities: dict[str, int] | None = None, seed: int = 0, missing_rate: float = 0.0
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(features, present, latents): ``latents`` has 'shared' and one private cluster id per modality."""
     modalities = modalities or TINY_MODALITIES
     rng = np.random.default_rng(seed)
@@ -53,10 +55,19 @@ def tiny_config(kind: str = "dst", modalities: dict[str, int] | None = None) -> 
     return base
 
 
-def tiny_tokenizer(out_dir: str | Path, kind: str = "dst", modalities: dict[str, int] | None = None, n_items: int = 400, epochs: int = 20, seed: int = 0) -> FrozenTokenizer:
+def tiny_tokenizer(
+    out_dir: str | Path,
+    kind: str = "dst",
+    modalities: dict[str, int] | None = None,
+    n_items: int = 400,
+    epochs: int = 20,
+    seed: int = 0,
+) -> FrozenTokenizer:
     """Train a small real tokenizer on synthetic items (a few seconds on CPU), save, load frozen."""
     feats, present, _ = synthetic_items(n_items, modalities, seed)
     model = build_model(kind, tiny_config(kind, modalities))
-    train_tokenizer(model, feats, present, TrainConfig(epochs=epochs, batch_size=128, seed=seed, progress=False, warmup_steps=5))
+    train_tokenizer(
+        model, feats, present, TrainConfig(epochs=epochs, batch_size=128, seed=seed, progress=False, warmup_steps=5)
+    )
     save_tokenizer(model, out_dir)
     return FrozenTokenizer.load(out_dir)

@@ -43,7 +43,9 @@ class TrainConfig:
     progress: bool = True
 
 
-def to_tensors(features: dict[str, np.ndarray], present: dict[str, np.ndarray], device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def to_tensors(
+    features: dict[str, np.ndarray], present: dict[str, np.ndarray], device: str = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     x = {m: torch.as_tensor(np.asarray(v, dtype=np.float32), device=device) for m, v in features.items()}
     p = {m: torch.as_tensor(np.asarray(v, dtype=bool), device=device) for m, v in present.items()}
     return x, p
@@ -53,7 +55,9 @@ def _slice(d: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Ten
     return {k: v[idx] for k, v in d.items()}
 
 
-def train_tokenizer(model: nn.Module, features: dict[str, np.ndarray], present: dict[str, np.ndarray], cfg: TrainConfig) -> list[dict[str, float]]:
+def train_tokenizer(
+    model: nn.Module, features: dict[str, np.ndarray], present: dict[str, np.ndarray], cfg: TrainConfig
+) -> list[dict[str, float]]:
     """Train ``model`` in place on the item catalogue; returns the per-epoch loss history."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -132,7 +136,15 @@ def train_tokenizer(model: nn.Module, features: dict[str, np.ndarray], present: 
     return history
 
 
-def _refit(model: nn.Module, x: dict[str, torch.Tensor], p: dict[str, torch.Tensor], cfg: TrainConfig, gen: torch.Generator, batch: int, history: list[dict[str, float]]) -> None:
+def _refit(
+    model: nn.Module,
+    x: dict[str, torch.Tensor],
+    p: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    gen: torch.Generator,
+    batch: int,
+    history: list[dict[str, float]],
+) -> None:
     """k-means refit of the codebooks, then decoder-only epochs (see TrainConfig.refit)."""
     model.eval()  # no usage updates; encoder and codebooks stay as refitted
     model.refit_codebooks(x, p, gen)
@@ -156,7 +168,9 @@ def _refit(model: nn.Module, x: dict[str, torch.Tensor], p: dict[str, torch.Tens
 
 
 @torch.no_grad()
-def encode_all(model: nn.Module, features: dict[str, np.ndarray], present: dict[str, np.ndarray], batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def encode_all(
+    model: nn.Module, features: dict[str, np.ndarray], present: dict[str, np.ndarray], batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """Codes (N, L) and last-layer distances (N, K) of every item, in eval mode."""
     model.eval()
     x, p = to_tensors(features, present, next(model.parameters()).device.type)

@@ -53,7 +53,9 @@ def write_custom(tmp_path: Path) -> Callable[..., Path]:
     ) -> Path:
         root = tmp_path / name
         root.mkdir(parents=True, exist_ok=True)
-        (synthetic_interactions() if interactions is None else interactions).to_csv(root / "interactions.csv", index=False)
+        (synthetic_interactions() if interactions is None else interactions).to_csv(
+            root / "interactions.csv", index=False
+        )
         if items is not None:
             items.to_csv(root / "items.csv", index=False)
         if users is not None:

@@ -55,7 +55,9 @@ def _two_worlds(n_users: int = 60, seed: int = 0) -> pd.DataFrame:
             users.append(u)
             items.append(base + int(i))
     order = rng.permutation(len(users))
-    return prepare_interactions(np.array(users)[order], np.array(items)[order], np.ones(len(users)), np.arange(len(users)))
+    return prepare_interactions(
+        np.array(users)[order], np.array(items)[order], np.ones(len(users)), np.arange(len(users))
+    )
 
 
 def test_item2vec_separates_co_consumed_groups_and_is_unit_norm() -> None:

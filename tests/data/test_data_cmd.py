@@ -10,7 +10,9 @@ import pytest
 from hisam import cli
 
 
-def test_prepare_prints_summary(write_custom: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prepare_prints_summary(
+    write_custom: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = write_custom()
     assert cli.main(["data", "prepare", "--dataset", str(root), "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

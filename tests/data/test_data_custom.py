@@ -35,7 +35,13 @@ def test_round_trip(write_custom: Writer) -> None:
     image = rng.normal(size=(4, 3))  # float64 on disk: read as float32
     root = write_custom(
         interactions=_interactions(),
-        items=pd.DataFrame({"item_id": ["x3", "x2", "x1", "x9"], "title": ["Three", "Two", "One", "Nine"], "brand": ["p", "q", "r", "s"]}),
+        items=pd.DataFrame(
+            {
+                "item_id": ["x3", "x2", "x1", "x9"],
+                "title": ["Three", "Two", "One", "Nine"],
+                "brand": ["p", "q", "r", "s"],
+            }
+        ),
         users=pd.DataFrame({"user_id": ["b", "a", "7", "007", "zz"], "age": [30, 40, 50, 60, 70]}),
         embeddings={"text": (["x1", "x9"], text), "image": (["x9", "x1", "x2", "x3"], image)},
     )
@@ -116,22 +122,86 @@ ITEMS = pd.DataFrame({"item_id": ["x1", "x2", "x3"]})
 @pytest.mark.parametrize(
     ("case", "kwargs", "match"),
     [
-        ("missing column", {"interactions": _interactions().drop(columns=["rating"])}, r"interactions\.csv: missing column\(s\) rating"),
-        ("bad rating", {"interactions": _interactions().assign(rating=["5"] * 19 + ["great"])}, r"interactions\.csv: column rating, row 21: 'great'"),
-        ("nan rating", {"interactions": _interactions().assign(rating=[5.0] * 3 + [np.nan] + [5.0] * 16)}, r"column rating, row 5"),
-        ("bad label", {"interactions": _interactions().assign(label=[0] * 19 + [2])}, r"column label, row 21: '2' is not 0 or 1"),
-        ("bad timestamp", {"interactions": _interactions().assign(timestamp=[1] * 19 + ["soon"])}, r"column timestamp, row 21: 'soon'"),
-        ("empty item id", {"interactions": _interactions().assign(item_id=["x1"] * 19 + [""])}, r"interactions\.csv: row 21 has an empty item_id"),
-        ("unknown item in interactions", {"interactions": _interactions(), "items": pd.DataFrame({"item_id": ["x1", "x2"]})}, r"interactions\.csv: row 4: item_id 'x3' is not in .*items\.csv"),
-        ("unknown user in interactions", {"interactions": _interactions(), "users": pd.DataFrame({"user_id": ["007", "a", "b"]})}, r"row 3: user_id '7' is not in .*users\.csv"),
-        ("duplicate item ids", {"items": pd.DataFrame({"item_id": ["x1", "x2", "x1"]})}, r"items\.csv: duplicate item_id 'x1' at row 4"),
-        ("duplicate user ids", {"users": pd.DataFrame({"user_id": ["a", "b", "b"]})}, r"users\.csv: duplicate user_id 'b' at row 4"),
-        ("nan embedding", {"embeddings": _emb(["x1", "x2"], np.array([[0.0, 1.0], [np.nan, 0.0]]))}, r"text\.npz: row 1 \(id 'x2'\) has NaN or inf"),
-        ("inf embedding", {"embeddings": _emb(["x1"], np.array([[np.inf, 1.0]]))}, r"text\.npz: row 0 \(id 'x1'\) has NaN or inf"),
-        ("duplicate embedding ids", {"embeddings": _emb(["x1", "x1"], np.zeros((2, 2)))}, r"text\.npz: duplicate id 'x1' at row 1"),
-        ("embedding for unknown item", {"embeddings": _emb(["x1", "nope"], np.zeros((2, 2)))}, r"text\.npz: row 1: id 'nope' is not a known item"),
-        ("length mismatch", {"embeddings": _emb(["x1", "x2"], np.zeros((3, 2)))}, r"text\.npz: 2 ids but 3 embedding rows"),
-        ("1-D embeddings", {"embeddings": _emb(["x1", "x2"], np.zeros(2))}, r"text\.npz: embeddings must be a 2-D numeric array"),
+        (
+            "missing column",
+            {"interactions": _interactions().drop(columns=["rating"])},
+            r"interactions\.csv: missing column\(s\) rating",
+        ),
+        (
+            "bad rating",
+            {"interactions": _interactions().assign(rating=["5"] * 19 + ["great"])},
+            r"interactions\.csv: column rating, row 21: 'great'",
+        ),
+        (
+            "nan rating",
+            {"interactions": _interactions().assign(rating=[5.0] * 3 + [np.nan] + [5.0] * 16)},
+            r"column rating, row 5",
+        ),
+        (
+            "bad label",
+            {"interactions": _interactions().assign(label=[0] * 19 + [2])},
+            r"column label, row 21: '2' is not 0 or 1",
+        ),
+        (
+            "bad timestamp",
+            {"interactions": _interactions().assign(timestamp=[1] * 19 + ["soon"])},
+            r"column timestamp, row 21: 'soon'",
+        ),
+        (
+            "empty item id",
+            {"interactions": _interactions().assign(item_id=["x1"] * 19 + [""])},
+            r"interactions\.csv: row 21 has an empty item_id",
+        ),
+        (
+            "unknown item in interactions",
+            {"interactions": _interactions(), "items": pd.DataFrame({"item_id": ["x1", "x2"]})},
+            r"interactions\.csv: row 4: item_id 'x3' is not in .*items\.csv",
+        ),
+        (
+            "unknown user in interactions",
+            {"interactions": _interactions(), "users": pd.DataFrame({"user_id": ["007", "a", "b"]})},
+            r"row 3: user_id '7' is not in .*users\.csv",
+        ),
+        (
+            "duplicate item ids",
+            {"items": pd.DataFrame({"item_id": ["x1", "x2", "x1"]})},
+            r"items\.csv: duplicate item_id 'x1' at row 4",
+        ),
+        (
+            "duplicate user ids",
+            {"users": pd.DataFrame({"user_id": ["a", "b", "b"]})},
+            r"users\.csv: duplicate user_id 'b' at row 4",
+        ),
+        (
+            "nan embedding",
+            {"embeddings": _emb(["x1", "x2"], np.array([[0.0, 1.0], [np.nan, 0.0]]))},
+            r"text\.npz: row 1 \(id 'x2'\) has NaN or inf",
+        ),
+        (
+            "inf embedding",
+            {"embeddings": _emb(["x1"], np.array([[np.inf, 1.0]]))},
+            r"text\.npz: row 0 \(id 'x1'\) has NaN or inf",
+        ),
+        (
+            "duplicate embedding ids",
+            {"embeddings": _emb(["x1", "x1"], np.zeros((2, 2)))},
+            r"text\.npz: duplicate id 'x1' at row 1",
+        ),
+        (
+            "embedding for unknown item",
+            {"embeddings": _emb(["x1", "nope"], np.zeros((2, 2)))},
+            r"text\.npz: row 1: id 'nope' is not a known item",
+        ),
+        (
+            "length mismatch",
+            {"embeddings": _emb(["x1", "x2"], np.zeros((3, 2)))},
+            r"text\.npz: 2 ids but 3 embedding rows",
+        ),
+        (
+            "1-D embeddings",
+            {"embeddings": _emb(["x1", "x2"], np.zeros(2))},
+            r"text\.npz: embeddings must be a 2-D numeric array",
+        ),
     ],
 )
 def test_errors_name_file_and_place(write_custom: Writer, case: str, kwargs: dict, match: str) -> None:

@@ -85,7 +85,9 @@ def test_split_is_first_ninety_percent_globally(n: int) -> None:
 
 
 def test_split_refuses_unsorted_input() -> None:
-    df = pd.DataFrame({"user_idx": [0, 0], "item_idx": [0, 0], "rating": [1.0, 1.0], "label": [0, 0], "timestamp": [2, 1]})
+    df = pd.DataFrame(
+        {"user_idx": [0, 0], "item_idx": [0, 0], "rating": [1.0, 1.0], "label": [0, 0], "timestamp": [2, 1]}
+    )
     with pytest.raises(DatasetError, match="sorted"):
         split_chronological(df)
 

@@ -51,7 +51,15 @@ def test_metadata_features_layout() -> None:
     years = [1995, 1971, None, None]
     genres = [["Comedy", "Animation"], [], ["Drama"], []]
     x, present, cols = metadata_features(years, genres)
-    assert cols == ["year_z", "year_missing", "decade_1970s", "decade_1990s", "genre_Animation", "genre_Comedy", "genre_Drama"]
+    assert cols == [
+        "year_z",
+        "year_missing",
+        "decade_1970s",
+        "decade_1990s",
+        "genre_Animation",
+        "genre_Comedy",
+        "genre_Drama",
+    ]
     assert x.dtype == np.float32
     assert present.tolist() == [True, True, True, False]
     np.testing.assert_allclose(x[:2, 0], [1.0, -1.0])  # z-score over the known years

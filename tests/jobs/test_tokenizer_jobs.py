@@ -20,8 +20,23 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tokenizers_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizers")
-    rc = main(["tokenizer", "train", "--data-dir", DATA_DIR, "--tokenizers-dir", str(out),
-               "--variant", "dst", "--variant", "rqvae", "--epochs", "2", "--no-progress"])
+    rc = main(
+        [
+            "tokenizer",
+            "train",
+            "--data-dir",
+            DATA_DIR,
+            "--tokenizers-dir",
+            str(out),
+            "--variant",
+            "dst",
+            "--variant",
+            "rqvae",
+            "--epochs",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     return out
 
@@ -37,7 +52,9 @@ def test_train_writes_artifacts_and_catalogue(tokenizers_dir):
 
 
 def test_eval_writes_report_with_table_and_plots(tokenizers_dir, tmp_path, capsys):
-    rc = main(["tokenizer", "eval", "--data-dir", DATA_DIR, "--tokenizers-dir", str(tokenizers_dir), "--out", str(tmp_path)])
+    rc = main(
+        ["tokenizer", "eval", "--data-dir", DATA_DIR, "--tokenizers-dir", str(tokenizers_dir), "--out", str(tmp_path)]
+    )
     assert rc == 0
     report = (tmp_path / "report.md").read_text()
     assert "| dst |" in report and "| rqvae |" in report
@@ -52,14 +69,30 @@ def test_eval_writes_report_with_table_and_plots(tokenizers_dir, tmp_path, capsy
 
 def test_encode_named_items_and_unknown_item(tokenizers_dir, tmp_path):
     out = tmp_path / "ids.csv"
-    rc = main(["tokenizer", "encode", "--data-dir", DATA_DIR, "--tokenizers-dir", str(tokenizers_dir),
-               "--item", "1", "--item", "50", "--out", str(out)])
+    rc = main(
+        [
+            "tokenizer",
+            "encode",
+            "--data-dir",
+            DATA_DIR,
+            "--tokenizers-dir",
+            str(tokenizers_dir),
+            "--item",
+            "1",
+            "--item",
+            "50",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     rows = list(csv.DictReader(out.open()))
     assert [r["item_id"] for r in rows] == ["1", "50"]
     assert rows[0]["title"].startswith("Toy Story")
     assert all(int(rows[0][f"t{l}"]) // 256 == l for l in range(6))
-    rc = main(["tokenizer", "encode", "--data-dir", DATA_DIR, "--tokenizers-dir", str(tokenizers_dir), "--item", "nope"])
+    rc = main(
+        ["tokenizer", "encode", "--data-dir", DATA_DIR, "--tokenizers-dir", str(tokenizers_dir), "--item", "nope"]
+    )
     assert rc == 2
 
 

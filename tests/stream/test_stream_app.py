@@ -47,7 +47,13 @@ def test_transient_errors_give_up_after_the_deadline() -> None:
 
 def test_replay_is_time_ordered_with_stable_event_ids() -> None:
     df = pd.DataFrame(
-        {"user_idx": [3, 1, 2], "item_idx": [30, 10, 20], "rating": [5.0, 1.0, 4.0], "label": [1, 0, 1], "timestamp": [300, 100, 200]},
+        {
+            "user_idx": [3, 1, 2],
+            "item_idx": [30, 10, 20],
+            "rating": [5.0, 1.0, 4.0],
+            "label": [1, 0, 1],
+            "timestamp": [300, 100, 200],
+        },
         index=[2, 0, 1],
     )
     evs = list(prod.actions_from_interactions(df, "ds"))

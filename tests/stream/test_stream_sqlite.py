@@ -30,7 +30,9 @@ def test_sqlite_worker_appends_every_action_once_in_order(kafka_bootstrap, tmp_p
     cfg = OnlineStoreConfig(backend="sqlite", repo_dir=tmp_path / "repo", stream_len=T, n_codes=N_CODES)
     fs = open_feature_store(cfg)
     store = open_stream_store(cfg)
-    store.put_item_sids([ItemSids(BASE + i, tuple(BASE + i * 10 + j for j in range(N_CODES)), "v", 0) for i in range(10)])
+    store.put_item_sids(
+        [ItemSids(BASE + i, tuple(BASE + i * 10 + j for j in range(N_CODES)), "v", 0) for i in range(10)]
+    )
     tp.ensure_topics(kafka_bootstrap, tp.default_topics(4))
     worker = WorkerProcess(
         [
@@ -42,12 +44,17 @@ def test_sqlite_worker_appends_every_action_once_in_order(kafka_bootstrap, tmp_p
     worker.start()
     producer = prod.make_producer(kafka_bootstrap)
     try:
-        evs = [rec.action_event(f"{RUN}-{k}", BASE + k % 5, BASE + k % 10, 1 + k % 5, 1_700_000_000_000 + k) for k in range(300)]
+        evs = [
+            rec.action_event(f"{RUN}-{k}", BASE + k % 5, BASE + k % 10, 1 + k % 5, 1_700_000_000_000 + k)
+            for k in range(300)
+        ]
         prod.produce_actions(producer, evs)
         users = sorted({e.user_id for e in evs})
 
         def all_in() -> bool:
-            got = fs.get_online_features(features=["user_profile:n_actions"], entity_rows=[{"user_id": u} for u in users]).to_dict()
+            got = fs.get_online_features(
+                features=["user_profile:n_actions"], entity_rows=[{"user_id": u} for u in users]
+            ).to_dict()
             return sum(n or 0 for n in got["n_actions"]) >= len(evs)
 
         wait_until(all_in, 60, 0.2, f"all appends (worker log: {worker.log_path})")
