@@ -1,0 +1,123 @@
+"""``hisam trainer run``: the near-line trainer service (hisam/trainer/service.py).
+
+Consumes training-samples with its own consumer group, fine-tunes the candidate near-line,
+and publishes gated versions into the Triton model repository. The first start needs
+``--checkpoint`` (the serving checkpoint: published as the first version on an empty
+repository, adopted when the repository already serves it); later starts resume from
+``--state-dir``. ``--triton-url`` makes every publish wait until Triton serves the version.
+Profiles come from the checkpoint's vocabulary and ``--dataset``'s users table, as
+``hisam serve`` builds them, so training and serving open every stream with the same tokens.
+Runs until SIGTERM / Ctrl-C (the current micro-batch finishes and is committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, help="warm-start (serving) ranker checkpoint")
+    parser.add_argument("--state-dir", type=Path, default=Path("artifacts/trainer"), help="durable trainer state")
+    parser.add_argument("--model-repo", type=Path, default=Path("artifacts/model_repo"), help="Triton model repository")
+    parser.add_argument("--bootstrap", default=os.environ.get("HISAM_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    parser.add_argument("--group-id", default="hisam-trainer")
+    parser.add_argument("--topic", default="training-samples")
+    parser.add_argument("--dead-letter-topic", default="dead-letters")
+    parser.add_argument("--template-dir", type=Path, default=None, help="traced ONNX templates (default: in state)")
+    parser.add_argument("--publish-timeout", type=float, default=120.0, help="seconds to wait for Triton to serve")
+    parser.add_argument("--triton-url", default=os.environ.get("HISAM_TRITON_URL"), help="gRPC host:port to confirm")
+    parser.add_argument("--dataset", default=None, help="users table for profile tokens (as hisam serve)")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--max-records", type=int, default=256, help="micro-batch size")
+    parser.add_argument("--max-wait", type=float, default=2.0, help="seconds a micro-batch may wait to fill")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per optimiser step")
+    parser.add_argument("--window", type=int, default=4000, help="rolling prequential window")
+    parser.add_argument("--min-samples", type=int, default=1000, help="samples since the last publish before a gate")
+    parser.add_argument("--gate-window", type=int, default=2000, help="latest samples the gate compares on")
+    parser.add_argument("--margin", type=float, default=0.0, help="candidate AUC >= serving AUC - margin")
+    parser.add_argument("--probation", type=int, default=1000, help="samples a new version is watched")
+    parser.add_argument("--rollback-margin", type=float, default=0.01)
+    parser.add_argument("--keep", type=int, default=5, help="versions kept in the repository")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda'")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--full-export", action="store_true", help="trace every candidate (slow; no template)")
+    parser.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    parser.add_argument("--max-samples", type=int, default=None, help="exit after training this many samples")
+
+
+def build_service(args: argparse.Namespace):
+    import torch
+
+    from hisam.jobs.serve import load_profiles
+    from hisam.trainer.core import NearlineTrainer, TrainerConfig
+    from hisam.trainer.service import ServiceConfig, TrainerService
+    from hisam.trainer.state import StateDir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        loaded = StateDir(args.state_dir).current()
+        if loaded is None:
+            raise SystemExit("the first start needs --checkpoint (the serving checkpoint)")
+        checkpoint = loaded  # a snapshot is a checkpoint too; resume overwrites the weights anyway
+    args.checkpoint = checkpoint
+    profiles = load_profiles(args)
+    config = TrainerConfig(
+        lr=args.lr,
+        batch_size=args.batch_size,
+        window=args.window,
+        min_samples=args.min_samples,
+        gate_window=args.gate_window,
+        margin=args.margin,
+        probation=args.probation,
+        rollback_margin=args.rollback_margin,
+        keep_versions=args.keep,
+        device=args.device,
+        precision=args.precision,
+    )
+    trainer = NearlineTrainer.from_checkpoint(checkpoint, profiles.tokens, config)
+    cfg = ServiceConfig(
+        bootstrap=args.bootstrap,
+        state_dir=args.state_dir,
+        repo=args.model_repo,
+        group_id=args.group_id,
+        topic=args.topic,
+        dead_letter_topic=args.dead_letter_topic,
+        template_dir=args.template_dir,
+        publish_timeout_s=args.publish_timeout,
+        max_records=args.max_records,
+        max_wait_s=args.max_wait,
+        triton_url=args.triton_url,
+        full_export=args.full_export,
+        idle_exit_s=args.idle_exit,
+        max_samples=args.max_samples,
+    )
+    return TrainerService(trainer, cfg)
+
+
+def main(args: argparse.Namespace) -> int:
+    service = build_service(args)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    service.run(stop)
+    return 0
+
+
+if __name__ == "__main__":  # tests run it as a subprocess they can kill
+    import sys
+
+    p = argparse.ArgumentParser(prog="hisam trainer run", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main(p.parse_args()))

@@ -1,0 +1,77 @@
+"""``hisam trainer status``: serving version, candidate metrics and lineage, from the state dir and repository.
+
+Reads files only (no broker, no Triton): the live snapshot's state.json, lineage.jsonl and
+the versions present in the model repository. ``--json`` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, default=Path("artifacts/trainer"))
+    parser.add_argument("--model-repo", type=Path, default=Path("artifacts/model_repo"))
+    parser.add_argument("--lineage", type=int, default=10, help="lineage records to show (newest last)")
+    parser.add_argument("--json", action="store_true")
+
+
+def status(state_dir: Path, repo: Path, n_lineage: int = 10) -> dict:
+    from hisam.trainer.prequential import Window
+    from hisam.trainer.state import STATE_JSON, StateDir
+    from serving.repository import published_versions
+
+    sd = StateDir(state_dir)
+    snap = sd.current()
+    state = json.loads((snap / STATE_JSON).read_text()) if snap else {}
+    out = {
+        "state_dir": str(state_dir),
+        "snapshot": str(snap) if snap else None,
+        "repository_versions": {str(k): v for k, v in sorted(published_versions(repo).items())},
+        "lineage": sd.lineage()[-n_lineage:],
+    }
+    if state:
+        window = Window.from_dict(state["window"])
+        out |= {
+            "serving_version": state["serving_version"],
+            "parent_version_on_probation": state["parent_version"],
+            "trained": state["trained"],
+            "optimizer_steps": state["steps"],
+            "samples_since_publish": state["since_publish"],
+            "offsets": state["offsets"],
+            "counts": state["counts"],
+            "window_rows": len(window),
+            "window_metrics": window.metrics(),
+        }
+    return out
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def main(args: argparse.Namespace) -> int:
+    s = status(args.state_dir, args.model_repo, args.lineage)
+    if args.json:
+        print(json.dumps(s, indent=1, default=str))
+        return 0
+    print(f"state: {s['snapshot'] or 'none'}")
+    print(f"repository {args.model_repo}: versions {s['repository_versions'] or 'none'}")
+    if "serving_version" in s:
+        print(f"serving version: {s['serving_version']} (parent on probation: {s['parent_version_on_probation']})")
+        print(
+            f"trained: {s['trained']} samples, {s['optimizer_steps']} steps; since last publish: {s['samples_since_publish']}"
+        )
+        print(f"offsets: {s['offsets']}")
+        print(f"counts: {s['counts']}")
+        print(f"rolling window ({s['window_rows']} rows):")
+        for m, v in s["window_metrics"].items():
+            print(f"  {m:10s} AUC {_fmt(v['auc'])}  GAUC {_fmt(v['gauc'])}")
+    print("lineage:")
+    for r in s["lineage"]:
+        keys = ("event", "version", "parent", "to", "reason", "model_version", "publish_latency_s")
+        print("  " + ", ".join(f"{k}={r[k]}" for k in keys if r.get(k) is not None))
+    return 0

@@ -1,0 +1,149 @@
+"""The trainer service: gated publish into a real model repository, and the Kafka loop on the real broker.
+
+Publishing here writes real Triton repository versions (serving/repository.py) from the
+traced template; Triton itself is exercised in test_trainer_triton_e2e.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+import warnings
+
+import pytest
+
+from hisam.pb.v1 import events_pb2 as pb
+from hisam.trainer import samples as sm
+from hisam.trainer.core import NearlineTrainer, TrainerConfig
+from hisam.trainer.publish import rollback_to
+from hisam.trainer.service import ServiceConfig, TrainerService
+from hisam.trainer.testing import CODEBOOK, TOKENIZER, profile_of, synthetic_examples
+from serving.repository import published_versions
+from stream import topics as tp
+from stream.testing import consume_all
+
+
+def make_service(tmp_path, warm_checkpoint, template_dir, **kw) -> TrainerService:
+    tcfg = {"lr": 3e-3, "batch_size": 32, "window": 400, "min_samples": 96, "gate_window": 96, "probation": 10_000}
+    tcfg |= kw.pop("trainer", {})
+    trainer = NearlineTrainer.from_checkpoint(warm_checkpoint, profile_of, TrainerConfig(**tcfg))
+    cfg = ServiceConfig(
+        bootstrap=kw.pop("bootstrap", "unused:0"),
+        state_dir=tmp_path / "state",
+        repo=tmp_path / "repo",
+        template_dir=template_dir,
+        **kw,
+    )
+    return TrainerService(trainer, cfg)
+
+
+def test_gate_publishes_records_lineage_refuses_broken_candidates_and_follows_rollback(
+    tmp_path, warm_checkpoint, template_dir
+) -> None:
+    svc = make_service(tmp_path, warm_checkpoint, template_dir)
+    svc.restore_or_bootstrap()
+    repo, t = svc.cfg.repo, svc.trainer
+    assert sorted(published_versions(repo)) == [1] and t.serving_version == 1
+    events = synthetic_examples(480, seed=5)
+    for i in range(0, 192, 32):
+        t.process(events[i : i + 32])
+        t.offsets = {"training-samples:0": i + 32}
+        svc.step()
+    assert sorted(published_versions(repo)) == [1, 2] and t.serving_version == 2
+    rec = [r for r in svc.state.lineage() if r["event"] == "published"][-1]
+    assert rec["parent"] == 1 and rec["offsets"]["training-samples:0"] in range(96, 193, 32)  # what it had trained on
+    assert rec["parity_max_abs"] < 1e-4 and rec["gate"]["candidate"]["auc"] >= rec["gate"]["serving"]["auc"]
+    assert published_versions(repo)[2] == rec["model_version"] and (svc.state.versions / rec["model_version"]).is_dir()
+    # A corrupted candidate is refused at the next gate, never published; the candidate restarts from serving.
+    import torch
+
+    with torch.no_grad():
+        next(t.candidate.parameters()).fill_(float("nan"))
+    t.process(events[192:224])
+    svc.step()
+    assert sorted(published_versions(repo)) == [1, 2]
+    refused = svc.state.lineage()[-1]
+    assert refused["event"] == "refused" and refused["reason"] == "non_finite_weights"
+    assert t.counts["candidate_resets"] == 1 and t.serving_version == 2
+    # A manual rollback (the CLI's function): the trainer serves version 1's weights again.
+    served, hidden = rollback_to(repo)
+    assert (served, hidden) == (1, [2]) and sorted(published_versions(repo)) == [1]
+    t.process(events[224:256])
+    svc.step()
+    assert t.serving_version == 1
+    assert any(r["event"] == "rollback" and r["to"] == 1 for r in svc.state.lineage())
+    svc._snapshot()
+    from hisam.jobs.trainer_status import status
+
+    st = status(svc.cfg.state_dir, repo)  # what `hisam trainer status` prints
+    assert st["serving_version"] == 1 and st["repository_versions"] == {"1": published_versions(repo)[1]}
+    assert st["trained"] == 256 and st["window_rows"] == 256 and st["lineage"][-1]["event"] == "rollback"
+
+
+def _produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from kafka import KafkaProducer
+
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for key, value in records:
+        p.send(topic, key=key, value=value)
+    p.flush()
+    p.close()
+
+
+def _rewind_group(bootstrap: str, group: str, topic: str, partitions: int) -> None:
+    """Commit offset 0 for the group: the state's offsets must win over the group's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from kafka import KafkaConsumer, TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    c.assign(tps)
+    c.commit({tp_: OffsetAndMetadata(0, "", -1) for tp_ in tps})
+    c.close()
+
+
+@pytest.mark.kafka
+def test_service_consumes_resumes_exactly_and_dead_letters_on_the_real_broker(
+    tmp_path, warm_checkpoint, template_dir, kafka_bootstrap
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    topic, dead, group = f"ts-{run}", f"dl-{run}", f"trainer-{run}"
+    tp.ensure_topics(kafka_bootstrap, [tp.TopicSpec(topic, 2), tp.TopicSpec(dead, 1)])
+    events = synthetic_examples(160, seed=6)
+    records = [(str(e.user_id).encode(), sm.sample_bytes(e, TOKENIZER, CODEBOOK)) for e in events]
+    foreign = pb.TrainingSample.FromString(records[3][1])
+    foreign.tokenizer_version, foreign.event_id = "tok-test-v2", "foreign-1"
+    records.insert(50, (b"3", foreign.SerializeToString()))
+    records.insert(90, records[10])  # an upstream redelivery
+    _produce(kafka_bootstrap, topic, records)
+    common = {"bootstrap": kafka_bootstrap, "topic": topic, "dead_letter_topic": dead, "group_id": group}
+    common |= {"max_records": 32, "max_wait_s": 0.3}
+    trainer_cfg = {"min_samples": 10_000, "window": 10_000}  # no publish here: consumption only
+    first = make_service(
+        tmp_path, warm_checkpoint, template_dir, max_samples=64, idle_exit_s=5, trainer=trainer_cfg, **common
+    )
+    first.run(threading.Event())
+    assert 64 <= first.trainer.trained < 160
+    _rewind_group(kafka_bootstrap, group, topic, 2)
+    second = make_service(tmp_path, warm_checkpoint, template_dir, idle_exit_s=3, trainer=trainer_cfg, **common)
+    second.run(threading.Event())
+    t = second.trainer
+    assert t.trained == 160 and t.counts["duplicates"] == 1 and t.counts["rejected_tokenizer_mismatch"] == 1
+    assert sum(t.offsets.values()) == len(records) and len(t.window) == 160
+    seen = sorted(r[0] for r in t.window.rows)
+    assert seen == sorted(e.user_id for e in events)  # every event scored exactly once across the restart
+    letters = consume_all(kafka_bootstrap, dead, lambda out: len(out) >= 1, timeout_s=20)
+    dl = pb.DeadLetter.FromString(letters[0].value)
+    assert dl.reason == sm.TOKENIZER_MISMATCH and dl.topic == topic
+    # The group's committed offsets caught up with the state after the restart.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from kafka import KafkaConsumer, TopicPartition
+    c = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    committed = {p: c.committed(TopicPartition(topic, p)) for p in range(2)}
+    c.close()
+    assert sum(committed.values()) == len(records)
