@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template-dir", type=Path, default=None, help="traced ONNX templates (default: in state)")
     parser.add_argument("--publish-timeout", type=float, default=120.0, help="seconds to wait for Triton to serve")
     parser.add_argument("--triton-url", default=os.environ.get("HISAM_TRITON_URL"), help="gRPC host:port to confirm")
+    parser.add_argument(
+        "--target",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="model configs published: cpu (Python backend running ONNX Runtime) or gpu (onnxruntime + TensorRT)",
+    )
     parser.add_argument("--dataset", default=None, help="users table for profile tokens (as hisam serve)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--max-records", type=int, default=256, help="micro-batch size")
@@ -98,6 +104,7 @@ def build_service(args: argparse.Namespace):
         max_records=args.max_records,
         max_wait_s=args.max_wait,
         triton_url=args.triton_url,
+        target=args.target,
         full_export=args.full_export,
         idle_exit_s=args.idle_exit,
         max_samples=args.max_samples,

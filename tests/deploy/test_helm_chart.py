@@ -126,3 +126,15 @@ def test_disabled_components_render_nothing() -> None:
     off = {c: {"enabled": False} for c in ("streamWorker", "trainer", "triton", "rankServer")}
     kinds = {d["kind"] for d in render(off)}
     assert kinds == {"ServiceAccount", "PersistentVolumeClaim"}
+
+
+@pytest.mark.parametrize("name", VALUES)
+def test_container_args_parse_with_the_real_cli(name: str) -> None:
+    """Every hisam container's args are accepted by the ``hisam`` parser (a renamed flag fails here, not in a pod)."""
+    from hisam import cli
+
+    specs = pod_specs(render(VALUES[name]))
+    for component in ("stream-worker", "trainer", "rank-server"):
+        argv = specs[component]["containers"][0]["args"]
+        args = cli.build_parser(cli._match(argv)).parse_args(argv)
+        assert args._module.startswith("hisam.jobs."), component

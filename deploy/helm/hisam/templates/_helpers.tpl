@@ -92,8 +92,13 @@ affinity:
 - --bootstrap={{ .Values.kafka.bootstrap }}
 - --group-id={{ .Values.trainer.groupId }}
 - --state-dir=/state
+- --template-dir=/state/onnx_templates
 - --model-repo=/artifacts/{{ .Values.artifacts.modelRepoPath }}
 - --checkpoint=/artifacts/{{ .Values.artifacts.checkpointPath }}
+- --triton-url={{ include "hisam.fullname" . }}-triton:8001
 - --target={{ .Values.trainer.publishTarget }}
 - --device={{ if .Values.trainer.gpu.enabled }}cuda{{ else }}cpu{{ end }}
+- --keep={{ .Values.trainer.keepVersions }}
+- --margin={{ .Values.trainer.gate.margin }}
+- --min-samples={{ .Values.trainer.gate.minSamples }}
 {{- end -}}
