@@ -103,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
     m_cache = cache.n_slots
     heads = base.n_head
     attn_full = heads * s_full * s_full * 4 + s_full * s_full  # fp32 scores + bool mask, one layer
-    attn_cached = heads * s_new * (m_cache + s_new) * 4 + s_new * (m_cache + s_new)
+    attn_cached = heads * s_new * (m_cache + k + 1) * 4  # block-structured (mask.CachedBlocks): no dense mask
 
     train = {}
     for variant in ("hmat", "flat"):
