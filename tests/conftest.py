@@ -61,3 +61,21 @@ def redis_url() -> str:
         return
     with redis_server() as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def build_cache(request, tmp_path_factory):
+    """``build_cache(name)``: a directory for expensive test artifacts (traced ONNX graphs).
+
+    pytest's cache directory when its cache plugin is on (kept across runs, keyed by the
+    callers on their sources), else a fresh session directory (``scripts/test.sh`` runs with
+    ``-p no:cacheprovider``, as CI does: each run then builds once).
+    """
+    from pathlib import Path
+
+    cache = getattr(request.config, "cache", None)
+
+    def get(name: str) -> Path:
+        return Path(cache.mkdir(name)) if cache is not None else tmp_path_factory.mktemp(name)
+
+    return get

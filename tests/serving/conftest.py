@@ -60,9 +60,9 @@ class TinyExport:
 
 
 @pytest.fixture(scope="session")
-def tiny_export(request) -> TinyExport:
+def tiny_export(build_cache) -> TinyExport:
     config = tiny_config()
-    cache = Path(request.config.cache.mkdir("hisam-serving-onnx")) / _export_key(config, SEED)
+    cache = build_cache("hisam-serving-onnx") / _export_key(config, SEED)
     if not all((cache / f"{g}.onnx").is_file() for g in ex.GRAPHS) or not (cache / "weights.pt").is_file():
         model = scrambled_model(config, SEED)
         tmp = cache.with_name(cache.name + ".tmp")

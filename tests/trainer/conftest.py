@@ -22,8 +22,8 @@ def warm_checkpoint(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def template_dir(request) -> Path:
+def template_dir(build_cache) -> Path:
     """A directory holding the traced template of ``tiny_config`` (built once, cached across runs)."""
-    root = Path(request.config.cache.mkdir("hisam-trainer-onnx"))
+    root = build_cache("hisam-trainer-onnx")
     Template.load_or_build(tiny_config(), root)
     return root
