@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 # (command path, module, help). Nested commands are written "group sub".
 COMMANDS: list[tuple[str, str, str]] = [
@@ -68,6 +69,23 @@ def build_parser(selected: tuple[str, str] | None = None) -> argparse.ArgumentPa
         if selected is not None and selected[0] == path:
             importlib.import_module(module).add_arguments(leaf)
     return parser
+
+
+def run_standalone(prog: str, doc: str | None, add_arguments, main) -> NoReturn:
+    """Run one command module as a script (``python -m hisam.jobs.serve ...``), without the registry.
+
+    Tests, benchmarks and supervisors start long-running commands this way, as processes
+    they can signal; the options are the command's own plus ``-v``.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or prog).splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_arguments(parser)
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    sys.exit(int(main(args) or 0))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -423,7 +423,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="hisam bench stream", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main(p.parse_args()))
+    from hisam.cli import run_standalone
+
+    run_standalone("hisam bench stream", __doc__, add_arguments, main)

@@ -86,13 +86,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # lets tests and supervisors run it without the CLI registry
-    import sys
+    from hisam.cli import run_standalone
 
-    p = argparse.ArgumentParser(prog="hisam stream worker", description=__doc__.splitlines()[0])
-    p.add_argument("-v", "--verbose", action="store_true")
-    add_arguments(p)
-    a = p.parse_args()
-    logging.basicConfig(
-        level=logging.DEBUG if a.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    sys.exit(main(a))
+    run_standalone("hisam stream worker", __doc__, add_arguments, main)

@@ -122,9 +122,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # tests run it as a subprocess they can kill
-    import sys
+    from hisam.cli import run_standalone
 
-    p = argparse.ArgumentParser(prog="hisam trainer run", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main(p.parse_args()))
+    run_standalone("hisam trainer run", __doc__, add_arguments, main)
