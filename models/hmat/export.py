@@ -98,7 +98,7 @@ from torch import nn
 from models.hmat.inference import AnchorKVCache, _kept, encode_history
 from models.hmat.model import HMAT
 from models.hmat.onnx_ops import CUSTOM_TRANSLATION_TABLE, anchor_attention_op, attach_function
-from models.hmat.sequence import TokenStream, TokenType, UserSequence, build_stream
+from models.hmat.sequence import TokenStream, TokenType, UserSequence, build_stream, candidate_stream
 from models.hmat.train import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -222,25 +222,6 @@ class ScoreWithCacheGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def candidate_stream(
-        self, n_items: torch.Tensor, next_order: torch.Tensor, candidates: torch.Tensor
-    ) -> TokenStream:
-        """``sequence.continue_stream(candidates=...)`` in tensor ops (no padding: every user has N)."""
-        layout = self.model.config.layout
-        B, N, k = candidates.shape
-        dev = candidates.device
-        c = torch.arange(k, device=dev)
-        sid = layout.sid_offset + c * layout.codebook_size + candidates  # (B, N, k)
-        tokens = torch.cat([sid, torch.full_like(sid[..., :1], layout.anchor_id)], -1)  # (B, N, k + 1)
-        j = torch.arange(k + 1, device=dev).expand(B, N, k + 1)  # intra-item coordinate
-        n = torch.arange(N, device=dev)[None, :, None].expand(B, N, k + 1)  # candidate block
-        token_type = torch.where(j < k, int(TokenType.CAND_SID), int(TokenType.CAND_ANCHOR))
-        item = (n_items + 1)[:, None, None].expand(B, N, k + 1)  # every candidate at i = T + 1
-        order = next_order[:, None, None] + n * (k + 1) + j
-        flat = next_order[:, None, None] + j  # re-aligned: every candidate at the first one's flat position
-        fields = (tokens, token_type, item, n, order, item, j, flat)
-        return TokenStream(*(f.reshape(B, N * (k + 1)) for f in fields))
-
     def forward(
         self,
         keys: torch.Tensor,
@@ -256,7 +237,7 @@ class ScoreWithCacheGraph(nn.Module):
         m = self.model
         B, N, k = candidates.shape
         ok_codes = ((candidates >= 0) & (candidates < m.config.codebook_size)).flatten(1).all(1)  # (B,)
-        new = self.candidate_stream(n_items, next_order, candidates.clamp(0, m.config.codebook_size - 1))
+        new = candidate_stream(m.config.layout, n_items, next_order, candidates.clamp(0, m.config.codebook_size - 1))
         tokens, positions, ok = _checked(m, new.tokens, new.rotary_positions(m.config.rope))
         zeros = torch.zeros_like(slot_order)
         slots = TokenStream(zeros, slot_token_type, slot_item, slot_block, slot_order, zeros, zeros, zeros)

@@ -46,7 +46,7 @@ import torch
 
 from models.hmat.mask import CachedBlocks
 from models.hmat.model import HMAT, AttnImpl, HMATConfig, LayerKV
-from models.hmat.sequence import TokenStream, TokenType, continue_stream
+from models.hmat.sequence import TokenStream, TokenType, candidate_stream, continue_stream
 
 
 @dataclass
@@ -151,7 +151,13 @@ def score_with_cache(
     built); naming an ``attn_impl`` runs it under the dense mask with that kernel.
     """
     B, N, k = candidates.shape
-    new = continue_stream(model.config.layout, cache.n_items, cache.next_order, candidates=candidates)
+    layout = model.config.layout
+    if k != layout.n_sid:
+        raise ValueError(f"candidates have {k} codes each, the model reads {layout.n_sid}")
+    bad = ((candidates < 0) | (candidates >= layout.codebook_size)).flatten(1).any(1)  # (B,)
+    if bool(bad.any()):
+        raise ValueError(f"user {int(bad.nonzero()[0])}: candidate codes must lie in [0, {layout.codebook_size})")
+    new = candidate_stream(layout, cache.n_items, cache.next_order, candidates.to(cache.n_items.device))
     block = k + 1 if attn_impl is None else 0
     hidden, _ = _run_after_cache(model, cache, new, attn_impl, block)  # (B, N * (k + 1), C)
     anchors = hidden[new.token_type == TokenType.CAND_ANCHOR].view(B, N, -1)  # (B, N, C), blocks in order

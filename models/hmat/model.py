@@ -236,14 +236,20 @@ def cached_block_attention(
     r, N = H // G, S // b
     qf = q.float().view(B, G, r, S, D) / math.sqrt(D)
     k_past, v_past = past[0].float()[:, :, None], past[1].float()[:, :, None]  # (B, G, 1, M, D)
-    M = k_past.shape[3]
-    s_past = (qf @ k_past.transpose(-2, -1)).masked_fill(~blocks.slot_valid[:, None, None, None, :], float("-inf"))
+    s_past = qf @ k_past.transpose(-2, -1)  # (B, G, r, S, M)
+    if not bool(blocks.slot_valid.all()):  # padding slots (users of different lengths, appended caches)
+        s_past = s_past.masked_fill(~blocks.slot_valid[:, None, None, None, :], float("-inf"))
     qb = qf.view(B, G, r, N, b, D)
     kb, vb = k.float().view(B, G, 1, N, b, D), v.float().view(B, G, 1, N, b, D)
     causal = torch.ones(b, b, dtype=torch.bool, device=q.device).tril()
     s_own = (qb @ kb.transpose(-2, -1)).masked_fill(~causal, float("-inf"))  # (B, G, r, N, b, b)
-    probs = torch.cat([s_past.view(B, G, r, N, b, M), s_own], dim=-1).softmax(-1)  # (B, G, r, N, b, M + b)
-    y = probs[..., :M].reshape(B, G, r, S, M) @ v_past + (probs[..., M:] @ vb).view(B, G, r, S, D)
+    # One softmax over [slots, own block] per row, without concatenating the two parts:
+    # every row has a finite logit (its own token), so the shared max is finite.
+    top = torch.maximum(s_past.amax(-1).view(B, G, r, N, b), s_own.amax(-1))  # (B, G, r, N, b)
+    e_past = (s_past - top.view(B, G, r, S, 1)).exp_()
+    e_own = (s_own - top[..., None]).exp_()
+    denom = e_past.sum(-1) + e_own.sum(-1).view(B, G, r, S)  # (B, G, r, S)
+    y = (e_past @ v_past + (e_own @ vb).view(B, G, r, S, D)) / denom[..., None]
     return y.view(B, H, S, D).to(q.dtype)
 
 

@@ -332,3 +332,29 @@ def continue_stream(
         _validate(layout, b, (), new_sids, new_actions, cands)
         rows.append(_user_rows(layout, (), new_sids, new_actions, cands, int(n_items[b]) + 1, int(next_order[b])))
     return _pad(rows).to(n_items.device)
+
+
+def candidate_stream(
+    layout: StreamLayout, n_items: torch.Tensor, next_order: torch.Tensor, candidates: torch.Tensor
+) -> TokenStream:
+    """``continue_stream(candidates=...)`` in tensor ops, for every user with all N candidates.
+
+    ``candidates`` (B, N, k) local codes, not validated here (``score_with_cache`` checks
+    them; the ONNX graph clamps them and flags the user). Each candidate is a block
+    ``[c_1 .. c_k, ANCHOR]`` at item i = n_items + 1, re-aligned to the first candidate's
+    flat position, blocks in order. No Python loop over tokens: this runs on every Rank
+    call and inside the exported graph. Tested equal to ``continue_stream``.
+    """
+    B, N, k = candidates.shape
+    dev = candidates.device
+    c = torch.arange(k, device=dev)
+    sid = layout.sid_offset + c * layout.codebook_size + candidates  # (B, N, k)
+    tokens = torch.cat([sid, torch.full_like(sid[..., :1], layout.anchor_id)], -1)  # (B, N, k + 1)
+    j = torch.arange(k + 1, device=dev).expand(B, N, k + 1)  # intra-item coordinate
+    n = torch.arange(N, device=dev)[None, :, None].expand(B, N, k + 1)  # candidate block
+    token_type = torch.where(j < k, int(TokenType.CAND_SID), int(TokenType.CAND_ANCHOR))
+    item = (n_items + 1)[:, None, None].expand(B, N, k + 1)  # every candidate at i = T + 1
+    order = next_order[:, None, None] + n * (k + 1) + j
+    flat = next_order[:, None, None] + j  # re-aligned: every candidate at the first one's flat position
+    fields = (tokens, token_type, item, n, order, item, j, flat)
+    return TokenStream(*(f.reshape(B, N * (k + 1)) for f in fields))

@@ -192,3 +192,26 @@ def test_cached_blocks_dense_is_the_ma_attn_mask() -> None:
     expected = model.stream_mask(new, cache.slots.cat(new))
     got = CachedBlocks(cache.slots.valid, cfg.n_sid + 1).dense(new.tokens.shape[1])
     assert torch.equal(got, expected)
+
+
+def test_candidate_stream_equals_continue_stream() -> None:
+    """The tensor-op candidate continuation (Rank's hot path, the ONNX graph) against the Python reference."""
+    from models.hmat.sequence import candidate_stream, continue_stream
+
+    cfg = tiny_config()
+    n_items, next_order = torch.tensor([0, 3, 8]), torch.tensor([2, 17, 41])
+    cands = torch.randint(cfg.codebook_size, (3, 4, cfg.n_sid))
+    fast = candidate_stream(cfg.layout, n_items, next_order, cands)
+    ref = continue_stream(cfg.layout, n_items, next_order, candidates=cands)
+    for field in dataclasses.fields(fast):
+        assert torch.equal(getattr(fast, field.name), getattr(ref, field.name)), field.name
+
+
+def test_cached_scoring_rejects_bad_candidate_codes() -> None:
+    cfg = tiny_config()
+    model = scrambled(HMAT(cfg))
+    cache = encode_history(model, build_stream([history(cfg, 2)], cfg.layout))
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        score_with_cache(model, cache, torch.full((1, 2, cfg.n_sid), cfg.codebook_size))
+    with pytest.raises(ValueError, match="codes each"):
+        score_with_cache(model, cache, torch.zeros((1, 2, cfg.n_sid + 1), dtype=torch.long))
