@@ -17,9 +17,10 @@ is how the Rank server notices a version roll between ``encode_history`` and
 ``score_with_cache`` (Triton loads the three models independently) and keeps its anchor
 cache per content version.
 
-Publishing is atomic per model: everything is written under ``<repo>/.staging-*`` first
-and then moved into place with ``rename``, so a polling Triton never sees a half-written
-version. The config of a model is replaced (``os.replace``) only when it changes. A
+Publishing is atomic per model: everything is written under ``<repo's parent>/.<repo
+name>.staging-*`` first (beside the repository, on the same file system, outside what
+Triton's poller scans) and then moved into place with ``rename``, so a polling Triton never
+sees a half-written version. The config of a model is replaced (``os.replace``) only when it changes. A
 content version already in the repository is not published twice.
 
 Two targets, chosen per repository:
@@ -249,7 +250,7 @@ def publish_version(
     if n < 1:
         raise ValueError(f"Triton versions start at 1, got {n}")
 
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=repo))
+    staging = Path(tempfile.mkdtemp(prefix=f".{repo.resolve().name}.staging-", dir=repo.resolve().parent))
     try:
         for graph, name in GRAPH_MODELS.items():
             proto = with_version_output(graphs[graph], content)

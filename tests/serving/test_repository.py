@@ -48,7 +48,9 @@ def test_publish_writes_versioned_models_with_explicit_configs(tiny_export, tmp_
         _check_config_matches_graph(cfg, proto)
         assert cfg.output[-1].name == VERSION_OUTPUT
         assert {m.key: m.value for m in proto.metadata_props}["graph"] == graph
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+    # Staging happens beside the repository (never inside it, where Triton polls) and is removed.
+    assert not [p for p in tmp_path.rglob("*staging*")]
+    assert not [p for p in tmp_path.parent.iterdir() if ".staging-" in p.name]
 
 
 def test_publish_is_idempotent_per_content_version_and_counts_up(tiny_export, tmp_path, restamp) -> None:
