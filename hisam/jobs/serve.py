@@ -18,6 +18,8 @@ import os
 import signal
 from pathlib import Path
 
+from hisam.jobs.stream_worker import add_store_arguments, store_config_from_args
+
 log = logging.getLogger(__name__)
 
 
@@ -38,29 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-mb", type=float, default=256.0, help="anchor KV cache budget (0: always recompute)")
     parser.add_argument("--item-ttl", type=float, default=60.0, help="seconds an item's semantic IDs stay cached")
     add_store_arguments(parser)
-
-
-def add_store_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where the online store is (the stream worker's options of the same names)."""
-    parser.add_argument(
-        "--backend", choices=["sqlite", "redis"], default=os.environ.get("HISAM_ONLINE_BACKEND", "sqlite")
-    )
-    parser.add_argument("--redis-url", default=os.environ.get("HISAM_REDIS_URL"), help="redis://host:port/db")
-    parser.add_argument("--repo-dir", type=Path, default=Path("artifacts/feature_repo"), help="Feast repo (SQLite db)")
-    parser.add_argument("--stream-len", type=int, default=300, help="T: items kept per user")
-    parser.add_argument("--n-codes", type=int, default=6, help="semantic-ID tokens per item")
-
-
-def store_config(args: argparse.Namespace):
-    from features.online import OnlineStoreConfig
-
-    return OnlineStoreConfig(
-        backend=args.backend,
-        repo_dir=args.repo_dir,
-        redis_url=args.redis_url,
-        stream_len=args.stream_len,
-        n_codes=args.n_codes,
-    )
 
 
 def load_profiles(args: argparse.Namespace):
@@ -90,7 +69,7 @@ def make_ranker(args: argparse.Namespace, triton_url: str | None, profiles):
     from serving.ranking import Ranker, model_info
 
     backend = TritonBackend(triton_url) if args.inference == "triton" else OrtBackend(args.model_repo, args.threads)
-    reader = OnlineReader(open_stream_store(store_config(args)), item_ttl_s=args.item_ttl)
+    reader = OnlineReader(open_stream_store(store_config_from_args(args)), item_ttl_s=args.item_ttl)
     return Ranker(
         backend,
         reader,

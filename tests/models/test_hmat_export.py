@@ -25,28 +25,14 @@ import torch
 
 from models.hmat import export as ex
 from models.hmat.inference import encode_history, rank_candidates, score_with_cache
-from models.hmat.model import HMAT, HMATConfig, hmat_cpu, reference_attention, repeat_kv
+from models.hmat.model import HMAT, HMATConfig, reference_attention, repeat_kv
 from models.hmat.onnx_ops import DOMAIN, ONNX_OP_NAME, anchor_attention_op, attach_function
 from models.hmat.sequence import UserSequence, build_stream
+from models.hmat.testing import scrambled, tiny_config
 from models.hmat.train import save_checkpoint
 
 ATOL = 1e-4
 GRAPHS = ex.GRAPHS
-
-
-def tiny_config(**changes: object) -> HMATConfig:
-    base = dataclasses.replace(
-        hmat_cpu(), n_sid=3, codebook_size=16, profile_vocab_size=8, max_items=8, max_profile_len=4
-    )
-    return dataclasses.replace(base, **changes)
-
-
-def scrambled(model: HMAT) -> HMAT:
-    """Weights at a scale where attention patterns matter (the 0.02 init makes them nearly flat)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 def user(cfg: HMATConfig, n_items: int, n_candidates: int = 0, n_profile: int = 2) -> UserSequence:

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
 from models.hmat.losses import pt_loss, sft_loss
-from models.hmat.model import HMAT, HMATConfig, hmat_cpu
+from models.hmat.model import HMAT, HMATConfig
 from models.hmat.sequence import TokenStream, UserSequence, build_stream
-
-
-def tiny_config() -> HMATConfig:
-    return dataclasses.replace(
-        hmat_cpu(), n_sid=3, codebook_size=16, profile_vocab_size=8, max_items=8, max_profile_len=4
-    )
+from models.hmat.testing import tiny_config
 
 
 def synthetic_batch(cfg: HMATConfig, n_users: int) -> TokenStream:

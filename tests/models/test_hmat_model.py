@@ -9,20 +9,12 @@ import torch
 
 from models.hmat.model import HMAT, HMATConfig, HRoPE, apply_hrope, hmat_cpu, hmat_large, hmat_small
 from models.hmat.sequence import TokenType, UserSequence, build_stream
+from models.hmat.testing import scrambled
+from models.hmat.testing import tiny_config as _tiny
 
 
 def tiny_config() -> HMATConfig:
-    return dataclasses.replace(
-        hmat_cpu(), n_sid=3, codebook_size=16, profile_vocab_size=8, max_items=6, max_profile_len=4
-    )
-
-
-def scrambled(model: HMAT) -> HMAT:
-    """Weights at a scale where attention patterns matter (the 0.02 init makes them nearly flat)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
+    return _tiny(max_items=6)
 
 
 def random_user(cfg: HMATConfig, n_items: int, n_candidates: int = 0) -> UserSequence:

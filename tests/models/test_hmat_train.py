@@ -12,8 +12,9 @@ import torch
 
 from models.hmat.inference import rank_candidates
 from models.hmat.losses import pt_loss, sft_loss
-from models.hmat.model import HMAT, HMATConfig, hmat_cpu
+from models.hmat.model import HMAT, HMATConfig
 from models.hmat.sequence import UserSequence, build_stream
+from models.hmat.testing import tiny_config
 from models.hmat.train import (
     PretokenizedExamples,
     TrainConfig,
@@ -35,13 +36,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tiny_config(**changes: object) -> HMATConfig:
-    base = dataclasses.replace(
-        hmat_cpu(), n_sid=3, codebook_size=16, profile_vocab_size=8, max_items=8, max_profile_len=4
-    )
-    return dataclasses.replace(base, **changes)
 
 
 def synthetic_users(cfg: HMATConfig, n_users: int, seed: int = 0) -> list[UserSequence]:

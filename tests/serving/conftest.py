@@ -21,6 +21,7 @@ import torch
 
 from models.hmat import export as ex
 from models.hmat.model import HMAT, HMATConfig, hmat_cpu
+from models.hmat.testing import scrambled
 
 MODEL_SOURCES = ("export.py", "model.py", "onnx_ops.py", "sequence.py", "mask.py", "inference.py")
 SEED = 20260522
@@ -37,11 +38,7 @@ def tiny_config() -> HMATConfig:
 def scrambled_model(config: HMATConfig, seed: int) -> HMAT:
     """Weights at a scale where attention patterns matter (the 0.02 init makes scores nearly flat)."""
     torch.manual_seed(seed)
-    model = HMAT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model.eval()
+    return scrambled(HMAT(config))
 
 
 def _export_key(config: HMATConfig, seed: int) -> str:
