@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from typing import NoReturn
+
+from hisam.observability import add_logging_arguments, configure_logging
 
 # (command path, module, help). Nested commands are written "group sub".
 COMMANDS: list[tuple[str, str, str]] = [
@@ -21,6 +22,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("tokenizer train", "hisam.jobs.tokenizer_train", "train a semantic-ID tokenizer (DST, MACRec, RQ-VAE)"),
     ("tokenizer eval", "hisam.jobs.tokenizer_eval", "evaluate tokenizers and write a report"),
     ("tokenizer encode", "hisam.jobs.tokenizer_encode", "encode items with a frozen tokenizer"),
+    ("tokenizer migrate", "hisam.jobs.tokenizer_migrate", "re-tokenise items and user streams into a new namespace"),
     ("bench tokenizer", "hisam.bench.tokenizer", "tokenizer quality and encode-speed benchmark"),
     ("services up", "hisam.jobs.services_up", "run the broker and a private Redis until Ctrl-C"),
     ("stream worker", "hisam.jobs.stream_worker", "run the stream agents (appends, item ingestion, dead letters)"),
@@ -42,7 +44,8 @@ COMMANDS: list[tuple[str, str, str]] = [
 
 def _match(argv: list[str]) -> tuple[str, str] | None:
     """The (path, module) of the command named by argv's leading words, if any."""
-    words = [a for a in argv if not a.startswith("-")]
+    # "--log-format json" is the one top-level option with a separate value: skip it.
+    words = [a for n, a in enumerate(argv) if not a.startswith("-") and argv[n - 1 : n] != ["--log-format"]]
     for path, module, _ in COMMANDS:
         parts = path.split()
         if words[: len(parts)] == parts:
@@ -54,6 +57,7 @@ def build_parser(selected: tuple[str, str] | None = None) -> argparse.ArgumentPa
     """The full parser; the selected command's module adds its own options to its leaf."""
     parser = argparse.ArgumentParser(prog="hisam", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_logging_arguments(parser)
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for path, module, help_text in COMMANDS:
@@ -79,12 +83,10 @@ def run_standalone(prog: str, doc: str | None, add_arguments, main) -> NoReturn:
     """
     parser = argparse.ArgumentParser(prog=prog, description=(doc or prog).splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_logging_arguments(parser)
     add_arguments(parser)
     args = parser.parse_args()
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose, args.log_format)
     sys.exit(int(main(args) or 0))
 
 
@@ -92,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = _match(argv)
     args = build_parser(selected).parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose, args.log_format)
     return int(importlib.import_module(args._module).main(args) or 0)
 
 

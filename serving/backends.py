@@ -13,21 +13,29 @@ serving/repository.py). ``OrtBackend`` runs the same ONNX files in this process 
 embedded option, and the compute baseline of ``hisam bench rank``); its sessions run in
 worker threads so the event loop is never blocked.
 
-Errors: ``BackendUnavailable`` when Triton cannot be reached or has no ready model (the
-channel reconnects by itself, so calls succeed again once Triton is back),
-``BackendDeadline`` when the per-call timeout passes, ``BackendError`` otherwise.
+Errors: ``BackendUnavailable`` when Triton cannot be reached, is shutting down or has no
+ready model, ``BackendDeadline`` when the per-call timeout passes, ``BackendError``
+otherwise. The Triton client's channel reconnects by itself, with its reconnect backoff
+capped at ``RECONNECT_MAX_MS`` (gRPC's default grows to two minutes, which would keep Rank
+failing long after a restarted Triton is back); calls succeed again as soon as Triton
+serves its models, with no restart of the Rank server.
+
+Metrics (hisam/observability.py): every call's latency when it succeeds, and its failures by
+kind, per backend and graph.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from hisam import observability as obs
 from serving.repository import GRAPH_MODELS, MODEL_FILE, VERSION_OUTPUT, published_versions
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,24 @@ ENCODE_OUTPUTS = (
 )
 
 
+# Reconnect backoff of the Triton channel (module docstring), and the keepalive tritonclient
+# sets by default (its defaults are replaced as a whole when channel_args are given).
+RECONNECT_INITIAL_MS = 100
+RECONNECT_MAX_MS = 1000
+# Statuses and messages of a Triton that cannot answer now but will (down, starting, stopping,
+# loading a model); anything else is a failure of the request itself.
+UNAVAILABLE_STATUSES = ("UNAVAILABLE", "CANCELLED", "ABORTED")
+UNAVAILABLE_MESSAGES = (
+    "unknown model",  # unloaded while stopping, or not loaded yet while starting
+    "no available versions",
+    "not found",
+    "not ready",
+    "unavailable",
+    "stopping",
+    "shutting down",
+)
+
+
 class BackendError(RuntimeError):
     """The inference backend failed a request."""
 
@@ -57,6 +83,13 @@ class BackendDeadline(BackendError):
     """The call did not finish in the time it was given."""
 
 
+def _kind(error: BackendError) -> str:
+    """The ``kind`` label of hisam_serving_backend_errors_total."""
+    if isinstance(error, BackendUnavailable):
+        return "unavailable"
+    return "deadline" if isinstance(error, BackendDeadline) else "error"
+
+
 class TritonBackend:
     """The three HMAT models on a Triton server (``url``: host:grpc_port)."""
 
@@ -67,7 +100,21 @@ class TritonBackend:
 
         self.url = url
         self._grpc = grpcclient
-        self._client = grpcclient.InferenceServerClient(url)
+        keepalive = grpcclient.KeepAliveOptions()
+        self._client = grpcclient.InferenceServerClient(
+            url,
+            channel_args=[
+                ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+                ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+                ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+                ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+                ("grpc.initial_reconnect_backoff_ms", RECONNECT_INITIAL_MS),
+                ("grpc.min_reconnect_backoff_ms", RECONNECT_INITIAL_MS),
+                ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
+            ],
+        )
 
     def _inputs(self, feed: Mapping[str, np.ndarray]) -> list:
         from tritonclient.utils import np_to_triton_dtype
@@ -87,18 +134,25 @@ class TritonBackend:
 
         model = GRAPH_MODELS[graph]
         requested = [self._grpc.InferRequestedOutput(n) for n in (*outputs, VERSION_OUTPUT)]
+        t0 = time.perf_counter()
         try:
             result = await self._client.infer(model, self._inputs(feed), outputs=requested, client_timeout=timeout_s)
         except InferenceServerException as e:
-            status = str(e.status() or "")
-            if "UNAVAILABLE" in status or "not found" in str(e.message()) or "not ready" in str(e.message()):
-                raise BackendUnavailable(f"Triton at {self.url} unavailable for {model}: {e.message()}") from e
-            if "DEADLINE_EXCEEDED" in status:
-                raise BackendDeadline(f"Triton call to {model} passed its deadline") from e
-            raise BackendError(f"Triton failed {model}: {e.message()}") from e
+            error = self._classify(model, e)
+            obs.BACKEND_ERRORS.labels(self.name, graph, _kind(error)).inc()
+            raise error from e
+        obs.BACKEND_LATENCY.labels(self.name, graph).observe(time.perf_counter() - t0)
         version = result.as_numpy(VERSION_OUTPUT)
         # as_numpy views the response buffer (read-only); a copy is what the cache keeps.
         return {n: np.array(result.as_numpy(n)) for n in outputs}, bytes(version.reshape(-1)[0]).decode()
+
+    def _classify(self, model: str, e) -> BackendError:
+        status, message = str(e.status() or ""), str(e.message())
+        if "DEADLINE_EXCEEDED" in status:
+            return BackendDeadline(f"Triton call to {model} passed its deadline")
+        if any(s in status for s in UNAVAILABLE_STATUSES) or any(m in message.lower() for m in UNAVAILABLE_MESSAGES):
+            return BackendUnavailable(f"Triton at {self.url} unavailable for {model}: {message}")
+        return BackendError(f"Triton failed {model}: {message}")
 
     async def rank(self, feed: Mapping[str, np.ndarray], timeout_s: float | None = None) -> tuple[np.ndarray, str]:
         out, version = await self._infer("ranking", feed, ("scores",), timeout_s)
@@ -167,14 +221,19 @@ class OrtBackend:
 
     async def _run(self, graph: str, feed: Mapping[str, np.ndarray], outputs: tuple[str, ...], timeout_s: float | None):
         loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
         try:
-            return await asyncio.wait_for(
+            out = await asyncio.wait_for(
                 loop.run_in_executor(self._pool, self.run_sync, graph, feed, outputs), timeout_s
             )
         except TimeoutError as e:
+            obs.BACKEND_ERRORS.labels(self.name, graph, "deadline").inc()
             raise BackendDeadline(f"in-process {graph} passed its deadline") from e
         except Exception as e:
+            obs.BACKEND_ERRORS.labels(self.name, graph, "error").inc()
             raise BackendError(f"in-process {graph} failed: {e}") from e
+        obs.BACKEND_LATENCY.labels(self.name, graph).observe(time.perf_counter() - t0)
+        return out
 
     async def rank(self, feed: Mapping[str, np.ndarray], timeout_s: float | None = None) -> tuple[np.ndarray, str]:
         return (await self._run("ranking", feed, ("scores",), timeout_s))["scores"], self.version

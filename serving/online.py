@@ -20,6 +20,9 @@ Store failures (Redis down, SQLite locked or missing) raise ``StoreUnavailable``
 cause; the next request tries again (redis-py reconnects by itself), so the server recovers
 when the store returns.
 
+Metrics (hisam/observability.py): each read's latency and failures (``read``: user_stream,
+item_sids, ping), and the item-ID cache's hits and misses, one per candidate.
+
 Conversions. The stream stores global token ids (``layer * K + code``, the tokenizer's
 layout) and ``ActionType`` values; HMAT takes local codes in [0, K) and the binary action
 label it was trained on (``stream.records.label_of``, the same rule the training samples use).
@@ -38,9 +41,13 @@ import numpy as np
 import redis
 
 from features.online import ItemSids, StreamStore, UserStream
+from hisam import observability as obs
 from stream.records import label_of
 
 log = logging.getLogger(__name__)
+
+ITEM_HITS = obs.CACHE_LOOKUPS.labels(cache="item", result="hit")
+ITEM_MISSES = obs.CACHE_LOOKUPS.labels(cache="item", result="miss")
 
 STORE_ERRORS = (redis.exceptions.RedisError, sqlite3.Error, OSError)
 
@@ -90,16 +97,20 @@ class OnlineReader:
         self.max_items = max_items
         self._items: dict[int, tuple[float, ItemSids]] = {}
 
-    async def _call(self, what: str, fn, *args):
+    async def _call(self, read: str, what: str, fn, *args):
+        t0 = time.perf_counter()
         try:
-            return await asyncio.to_thread(fn, *args)
+            out = await asyncio.to_thread(fn, *args)
         except STORE_ERRORS as e:
+            obs.STORE_ERRORS.labels(read).inc()
             raise StoreUnavailable(
                 f"online store ({self.store.config.backend}) unavailable while reading {what}: {e}"
             ) from e
+        obs.STORE_READ_LATENCY.labels(read).observe(time.perf_counter() - t0)
+        return out
 
     async def user_stream(self, user_id: int) -> UserStream | None:
-        return (await self._call(f"the stream of user {user_id}", self.store.read_streams, [user_id]))[0]
+        return (await self._call("user_stream", f"the stream of user {user_id}", self.store.read_streams, [user_id]))[0]
 
     async def item_sids(self, item_ids: Sequence[int]) -> dict[int, ItemSids]:
         """Known items among ``item_ids`` (unknown ones are absent)."""
@@ -112,8 +123,10 @@ class OnlineReader:
                 found[i] = hit[1]
             else:
                 missing.append(i)
+        ITEM_HITS.inc(len(found))
+        ITEM_MISSES.inc(len(missing))
         if missing:
-            read = await self._call(f"{len(missing)} item(s)", self.store.read_item_sids, missing)
+            read = await self._call("item_sids", f"{len(missing)} item(s)", self.store.read_item_sids, missing)
             if len(self._items) + len(read) > self.max_items:
                 for k in list(self._items)[: len(self._items) // 2]:  # dicts keep insertion order: oldest first
                     del self._items[k]
@@ -124,4 +137,4 @@ class OnlineReader:
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers a read."""
-        await self._call("a health probe", self.store.read_streams, [-1])
+        await self._call("ping", "a health probe", self.store.read_streams, [-1])

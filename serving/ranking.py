@@ -17,7 +17,8 @@ Two paths, both through the backend (Triton by default):
   roll in Triton) drops every entry of the old version and re-encodes; if the version
   changes again between encode and score, that request falls back to the full path.
 - full path: one ``ranking`` call on the whole stream with the candidates appended. Used
-  when the cache is off (``cache_bytes=0``) and as the fallback above.
+  when the cache is off (``cache_bytes=0``), as the fallback above, and for an empty
+  history stream (no profile tokens, no actions), which has nothing to cache.
 
 Both give the same scores up to fp32 rounding (tests/serving: 1e-5); for one model version
 and one input the result is deterministic: candidates are put in item-id order before
@@ -25,7 +26,12 @@ the stream is built, so the request order cannot change a score, not even in the
 
 Errors raised to the servicer: ``InvalidRequest`` (bad input, INVALID_ARGUMENT),
 ``Unavailable`` (backend or store down, UNAVAILABLE), ``DeadlineExceeded``, ``ModelError``
-(the model returned NaN: an input the graphs flag as out of range; INTERNAL).
+(the model returned NaN: an input the graphs flag as out of range; INTERNAL). A request
+whose caller set no deadline gets ``default_timeout_s``, so a backend that hangs (a frozen
+Triton, a black-holed network) cannot hold a request, or its client, forever.
+
+Metrics (hisam/observability.py): anchor-cache hits and misses (one per scored request) and
+the cache's size.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import numpy as np
 import torch
 
 from features.online import ItemSids
+from hisam import observability as obs
 from models.hmat.export import cache_feed, cache_from_outputs, ranking_feed, stream_feed
 from models.hmat.sequence import StreamLayout, UserSequence, build_stream
 from serving.backends import BackendDeadline, BackendError, BackendUnavailable
@@ -52,6 +59,9 @@ from serving.profiles import Profiles
 from serving.repository import GRAPH_MODELS, MODEL_FILE, published_versions
 
 log = logging.getLogger(__name__)
+
+ANCHOR_HITS = obs.CACHE_LOOKUPS.labels(cache="anchor", result="hit")
+ANCHOR_MISSES = obs.CACHE_LOOKUPS.labels(cache="anchor", result="miss")
 
 
 class InvalidRequest(ValueError):
@@ -140,9 +150,11 @@ class AnchorCacheStore:
         got = self._entries.get(user_id)
         if got is None or got[0] != stream_version:
             self.misses += 1
+            ANCHOR_MISSES.inc()
             return None
         self._entries.move_to_end(user_id)
         self.hits += 1
+        ANCHOR_HITS.inc()
         return got[1]
 
     def put(self, user_id: int, stream_version: tuple[int, str], entry: _CacheEntry) -> None:
@@ -154,11 +166,17 @@ class AnchorCacheStore:
         while self.nbytes > self.max_bytes:
             _, (_, old) = self._entries.popitem(last=False)
             self.nbytes -= old.nbytes
+        self._gauge()
 
     def pop(self, user_id: int) -> None:
         old = self._entries.pop(user_id, None)
         if old is not None:
             self.nbytes -= old[1].nbytes
+            self._gauge()
+
+    def _gauge(self) -> None:
+        obs.ANCHOR_CACHE_BYTES.set(self.nbytes)
+        obs.ANCHOR_CACHE_ENTRIES.set(len(self._entries))
 
     def drop_version(self, model_version: str) -> None:
         """Forget every entry encoded by ``model_version`` (a newer model is being served)."""
@@ -200,6 +218,7 @@ class Ranker:
         *,
         max_candidates: int = 1000,
         cache_bytes: int = 256 << 20,
+        default_timeout_s: float = 30.0,
     ) -> None:
         self.backend = backend
         self.reader = reader
@@ -207,9 +226,13 @@ class Ranker:
         self.model = model
         self.max_candidates = max_candidates
         self.cache = AnchorCacheStore(cache_bytes) if cache_bytes > 0 else None
+        self.default_timeout_s = default_timeout_s
 
     async def rank(self, user_id: int, item_ids: Sequence[int], timeout_s: float | None = None) -> RankResult:
+        """Score ``item_ids`` for ``user_id`` within ``timeout_s`` (None: ``default_timeout_s``)."""
         validate_request(user_id, item_ids, self.max_candidates)
+        if timeout_s is None:
+            timeout_s = self.default_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
                 return await self._rank(user_id, list(item_ids), timeout_s)
@@ -235,7 +258,9 @@ class Ranker:
             ids = sorted(scorable)  # item-id order: the request order cannot change a score
             codes = np.stack([scorable[i] for i in ids])  # (N, k)
             profile = self.profiles.tokens(user_id)
-            if self.cache is not None:
+            # An empty stream (a cold user of a model without profile tokens) has no anchors to
+            # cache, and the encode graph takes no zero-token stream: it goes the full path.
+            if self.cache is not None and (len(profile) or len(history)):
                 got, version, hit = await self._score_cached(user_id, profile, history, codes, timeout_s)
             else:
                 got = None

@@ -2,13 +2,36 @@
 
 The servicer only translates between protobuf and ``serving.ranking`` and maps its errors
 to status codes (INVALID_ARGUMENT, UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL); the call's
-deadline (``context.time_remaining()``) bounds the work, including the Triton call.
+deadline (``context.time_remaining()``) bounds the work, including the Triton call (a call
+without a deadline gets the ranker's ``default_timeout_s``).
 
 Health (``grpc.health.v1``): the overall service ("") and ``hisam.pb.v1.RankingService``
 are SERVING while the inference backend and the online store answer, NOT_SERVING while
 either does not; a background probe re-checks every ``health_interval_s`` seconds, so a
 load balancer stops sending traffic while a dependency is down and resumes when it is back.
 Reflection lists the ranking and health services (``grpcurl`` works without the .proto).
+
+When Triton stops (crash, restart, rollout), Rank fails fast and recovers by itself:
+
+- Rank answers UNAVAILABLE with ``Triton at HOST:PORT unavailable for MODEL: <cause>``, as
+  soon as the connection is refused (milliseconds, not the deadline); calls in flight when
+  Triton dies get the same. A Triton that hangs instead of dying is cut off by the deadline
+  (DEADLINE_EXCEEDED). There is no degraded answer: no scores from another model, no
+  zeros. UNAVAILABLE is gRPC's retryable code; the caller retries with backoff or falls back
+  to its own order of the candidates. Request validation still runs first (a bad request is
+  INVALID_ARGUMENT whatever the state of Triton).
+- Health turns NOT_SERVING within one probe interval (``hisam_serving_dependency_up
+  {dependency="backend"}`` goes to 0), so load balancers and Kubernetes readiness move
+  traffic to replicas that can answer.
+- Recovery needs no restart of this server: the Triton channel reconnects with a backoff
+  capped at one second (serving/backends.py), Rank answers again as soon as Triton serves
+  the models, and health is SERVING again at the next probe. The anchor caches stay valid
+  (they are keyed by the model version, which Triton reports with every answer).
+- The online store down is the same story with ``online store (...) unavailable``.
+
+Metrics (hisam/observability.py): Rank calls and latency by status code, calls in flight,
+candidates per request, answered items by status, the model version that answered, and
+each dependency's health.
 
 Shutdown: health turns NOT_SERVING first, then the server stops accepting calls and gives
 in-flight ones ``grace_s`` seconds to finish (``grpc.aio.Server.stop``).
@@ -21,6 +44,8 @@ import contextlib
 import logging
 import math
 import threading
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -29,12 +54,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from hisam import observability as obs
 from hisam.pb.v1 import rank_pb2, rank_pb2_grpc
 from serving.ranking import DeadlineExceeded, InvalidRequest, ModelError, Ranker, RankResult, Unavailable
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = rank_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+
+# serving.ranking's errors -> gRPC status codes (module docstring).
+ERROR_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ModelError, grpc.StatusCode.INTERNAL),
+)
+_MAPPED = tuple(e for e, _ in ERROR_CODES)
 
 
 class RankingService(rank_pb2_grpc.RankingServiceServicer):
@@ -46,18 +81,35 @@ class RankingService(rank_pb2_grpc.RankingServiceServicer):
     async def Rank(self, request: rank_pb2.RankRequest, context: grpc.aio.ServicerContext) -> rank_pb2.RankResponse:
         remaining = context.time_remaining()
         timeout_s = None if remaining is None or math.isinf(remaining) else max(remaining, 0.0)
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.UNKNOWN  # an exception nobody mapped: gRPC answers UNKNOWN
+        obs.RANK_IN_FLIGHT.inc()
+        obs.RANK_CANDIDATES.observe(len(request.item_ids))
         try:
-            result = await self.ranker.rank(request.user_id, list(request.item_ids), timeout_s)
-        except InvalidRequest as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except Unavailable as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        except DeadlineExceeded as e:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
-        except ModelError as e:
-            log.error("request %r: %s", request.request_id, e)
-            await context.abort(grpc.StatusCode.INTERNAL, str(e))
-        return to_proto(result, request.request_id)
+            try:
+                result = await self.ranker.rank(request.user_id, list(request.item_ids), timeout_s)
+            except _MAPPED as e:
+                code = next(c for t, c in ERROR_CODES if isinstance(e, t))
+                if code == grpc.StatusCode.INTERNAL:
+                    log.error("Rank failed: %s", e, extra={"request_id": request.request_id, "code": code.name})
+                await context.abort(code, str(e))
+            code = grpc.StatusCode.OK
+            observe_result(result)
+            return to_proto(result, request.request_id)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED  # the client went away or the server is stopping
+            raise
+        finally:
+            obs.RANK_IN_FLIGHT.dec()
+            obs.RANK_REQUESTS.labels(code.name).inc()
+            obs.RANK_LATENCY.labels(code.name).observe(time.perf_counter() - t0)
+
+
+def observe_result(result: RankResult) -> None:
+    """Item statuses and the answering model version of a successful Rank."""
+    for status, n in Counter(item.status.name.lower() for item in result.items).items():
+        obs.RANK_ITEMS.labels(status).inc(n)
+    obs.set_serving_model_version(result.model_version)
 
 
 def to_proto(result: RankResult, request_id: str) -> rank_pb2.RankResponse:
@@ -71,13 +123,20 @@ def to_proto(result: RankResult, request_id: str) -> rank_pb2.RankResponse:
 
 
 async def _healthy(ranker: Ranker) -> tuple[bool, str]:
-    if not await ranker.backend.ready():
-        return False, f"inference backend ({ranker.backend.name}) not ready"
+    """(serving, why not): both dependencies are probed every time, for their gauges."""
+    why = []
+    backend_ok = await ranker.backend.ready()
+    if not backend_ok:
+        why.append(f"inference backend ({ranker.backend.name}) not ready")
     try:
         await ranker.reader.ping()
+        store_ok = True
     except Exception as e:  # noqa: BLE001 - any failure means not serving
-        return False, str(e)
-    return True, ""
+        why.append(str(e))
+        store_ok = False
+    obs.DEPENDENCY_UP.labels("backend").set(int(backend_ok))
+    obs.DEPENDENCY_UP.labels("store").set(int(store_ok))
+    return backend_ok and store_ok, "; ".join(why)
 
 
 async def _probe(ranker: Ranker, health: HealthServicer, interval_s: float) -> None:
@@ -88,8 +147,9 @@ async def _probe(ranker: Ranker, health: HealthServicer, interval_s: float) -> N
         for name in ("", SERVICE_NAME):
             await health.set(name, status)
         if ok != last:
+            state = "SERVING" if ok else "NOT_SERVING"
             (log.info if ok else log.warning)(
-                "health: %s%s", "SERVING" if ok else "NOT_SERVING", f" ({why})" if why else ""
+                "health: %s%s", state, f" ({why})" if why else "", extra={"health": state, "reason": why}
             )
             last = ok
         await asyncio.sleep(interval_s)

@@ -7,9 +7,11 @@ do not share a GIL) reading a SQLite online store holding ``--users`` users with
 ``--history``-item stream each; candidates drawn from ``--items`` items.
 
 Measured, one request = one user + ``--candidates`` distinct candidates:
-- Rank p50/p99 and QPS, closed loop with 1 and 8 concurrent clients, anchor-cache path
-  (warm: every user's history already encoded, the steady state of a user who is ranked
-  more than once per action);
+- Rank p50/p99 and QPS, closed loop (``serving.load.rank_load``: one gRPC channel per
+  client, every answer checked against the Rank contract) with 1, 8 and 16 concurrent
+  clients (``--concurrency``), anchor-cache path (warm: every user's history already
+  encoded, the steady state of a user who is ranked more than once per action); errors and
+  malformed answers are counted per run, not raised;
 - the same with the cache off (``--cache-mb 0``: full recompute of history + candidates);
 - the model's pure ONNX Runtime compute for the same request in this process (the same
   graph and thread count as Triton uses): ``score_with_cache`` (what a warm Rank runs) and
@@ -19,7 +21,8 @@ Measured, one request = one user + ``--candidates`` distinct candidates:
 Keys of the JSON line: ``p50_ms``, ``p99_ms``, ``qps`` (1 client, cached path),
 ``e2e_over_model_p50`` (Rank p50 over ORT score_with_cache p50; target <= 1.5),
 ``cache_speedup`` (full recompute over anchor-cache path, both Rank through Triton, 1
-client; target >= 5), and per-concurrency / per-path details. The export is kept under
+client; target >= 5), ``clients16`` (the 16-client cached run: p50_ms, p99_ms, qps, errors),
+and per-concurrency / per-path details in ``runs``. The export is kept under
 ``--work-dir`` keyed by the config, since it takes a minute or two on a small CPU.
 Prints a table, then one JSON object as the last line.
 """
@@ -35,8 +38,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=int, default=64)
     parser.add_argument("--items", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each closed-loop run")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (Triton and baseline)")
     parser.add_argument("--instances", type=int, default=1, help="Triton instances per model")
     parser.add_argument("--work-dir", type=Path, default=Path("artifacts/bench/rank"), help="export cache")
@@ -60,10 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calls", type=int, default=12, help="per-call timings of each graph, before and after the runs"
     )
-
-
-def _pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
 def _export(work_dir: Path, seed: int) -> Path:
@@ -108,30 +105,6 @@ def _requests(args, rng: np.random.Generator, n: int) -> list[tuple[int, list[in
     ]
 
 
-async def _closed_loop(address: str, requests, concurrency: int, seconds: float) -> tuple[list[float], float]:
-    import grpc
-
-    from hisam.pb.v1 import rank_pb2, rank_pb2_grpc
-
-    lat: list[float] = []
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = rank_pb2_grpc.RankingServiceStub(channel)
-        stop = time.perf_counter() + seconds
-
-        async def client(c: int) -> None:
-            n = c
-            while time.perf_counter() < stop:
-                user, items = requests[n % len(requests)]
-                n += concurrency
-                t0 = time.perf_counter()
-                await stub.Rank(rank_pb2.RankRequest(user_id=user, item_ids=items), timeout=30)
-                lat.append((time.perf_counter() - t0) * 1e3)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(c) for c in range(concurrency)))
-        return lat, len(lat) / (time.perf_counter() - t0)
-
-
 async def _each_once(address: str, requests) -> None:
     import grpc
 
@@ -143,51 +116,11 @@ async def _each_once(address: str, requests) -> None:
             await stub.Rank(rank_pb2.RankRequest(user_id=user, item_ids=items), timeout=60)
 
 
-def _start_server(args, repo: Path, store_dir: Path, triton_url: str, cache_mb: float, log_path: Path):
-    from hisam.services import free_port
-
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "hisam.jobs.serve", "--port", str(port), "--model-repo", str(repo),
-        "--triton-url", triton_url, "--backend", "sqlite", "--repo-dir", str(store_dir),
+def _server_args(args, repo: Path, store_dir: Path, triton_url: str, cache_mb: float) -> list[str]:
+    return [
+        "--model-repo", str(repo), "--triton-url", triton_url, "--backend", "sqlite", "--repo-dir", str(store_dir),
         "--stream-len", str(args.history), "--cache-mb", str(cache_mb), "--max-candidates", str(max(1000, args.candidates)),
     ]  # fmt: skip
-    out = open(log_path, "ab")  # noqa: SIM115 - the child keeps it open
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    address = f"127.0.0.1:{port}"
-    _wait_serving(address, proc, log_path)
-    return proc, address
-
-
-def _wait_serving(address: str, proc, log_path: Path, timeout_s: float = 120.0) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"hisam serve exited: {log_path.read_text()[-2000:]}")
-            try:
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise RuntimeError(f"hisam serve not SERVING after {timeout_s}s: {log_path.read_text()[-2000:]}")
-
-
-def _stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 async def _model_calls(args, repo: Path, store_cfg, triton_url: str, reqs, reps: int) -> dict[str, list[float]]:
@@ -240,6 +173,7 @@ async def _model_calls(args, repo: Path, store_cfg, triton_url: str, reqs, reps:
 
 def main(args: argparse.Namespace) -> int:
     from features.online import OnlineStoreConfig
+    from serving.load import rank_load, serve_process
     from serving.repository import publish_version
     from serving.triton import triton_server
 
@@ -264,26 +198,25 @@ def main(args: argparse.Namespace) -> int:
             calls = asyncio.run(_model_calls(args, repo, store_cfg, triton.url, reqs, args.calls))
             rows = []
             for path, cache_mb in (("cached", 256.0), ("full", 0.0)):
-                proc, address = _start_server(
-                    args, repo, store_cfg.repo_dir, triton.url, cache_mb, tmp / f"serve-{path}.log"
-                )
-                try:
+                server_args = _server_args(args, repo, store_cfg.repo_dir, triton.url, cache_mb)
+                with serve_process(server_args, tmp / f"serve-{path}.log") as served:
                     warm = [(u, reqs[u][1]) for u in range(args.users)]  # every user once: the caches exist
-                    asyncio.run(_each_once(address, warm))
+                    asyncio.run(_each_once(served.address, warm))
                     for c in args.concurrency:
-                        lat, qps = asyncio.run(_closed_loop(address, reqs, c, args.seconds))
+                        run = asyncio.run(rank_load(served.address, reqs, c, args.seconds))
                         row = {
                             "path": path,
                             "clients": c,
-                            "p50_ms": _pct(lat, 50),
-                            "p99_ms": _pct(lat, 99),
-                            "qps": qps,
-                            "n": len(lat),
+                            "p50_ms": run.percentile_ms(50),
+                            "p99_ms": run.percentile_ms(99),
+                            "qps": run.summary()["qps"],
+                            "n": len(run.latencies_ms),
+                            "errors": sum(run.errors.values()) + run.n_malformed,
                         }
+                        if row["errors"]:
+                            log.warning("%s: %s %s", row, run.error_details[:3], run.malformed[:3])
                         rows.append(row)
                         log.info("%s", row)
-                finally:
-                    _stop(proc)
             after = asyncio.run(_model_calls(args, repo, store_cfg, triton.url, reqs[args.calls :], args.calls))
             calls = {k: v + after[k] for k, v in calls.items()}
     med = {k: statistics.median(v) for k, v in calls.items()}
@@ -297,16 +230,18 @@ def main(args: argparse.Namespace) -> int:
         "cache_speedup": by[("full", 1)]["p50_ms"] / c1["p50_ms"],
         "triton_cache_speedup": med["triton_full"] / med["triton_cached"],
         "model_p50_ms": {k: round(v, 3) for k, v in med.items()},
+        "clients16": by.get(("cached", 16)),
         "runs": rows,
         "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
     }
     print(f"Rank benchmark: T={args.history} history items, N={args.candidates} candidates, CPU preset, "
           f"{args.threads} ORT thread(s), {os.cpu_count()} CPUs (numbers are noisy on a shared machine)")  # fmt: skip
-    print(f"  {'path':<8} {'clients':>7} {'p50 ms':>9} {'p99 ms':>9} {'QPS':>8} {'requests':>9}")
+    print(f"  {'path':<8} {'clients':>7} {'p50 ms':>9} {'p99 ms':>9} {'QPS':>8} {'requests':>9} {'errors':>7}")
     for r in rows:
         print(
             f"  {r['path']:<8} {r['clients']:>7} {r['p50_ms']:>9.2f} {r['p99_ms']:>9.2f} {r['qps']:>8.1f} {r['n']:>9}"
+            f" {r['errors']:>7}"
         )
     print("  per call p50 (same requests): " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items()))
     print(

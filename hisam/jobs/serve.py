@@ -6,6 +6,12 @@ the graphs in this process. ``--checkpoint`` first publishes a ranker checkpoint
 version of the repository (a version already there is not published twice). The user
 streams and item IDs are read from the online store the stream worker writes (same store
 options). Runs until SIGTERM / Ctrl-C, then drains in-flight calls.
+
+``--metrics-port`` serves Prometheus ``/metrics`` (hisam/observability.py: Rank calls and
+latency by status, Triton latency, caches, the model version answering, dependency health).
+When Triton stops, Rank answers UNAVAILABLE and health NOT_SERVING until it is back, with no
+restart of this server (serving/server.py); the embedded Triton is restarted by this
+process when it exits (serving/triton.py ``supervised_triton_server``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import signal
 from pathlib import Path
 
 from hisam.jobs.stream_worker import add_store_arguments, store_config_from_args
+from hisam.observability import add_metrics_arguments, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-candidates", type=int, default=1000)
     parser.add_argument("--cache-mb", type=float, default=256.0, help="anchor KV cache budget (0: always recompute)")
     parser.add_argument("--item-ttl", type=float, default=60.0, help="seconds an item's semantic IDs stay cached")
+    parser.add_argument(
+        "--request-timeout", type=float, default=30.0, help="seconds a Rank call without a deadline may take"
+    )
+    parser.add_argument(
+        "--health-interval", type=float, default=1.0, help="seconds between health probes of Triton and the store"
+    )
     add_store_arguments(parser)
+    add_metrics_arguments(parser)
 
 
 def load_profiles(args: argparse.Namespace):
@@ -77,6 +91,7 @@ def make_ranker(args: argparse.Namespace, triton_url: str | None, profiles):
         model_info(args.model_repo),
         max_candidates=args.max_candidates,
         cache_bytes=int(args.cache_mb * (1 << 20)),
+        default_timeout_s=args.request_timeout,
     )
 
 
@@ -89,7 +104,7 @@ async def _serve(args: argparse.Namespace, triton_url: str | None, profiles) -> 
         loop.add_signal_handler(sig, stop.set)
     ranker = make_ranker(args, triton_url, profiles)
     try:
-        async with rank_server(ranker, args.host, args.port) as handle:
+        async with rank_server(ranker, args.host, args.port, health_interval_s=args.health_interval) as handle:
             print(f"RankingService listening on {handle.address}", flush=True)
             await stop.wait()
             log.info("shutting down: draining in-flight calls")
@@ -104,11 +119,14 @@ def main(args: argparse.Namespace) -> int:
         publish_version(args.model_repo, args.checkpoint, instances=args.instances, threads=args.threads)
     profiles = load_profiles(args)
     with contextlib.ExitStack() as stack:
+        metrics = start_metrics_server(args.metrics_port, args.metrics_addr)
+        if metrics is not None:
+            stack.callback(metrics.close)
         url = args.triton_url
         if args.inference == "triton" and url is None:
-            from serving.triton import triton_server
+            from serving.triton import supervised_triton_server
 
-            url = stack.enter_context(triton_server(args.model_repo)).url
+            url = stack.enter_context(supervised_triton_server(args.model_repo)).url
         asyncio.run(_serve(args, url, profiles))
     return 0
 

@@ -39,7 +39,6 @@ from serving.profiles import Profiles
 from serving.ranking import Ranker, model_info
 from serving.repository import publish_version
 from serving.server import SERVICE_NAME, rank_server_thread
-from serving.triton import triton_server
 from stream import producer as prod
 from stream import records as rec
 from stream import topics as tp
@@ -59,25 +58,6 @@ WARM_USERS = (BASE + 1, BASE + 2)
 COLD_USER = BASE + 99
 
 
-class TritonHolder:
-    """The module's Triton, stoppable and restartable on the same ports (the outage test)."""
-
-    def __init__(self, repo) -> None:
-        self.repo = repo
-        self.stack = contextlib.ExitStack()
-        self.server = self.stack.enter_context(triton_server(repo, poll_s=1.0))
-
-    def stop(self) -> None:
-        self.stack.close()
-
-    def start(self) -> None:
-        s = self.server
-        self.stack = contextlib.ExitStack()
-        self.server = self.stack.enter_context(
-            triton_server(self.repo, grpc_port=s.grpc_port, http_port=s.http_port, metrics_port=s.metrics_port)
-        )
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     from models.tokenizer.testing import tiny_tokenizer
@@ -88,7 +68,7 @@ def tokenizer_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def env(kafka_bootstrap, redis_url, tokenizer_dir, tiny_export, restamp, tmp_path_factory):
+def env(kafka_bootstrap, redis_url, tokenizer_dir, tiny_export, restamp, restartable_triton, tmp_path_factory):
     from models.tokenizer import FrozenTokenizer
     from models.tokenizer.testing import synthetic_items
 
@@ -135,7 +115,7 @@ def env(kafka_bootstrap, redis_url, tokenizer_dir, tiny_export, restamp, tmp_pat
 
     repo = work / "model_repo"
     publish_version(repo, restamp(tiny_export.graphs, tokenizer_version=tok.version))
-    triton = TritonHolder(repo)
+    triton = restartable_triton(repo)
 
     def make_ranker() -> Ranker:
         return Ranker(

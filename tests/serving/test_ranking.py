@@ -72,3 +72,30 @@ def test_anchor_cache_is_bounded_in_bytes_keyed_by_stream_version_and_dropped_pe
     assert len(cache) == 1 and cache.get(3, (1, "c")) is not None and cache.nbytes == 100
     cache.put(4, (1, "d"), entry("v2", 1000))  # larger than the whole budget: not kept
     assert cache.get(4, (1, "d")) is None and cache.nbytes == 100
+
+
+def test_cold_user_without_profile_is_scored_on_the_full_path(tiny_export, tmp_path) -> None:
+    """No profile tokens and no history: an empty stream, which the encode graph cannot take (no anchors)."""
+    publish_version(tmp_path / "repo", tiny_export.graphs)
+    store = open_stream_store(OnlineStoreConfig(backend="sqlite", repo_dir=tmp_path / "fs", stream_len=20, n_codes=6))
+    codes = np.random.default_rng(1).integers(16, size=(10, 6))
+    store.put_item_sids([ItemSids(i, tuple(map(int, codes[i] + np.arange(6) * 16)), "", 0) for i in range(10)])
+    cands = [7, 1, 4]
+    seq = UserSequence(
+        [], torch.zeros((0, 6), dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.from_numpy(codes[cands])
+    )
+    want = rank_candidates(tiny_export.model, build_stream([seq], tiny_export.model.config.layout))[0].tolist()
+
+    async def go():
+        ranker = Ranker(
+            OrtBackend(tmp_path / "repo"), OnlineReader(store), Profiles.empty(), model_info(tmp_path / "repo")
+        )
+        try:
+            return await ranker.rank(3, cands), len(ranker.cache)
+        finally:
+            await ranker.backend.close()
+
+    result, cached = asyncio.run(go())
+    got = {i.item_id: i.score for i in result.items}
+    np.testing.assert_allclose([got[c] for c in cands], want, atol=1e-4, rtol=0)
+    assert result.history_len == 0 and not result.cache_hit and cached == 0
