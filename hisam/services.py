@@ -152,9 +152,14 @@ def kafka_broker(
 
 @contextlib.contextmanager
 def redis_server(
-    port: int | None = None, data_dir: Path | None = None, timeout_s: float = 10.0
+    port: int | None = None, data_dir: Path | None = None, timeout_s: float = 10.0, durable: bool = False
 ) -> Iterator[RedisServer]:
-    """Run a private, non-persistent ``redis-server`` bound to 127.0.0.1 for the ``with`` body."""
+    """Run a private ``redis-server`` bound to 127.0.0.1 for the ``with`` body.
+
+    Not persistent by default. ``durable=True`` turns on the append-only file with an fsync
+    per write (``appendfsync always``): a restart on the same ``data_dir`` keeps every write
+    that was acknowledged, as a production Redis holding an online store is configured.
+    """
     exe = _binary("redis-server", "run `bash scripts/services.sh install` (apt-get install redis-server)")
     owns_dir = data_dir is None
     ddir = Path(tempfile.mkdtemp(prefix="hisam-redis-")) if owns_dir else Path(data_dir)
@@ -162,8 +167,9 @@ def redis_server(
     for attempt in range(3):
         chosen = port or free_port()
         logfile = ddir / "redis.log"
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
         cmd = [
-            exe, "--port", str(chosen), "--bind", HOST, "--save", "", "--appendonly", "no",
+            exe, "--port", str(chosen), "--bind", HOST, "--save", "", *persistence,
             "--dir", str(ddir), "--logfile", str(logfile), "--daemonize", "no",
         ]  # fmt: skip
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

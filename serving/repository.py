@@ -241,18 +241,20 @@ def publish_version(
         )
     content = versions.pop()
     tokenizer = metadata(graphs["ranking"]).get("tokenizer_version", "")
-    existing = published_versions(repo)
-    for n, v in existing.items():
+    for n, v in published_versions(repo).items():
         if v == content and version in (None, n):
             log.info("%s is already published as version %d in %s", content, n, repo)
             return PublishedVersion(repo, n, content, tokenizer, created=False)
-    n = version if version is not None else max(existing, default=0) + 1
+    seen = repair(repo)
+    existing = published_versions(repo)
+    # Never reuse a number Triton may have seen (an interrupted publish's, repaired away).
+    n = version if version is not None else max([*existing, *seen], default=0) + 1
     if n < 1:
         raise ValueError(f"Triton versions start at 1, got {n}")
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{repo.resolve().name}.staging-", dir=repo.resolve().parent))
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(repo), dir=repo.resolve().parent))
     try:
-        for graph, name in GRAPH_MODELS.items():
+        for graph, name in _PUBLISH_ORDER:
             proto = with_version_output(graphs[graph], content)
             mdir = staging / name
             vdir = mdir / str(n)
@@ -262,12 +264,67 @@ def publish_version(
                 shutil.copyfile(PYTHON_MODEL, vdir / "model.py")
             (vdir / "MODEL_VERSION").write_text(content + "\n")
             (mdir / "config.pbtxt").write_text(config_text(model_config(name, proto, target, instances, threads)))
-        for name in GRAPH_MODELS.values():
+        _fault_point("staged")
+        for k, (_, name) in enumerate(_PUBLISH_ORDER):
             _move_into_place(staging / name, repo / name, str(n))
+            if k == 0:
+                _fault_point("first_moved")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("published %s as version %d of %s (%s target)", content, n, repo, target)
     return PublishedVersion(repo, n, content, tokenizer, created=True)
+
+
+# The cached Rank path's two graphs go first and the full-path graph last: while a publish is
+# between its renames, encode_history and score_with_cache may differ in version (Rank then
+# falls back to the full ranking graph, still the old version) or both be new (the new model,
+# complete for that path); no answer mixes two models' graphs.
+_PUBLISH_ORDER = [(g, GRAPH_MODELS[g]) for g in ("encode_history", "score_with_cache", "ranking")]
+
+# Fault injection (tests/reliability): with HISAM_FAULT_EXIT_IN_PUBLISH=staged the process
+# exits abruptly (os._exit, like SIGKILL) after the staging directory is written and before any
+# rename; with =first_moved, right after the first model's version is renamed into place.
+FAULT_ENV = "HISAM_FAULT_EXIT_IN_PUBLISH"
+
+
+def _fault_point(name: str) -> None:
+    if os.environ.get(FAULT_ENV) == name:
+        log.critical("fault injection: exiting in the middle of a publish (%s)", name)
+        logging.shutdown()
+        os._exit(137)
+
+
+def _staging_prefix(repo: Path) -> str:
+    return f".{repo.resolve().name}.staging-"
+
+
+def repair(repo: str | Path) -> set[int]:
+    """Undo what an interrupted publish left; returns every version number found in any model.
+
+    One writer publishes into a repository (the trainer; ``hisam serve`` only before it
+    starts), so at the start of a publish any staging directory beside the repository is a
+    dead publish's, and a version present in some models but not all is one whose renames
+    were cut short: both are removed (Triton's poller then unloads such a version and goes
+    back to the newest complete one). The numbers are returned so that the next version
+    takes a number no Triton has loaded before.
+    """
+    repo = Path(repo)
+    for stale in repo.resolve().parent.glob(_staging_prefix(repo) + "*"):
+        log.warning("removing %s, left by an interrupted publish", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    seen: set[int] = set()
+    complete = set(published_versions(repo))
+    for name in GRAPH_MODELS.values():
+        mdir = repo / name
+        if not mdir.is_dir():
+            continue
+        for d in mdir.iterdir():
+            if d.name.isdigit():
+                seen.add(int(d.name))
+                if int(d.name) not in complete:
+                    log.warning("removing %s: a version the other models do not have (interrupted publish)", d)
+                    shutil.rmtree(d, ignore_errors=True)
+    return seen
 
 
 def _move_into_place(staged: Path, final: Path, version: str) -> None:

@@ -32,18 +32,29 @@ class ReplayStats:
         return self.sent / self.seconds if self.seconds > 0 else float("inf")
 
 
-def make_producer(bootstrap: str, linger_ms: int = 5):
-    """An idempotent producer (acks=all): a retried send is written once by the broker."""
+def make_producer(bootstrap: str, linger_ms: int = 5, idempotent: bool = True):
+    """A producer with acks=all. ``idempotent``: the broker writes a retried send once.
+
+    ``idempotent=False`` gives the ordered at-least-once form instead: one request in flight
+    per connection, so the client's retries keep each partition's order, and a retry may
+    write a record twice (consumers drop it by event id). Use it against a broker that does
+    not keep idempotent-producer state across a restart: the embedded broker forgets it,
+    after which the idempotent client fails its in-flight batches (OutOfOrderSequenceNumber)
+    and later batches can overtake them when re-sent. Apache Kafka keeps that state.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from kafka import KafkaProducer
 
+    ordering = {"enable_idempotence": True} if idempotent else {
+        "enable_idempotence": False, "max_in_flight_requests_per_connection": 1,
+    }  # fmt: skip
     return KafkaProducer(
         bootstrap_servers=bootstrap,
-        enable_idempotence=True,
         acks="all",
         linger_ms=linger_ms,
         client_id="hisam-replay",
+        **ordering,
     )
 
 
@@ -68,26 +79,63 @@ def item_events(items, now_ms: int) -> Iterator[pb.ItemEvent]:
         yield rec.item_event(int(items.ids[i]), emb, now_ms, title=items.titles[i])
 
 
+class ProduceError(RuntimeError):
+    """Records could not be delivered after every retry."""
+
+
+def _deliver(producer, topic: str, pending: list, attempts: int = 5) -> list:
+    """Flush and check every send of ``pending`` [(future, key, value)]; re-send failures in order.
+
+    The broker acknowledged a record when its future succeeded. A failed send (e.g. the
+    broker restarted and lost the idempotent producer's sequence state: kafka-python then
+    fails the in-flight batches with OutOfOrderSequenceNumber after bumping its epoch) is sent
+    again, in the original order, so a user's later action never overtakes an earlier one;
+    consumers drop a re-sent record that did arrive after all by its event id.
+    """
+    for attempt in range(attempts):
+        producer.flush()
+        failed = [(k, v) for fut, k, v in pending if fut.failed()]
+        if not failed:
+            return []
+        log.warning("%s: %d sends failed (%s); sending them again", topic, len(failed),
+                    next(fut.exception for fut, _, _ in pending if fut.failed()))  # fmt: skip
+        time.sleep(min(0.2 * 2**attempt, 2.0))
+        pending = [(producer.send(topic, key=k, value=v), k, v) for k, v in failed]
+    producer.flush()
+    still = [(k, v) for fut, k, v in pending if fut.failed()]
+    if still:
+        raise ProduceError(f"{len(still)} records to {topic} not delivered after {attempts} attempts")
+    return []
+
+
 def produce(
     producer,
     topic: str,
     records: Iterable[tuple[bytes, bytes]],
     rate: float | None = None,
     progress_every: int = 10_000,
+    check_every: int = 2_000,
 ) -> ReplayStats:
-    """Send (key, value) records, paced to ``rate`` per second (None: as fast as possible)."""
+    """Send (key, value) records, paced to ``rate`` per second (None: as fast as possible).
+
+    Every ``check_every`` records (and at the end) the sends are flushed and checked; failed
+    ones are sent again in order (``_deliver``), so a broker restart loses nothing.
+    """
     start = time.perf_counter()
     n = 0
+    pending: list = []
     for key, value in records:
         if rate:
             ahead = start + n / rate - time.perf_counter()
             if ahead > 0:
                 time.sleep(ahead)
-        producer.send(topic, key=key, value=value)
+        pending.append((producer.send(topic, key=key, value=value), key, value))
         n += 1
+        if len(pending) >= check_every:
+            pending = _deliver(producer, topic, pending)
         if progress_every and n % progress_every == 0:
             log.info("%s: %d sent (%.0f/s)", topic, n, n / (time.perf_counter() - start))
-    producer.flush()
+    _deliver(producer, topic, pending)
     return ReplayStats(n, time.perf_counter() - start)
 
 

@@ -1,9 +1,12 @@
-"""``hisam run``: the main job on the embedded defaults, start to finish on one machine.
+"""``hisam run``: the main job on the embedded defaults, the whole loop start to finish on one machine.
 
-Today it covers what the project has built so far: fetch ML-100K and build its item
-modalities, train the tokenizers (DST and the baselines it is compared with), evaluate them
-and write the report. Later stages (streaming ingestion, ranker, serving, near-line
-training) join this same job as they land.
+Dataset -> frozen DST tokenizer -> initial HMAT ranker -> broker, stream worker, Triton,
+Rank server and near-line trainer -> backfill, live replay with progress, sample Rank
+calls -> ``reports/run/report.md``. See hisam/loop.py for the stages. Ctrl-C stops every
+process cleanly and still writes the report of what ran.
+
+``--tokenizer-report`` also trains the tokenizer baselines (MACRec, RQ-VAE, the DST
+ablations) and writes their comparison to ``reports/tokenizer`` (about 7 more minutes).
 """
 
 from __future__ import annotations
@@ -20,37 +23,97 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--data-dir", default=os.environ.get("HISAM_DATA_DIR", "data"))
-    parser.add_argument("--artifacts", default="artifacts", help="tokenizers and models are written here")
-    parser.add_argument("--reports", default="reports", help="reports are written here")
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="tokenizer training epochs")
+    from hisam.loop import LoopOptions
+
+    d = LoopOptions()
+    parser.add_argument("--dataset", default=d.dataset)
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("HISAM_DATA_DIR", "data")))
+    parser.add_argument("--artifacts", type=Path, default=d.artifacts, help="tokenizer and ranker are kept here")
+    parser.add_argument("--reports", type=Path, default=d.reports, help="reports are written here")
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="this run's stores and logs (default runs/loop/<time>)"
+    )
+    parser.add_argument("--backend", choices=["sqlite", "redis"], default=d.backend, help="online store")
+    parser.add_argument("--rate", type=float, default=d.rate, help="replayed actions per second")
+    parser.add_argument("--replay-limit", type=int, default=d.replay_limit, help="replay at most N actions (0: all)")
+    parser.add_argument("--max-items", type=int, default=d.max_items, help="ranker history length T")
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch threads (ranker training, trainer)")
+    parser.add_argument("--min-samples", type=int, default=d.min_samples, help="trainer: samples between gates")
+    parser.add_argument(
+        "--drain-timeout", type=float, default=d.drain_timeout_s, help="seconds to let workers catch up"
+    )
+    parser.add_argument(
+        "--progress-every", type=float, default=d.progress_every_s, help="seconds between progress lines"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--tokenizer-report", action="store_true", help="also compare the tokenizer baselines")
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="tokenizer epochs (--tokenizer-report)")
 
 
-def main(args: argparse.Namespace) -> int:
+def tokenizer_report(args: argparse.Namespace) -> None:
+    """The tokenizer comparison (DST vs baselines) with its report: reports/tokenizer/report.md."""
     import torch
 
     from hisam.data import load_dataset
     from hisam.tokenizer_report import markdown_table, write_report
     from hisam.tokenizers import VARIANTS, compare_variants
 
-    started = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    log.info("[1/3] dataset %s", args.dataset)
-    ds = load_dataset(args.dataset, args.data_dir)
-    log.info("%s", ds.summary())
-
-    log.info("[2/3] tokenizers: %s on %s", ", ".join(VARIANTS), device)
+    ds = load_dataset(args.dataset, str(args.data_dir))
+    log.info("tokenizers: %s on %s", ", ".join(VARIANTS), device)
     by_name, latency = compare_variants(ds, Path(args.artifacts) / "tokenizers", args.epochs, device=device)
-    reports = list(by_name.values())
-    log.info("[3/3] report")
-    modalities = list(ds.items.features)
     extra = (
         f"DST frozen encode, one thread: single item p50 {latency['single_p50_ms']:.3f} ms, "
         f"p99 {latency['single_p99_ms']:.3f} ms; batch {latency['batch_items_per_s']:.0f} items/s."
     )
-    path = write_report(reports, modalities, Path(args.reports) / "tokenizer", ds.name, extra)
-    print(markdown_table(reports, modalities))
-    print(extra)
-    print(f"report: {path}  ({time.perf_counter() - started:.0f} s in all)")
-    return 0
+    reports = list(by_name.values())
+    path = write_report(reports, list(ds.items.features), Path(args.reports) / "tokenizer", ds.name, extra)
+    print(markdown_table(reports, list(ds.items.features)))
+    print(f"tokenizer report: {path}")
+
+
+def main(args: argparse.Namespace) -> int:
+    from hisam.loop import LoopOptions, run_loop, summary_of, write_report
+
+    started = time.perf_counter()
+    if args.tokenizer_report:
+        tokenizer_report(args)
+    opts = LoopOptions(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        artifacts=args.artifacts,
+        reports=args.reports,
+        work_dir=args.work_dir,
+        backend=args.backend,
+        max_items=args.max_items,
+        threads=args.threads,
+        rate=args.rate,
+        replay_limit=args.replay_limit,
+        min_samples=args.min_samples,
+        drain_timeout_s=args.drain_timeout,
+        progress_every_s=args.progress_every,
+        progress=not args.no_progress,
+    )
+    run = None
+    try:
+        run = run_loop(opts)
+    finally:
+        if run is not None:
+            path = write_report(run, Path(args.reports) / "run")
+            s = summary_of(run)
+            ev, rk, tr = s["events"], s["rank"], s["trainer"]
+            print(path.read_text())
+            print(
+                f"report: {path}  ({time.perf_counter() - started:.0f} s in all): "
+                f"{(ev['backfill_actions'] or 0) + (ev['replay_actions'] or 0):,} actions ingested, "
+                f"{len(tr['published'])} version(s) published, Rank p50 {rk['p50_ms']:.0f} ms / "
+                f"p99 {rk['p99_ms']:.0f} ms over {rk['calls']} calls, {rk['errors']} errors"
+            )
+    if run is not None and run.interrupted:
+        return 130
+    if run is None or run.error:
+        return 1
+    failed = summary_of(run)["rank"]["errors"]
+    if failed:
+        log.error("%d Rank calls failed during the run (see the report)", failed)
+    return 1 if failed else 0

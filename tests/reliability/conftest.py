@@ -1,0 +1,75 @@
+"""Reliability fixtures: services this test owns and can stop and start again.
+
+The session's broker and Redis (tests/conftest.py) are shared by many tests, so a test that
+restarts a service gets its own: ``Restartable`` runs one of hisam.services' context
+managers on a fixed port and data directory, so clients reconnect to the same address and
+find the data they left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from hisam.services import free_port
+
+
+class Restartable:
+    """A service that can be stopped and started again at the same address with the same data."""
+
+    def __init__(self, factory: Callable[..., contextlib.AbstractContextManager], data_dir: Path, **kw) -> None:
+        self.factory, self.data_dir, self.kw = factory, data_dir, kw
+        self.port = free_port()
+        self._stack: contextlib.ExitStack | None = None
+        self.handle = None
+
+    def start(self):
+        assert self._stack is None, "already running"
+        self._stack = contextlib.ExitStack()
+        self.handle = self._stack.enter_context(self.factory(port=self.port, data_dir=self.data_dir, **self.kw))
+        return self.handle
+
+    def stop(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    from hisam.services import kafka_broker
+
+    svc = Restartable(kafka_broker, tmp_path / "kafka")
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    from hisam.services import redis_server
+
+    svc = Restartable(redis_server, tmp_path / "redis", durable=True)
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A small, really trained DST tokenizer (as tests/stream/conftest.py builds it)."""
+    import torch
+
+    from models.tokenizer.testing import tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tiny_tokenizer(out, n_items=128, epochs=2)
+    finally:
+        torch.set_num_threads(threads)
+    return out
