@@ -224,3 +224,46 @@ def serve_process(args: Sequence[str], log_path: Path, timeout_s: float = 180.0)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class RankProbe:
+    """One caller asking Rank the same question every ``interval_s`` in a thread, until ``close``.
+
+    Records the model version of every answer and every failure: what reliability tests
+    check across a version swap, a trainer crash or a dependency outage.
+    """
+
+    def __init__(self, address: str, user: int, items: Sequence[int], interval_s: float = 0.1) -> None:
+        import threading
+
+        import grpc
+
+        from hisam.pb.v1 import rank_pb2, rank_pb2_grpc
+
+        self.channel = grpc.insecure_channel(address)
+        self.stub = rank_pb2_grpc.RankingServiceStub(self.channel)
+        self.request = rank_pb2.RankRequest(user_id=user, item_ids=list(items), request_id="probe")
+        self.interval_s = interval_s
+        self.versions: list[str] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rank-probe", daemon=True)
+
+    def start(self) -> RankProbe:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import grpc
+
+        while not self._stop.is_set():
+            try:
+                self.versions.append(self.stub.Rank(self.request, timeout=30).model_version)
+            except grpc.RpcError as e:
+                self.failures.append(f"{e.code()}: {e.details()}")
+            self._stop.wait(self.interval_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(35)
+        self.channel.close()
