@@ -87,6 +87,9 @@ def run_standalone(prog: str, doc: str | None, add_arguments, main) -> NoReturn:
     add_arguments(parser)
     args = parser.parse_args()
     configure_logging(args.verbose, args.log_format)
+    from hisam.supervisor import die_with_parent
+
+    die_with_parent()
     sys.exit(int(main(args) or 0))
 
 

@@ -13,6 +13,7 @@ run has exited: a crashed worker stops the loop with its log, instead of a silen
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -29,6 +30,29 @@ log = logging.getLogger(__name__)
 
 class ChildExited(RuntimeError):
     """A supervised child exited while it was expected to run."""
+
+
+PARENT_ENV = "HISAM_SUPERVISOR_PID"
+
+
+def die_with_parent() -> None:
+    """Linux: have this process SIGTERMed when its supervisor dies, even by SIGKILL.
+
+    Called at the start of a supervised command (``hisam.cli.run_standalone``) when the
+    supervisor set ``HISAM_SUPERVISOR_PID``, rather than between fork and exec (unsafe with
+    threads). A supervisor already gone by then means exit at once.
+    """
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(parent):
+        log.error("the supervisor (pid %s) is gone: exiting", parent)
+        sys.exit(1)
 
 
 def tail(path: Path, n: int = 3000) -> str:
@@ -62,7 +86,7 @@ class Child:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.env},
+                env={**os.environ, **self.env, PARENT_ENV: str(os.getpid())},
                 start_new_session=True,  # Ctrl-C goes to the supervisor, which stops us in order
             )
         finally:

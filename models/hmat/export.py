@@ -317,9 +317,11 @@ def _example_stream(model: HMAT, B: int = 2, n_items: int = 2, n_cand: int = 3) 
     """Shape-only example inputs for tracing (values are valid but arbitrary)."""
     cfg = model.config
     g = torch.Generator().manual_seed(0)
+    # Within the model's limits: a dataset without profile columns has a vocabulary of 1.
+    profile = [t % cfg.profile_vocab_size for t in (1, 2)][: cfg.max_profile_len]
     users = [
         UserSequence(
-            profile=[1, 2],
+            profile=profile,
             sids=torch.randint(cfg.codebook_size, (n_items + b, cfg.n_sid), generator=g),
             actions=torch.randint(cfg.n_actions, (n_items + b,), generator=g),
             candidates=torch.randint(cfg.codebook_size, (n_cand, cfg.n_sid), generator=g),
