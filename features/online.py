@@ -304,6 +304,23 @@ def _user_stream(user_id: int, raw: Sequence[bytes | None], n_codes: int) -> Use
 
 _U32 = struct.Struct("<I")
 _REPLY_HEAD = struct.Struct("<BII")  # appended, len(history token varints), len(history action varints)
+_KEY_VALUE = struct.Struct("<q")  # the entity id inside Feast's entity key
+_CACHE_MAX = 1 << 16  # entries of RedisStreamStore's encode/decode caches (cleared when full)
+
+
+def _varint(n: int) -> bytes:
+    """One protobuf varint of a non-negative int (``enc.varints`` of one value, faster)."""
+    if n < 0x80:
+        return _VARINT_BYTES[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_VARINT_BYTES = [bytes((i,)) for i in range(0x80)]
 
 
 def _lua_bytes(b: bytes) -> str:
@@ -376,12 +393,6 @@ local function unwrap_ints(v)
   return string.sub(v, p2, p2 + len2 - 1)
 end
 
-local function wrap_ints(payload)
-  if #payload == 0 then return '\114\0' end
-  local inner = '\10' .. varint(#payload) .. payload
-  return '\114' .. varint(#inner) .. inner
-end
-
 -- Value{string_list_val{val...}} -> concatenated elements
 local function unwrap_strings(v)
   if not v or #v == 0 then return '' end
@@ -417,6 +428,39 @@ local function duplicate(cur, eid, want)
   return 0, '', ''
 end
 
+-- Value{int64_list_val{packed val}} -> the payload's first and last positions in v (last <
+-- first: empty). Positions, not a copy: Redis' Lua hashes every byte of every string it
+-- creates, so each intermediate copy of a stream field costs about what reading it does.
+local function ints_span(v)
+  if not v or #v == 0 then return 1, 0 end
+  if string.byte(v, 1) ~= 114 then error('user stream field is not an int64 list') end
+  local len, p = read_varint(v, 2)
+  if len == 0 then return 1, 0 end
+  local len2, p2 = read_varint(v, p + 1)
+  return p2, p2 + len2 - 1
+end
+
+-- Value{string_list_val{val...}} -> the elements' first and last positions in v
+local function strings_span(v)
+  if not v or #v == 0 then return 1, 0 end
+  if string.byte(v, 1) ~= 98 then error('user stream field is not a string list') end
+  local len, p = read_varint(v, 2)
+  return p, p + len - 1
+end
+
+-- Value{int64_list_val{kept .. new}} and Value{string_list_val{kept .. new}}, each built
+-- in one concatenation (no intermediate copy of the kept part)
+local function ints_value(kept, new)
+  local n = #kept + #new
+  if n == 0 then return '\114\0' end
+  local vn = varint(n)
+  return '\114' .. varint(1 + #vn + n) .. '\10' .. vn .. kept .. new
+end
+
+local function strings_value(kept, new)
+  return '\98' .. varint(#kept + #new) .. kept .. new
+end
+
 local function append_one(key, eid, tokv, actv, timv, ms_str, ts, want)
   local cur = redis.call('HMGET', key, F_TOK, F_ACT, F_EID, F_TIM, M_SEEN, M_LEN, M_MAX, M_TOTAL, M_SEEN_N)
   local seen = cur[5] or '\0'
@@ -424,34 +468,52 @@ local function append_one(key, eid, tokv, actv, timv, ms_str, ts, want)
     return duplicate(cur, eid, want)
   end
 
-  local tok0, act0 = unwrap_ints(cur[1]), unwrap_ints(cur[2])
-  local n = tonumber(cur[6] or '0')
-  local tok = tok0 .. tokv
-  local act = act0 .. actv
-  local tim = unwrap_ints(cur[4]) .. timv
-  local eids = unwrap_strings(cur[3]) .. '\10' .. varint(#eid) .. eid
-  n = n + 1
+  local n = tonumber(cur[6] or '0') + 1
+  local drop = 0
   if n > T then
-    local drop = n - T
-    tok = string.sub(tok, skip_varints(tok, 1, drop * NC))
-    act = string.sub(act, skip_varints(act, 1, drop))
-    tim = string.sub(tim, skip_varints(tim, 1, drop))
-    eids = string.sub(eids, skip_strings(eids, 1, drop))
+    drop = n - T
     n = T
   end
+  -- Each field: the part kept (past the dropped items) and the new item, concatenated once.
+  local vt, va, ve, vm = cur[1] or '', cur[2] or '', cur[3] or '', cur[4] or ''
+  local t0, t1 = ints_span(vt)
+  local a0, a1 = ints_span(va)
+  local m0, m1 = ints_span(vm)
+  local e0, e1 = strings_span(ve)
+  local tok0, act0 = '', ''
+  if want then
+    tok0, act0 = string.sub(vt, t0, t1), string.sub(va, a0, a1)
+  end
+  local tok = ints_value(string.sub(vt, skip_varints(vt, t0, drop * NC), t1), tokv)
+  local act = ints_value(string.sub(va, skip_varints(va, a0, drop), a1), actv)
+  local tim = ints_value(string.sub(vm, skip_varints(vm, m0, drop), m1), timv)
+  local eids = strings_value(string.sub(ve, skip_strings(ve, e0, drop), e1), '\10' .. varint(#eid) .. eid)
   -- The seen window: its count is stored; a hash written before the count existed (the
-  -- window then held the stream's ids) is counted once.
+  -- window then held the stream's ids) is counted once. Past W ids, the oldest go.
   local seen_n = tonumber(cur[9] or '')
   if seen_n == nil then
     local _, delims = string.gsub(seen, '%z', '')
     seen_n = delims - 1
   end
-  seen, seen_n = trim_seen(seen .. eid .. '\0', seen_n + 1)
+  seen_n = seen_n + 1
+  if seen_n > W then
+    local p = 1
+    for _ = 1, seen_n - W do
+      p = string.find(seen, '\0', p + 1, true)
+      if p == nil then break end
+    end
+    if p == nil then  -- a count above what the window holds (not one this script wrote)
+      seen, seen_n = trim_seen(seen .. eid .. '\0', seen_n)
+    else
+      seen, seen_n = string.sub(seen, p) .. eid .. '\0', W
+    end
+  else
+    seen = seen .. eid .. '\0'
+  end
   local total = tonumber(cur[8] or '0') + 1
 
-  local hset = {F_TOK, wrap_ints(tok), F_ACT, wrap_ints(act), F_EID, '\98' .. varint(#eids) .. eids,
-                F_TIM, wrap_ints(tim), M_SEEN, seen, M_SEEN_N, tostring(seen_n), M_LEN, tostring(n),
-                M_TOTAL, tostring(total), P_N, '\32' .. varint(total)}
+  local hset = {F_TOK, tok, F_ACT, act, F_EID, eids, F_TIM, tim, M_SEEN, seen, M_SEEN_N, tostring(seen_n),
+                M_LEN, tostring(n), M_TOTAL, tostring(total), P_N, '\32' .. varint(total)}
   -- Feast's event timestamp of both views is the newest event time seen (events may
   -- arrive out of time order; the stream keeps arrival order).
   local ms = tonumber(ms_str)
@@ -461,7 +523,6 @@ local function append_one(key, eid, tokv, actv, timv, ms_str, ts, want)
     end
   end
   redis.call('HSET', key, unpack(hset))
-  if not want then return 1, '', '' end
   return 1, tok0, act0
 end
 
@@ -488,7 +549,9 @@ for _, key in ipairs(KEYS) do
   local want
   want, pos = struct.unpack('<B', blob, pos)
   local appended, tok, act = append_one(key, eid, tokv, actv, timv, ms_str, ts, want == 1)
-  out[#out + 1] = struct.pack('<BI4I4', appended, #tok, #act) .. tok .. act
+  out[#out + 1] = struct.pack('<BI4I4', appended, #tok, #act)
+  out[#out + 1] = tok
+  out[#out + 1] = act
 end
 return table.concat(out)
 """
@@ -552,25 +615,38 @@ class RedisStreamStore:
         fv = enc.USER_STREAM_FV
         self._stream_fields = [enc.redis_field(fv, f) for f in enc.STREAM_FEATURES]
         self._item_fields = [enc.redis_field(enc.ITEM_SID_FV, f) for f in enc.ITEM_FEATURES]
+        # Hot-path helpers (per action): a key is a fixed head, the packed id, the project;
+        # encoded tokens of an item and decoded item IDs recur from batch to batch.
+        self._user_key_head = enc.redis_key(config.project, enc.USER_ID_KEY, 0)[: -len(config.project.encode()) - 8]
+        self._item_key_head = enc.redis_key(config.project, enc.ITEM_ID_KEY, 0)[: -len(config.project.encode()) - 8]
+        self._key_tail = config.project.encode("utf-8")
+        self._token_varints: dict[tuple[int, ...], bytes] = {}
+        self._decoded_items: dict[tuple[int, bytes, bytes | None, bytes | None], ItemSids] = {}
 
     def _key(self, user_id: int) -> bytes:
-        return enc.redis_key(self.config.project, enc.USER_ID_KEY, user_id)
+        return self._user_key_head + _KEY_VALUE.pack(user_id) + self._key_tail
 
     def _record(self, a: StreamAction, want_history: bool) -> bytes:
         """One action's part of the script's argument blob (see the script header)."""
         a.validate(self.config.n_codes)
-        parts = []
-        for f in (
-            a.event_id.encode("utf-8"),
-            enc.varints(a.item_tokens),
-            enc.varints((a.action,)),
-            enc.varints((a.event_time_ms,)),
-            str(int(a.event_time_ms)).encode(),
-            enc.timestamp_bytes(a.event_time_ms),
-        ):
-            parts += (_U32.pack(len(f)), f)
-        parts.append(b"\x01" if want_history else b"\x00")
-        return b"".join(parts)
+        u32 = _U32.pack
+        eid = a.event_id.encode("utf-8")
+        tokv = self._token_varints.get(a.item_tokens)
+        if tokv is None:
+            if len(self._token_varints) >= _CACHE_MAX:
+                self._token_varints.clear()
+            tokv = self._token_varints[a.item_tokens] = enc.varints(a.item_tokens)
+        actv = _varint(a.action)
+        ms = int(a.event_time_ms)
+        timv = _varint(ms)
+        ms_str = b"%d" % ms
+        ts = enc.timestamp_bytes(ms)
+        return b"".join(
+            (
+                u32(len(eid)), eid, u32(len(tokv)), tokv, u32(len(actv)), actv, u32(len(timv)), timv,
+                u32(len(ms_str)), ms_str, u32(len(ts)), ts, b"\x01" if want_history else b"\x00",
+            )
+        )  # fmt: skip
 
     def _results(self, blob: bytes) -> list[AppendResult]:
         out = []
@@ -642,7 +718,8 @@ class RedisStreamStore:
         from google.protobuf.timestamp_pb2 import Timestamp
 
         fields = [*self._item_fields, enc.redis_ts_field(enc.ITEM_SID_FV)]
-        keys = [enc.redis_key(self.config.project, enc.ITEM_ID_KEY, i) for i in item_ids]
+        head, tail, pack = self._item_key_head, self._key_tail, _KEY_VALUE.pack
+        keys = [head + pack(i) + tail for i in item_ids]
         if not keys:
             return {}
         if self.config.redis_cluster:
@@ -665,19 +742,104 @@ class RedisStreamStore:
                     pos += 4 + n
                 rows.append(row)
         out: dict[int, ItemSids] = {}
+        decoded = self._decoded_items  # by the stored bytes: a changed item decodes afresh
         for i, (tok, ver, ts) in zip(item_ids, rows):
             if tok:
-                t = Timestamp.FromString(ts) if ts else Timestamp()
-                out[int(i)] = ItemSids(
-                    item_id=int(i),
-                    tokens=tuple(enc.decode_value(tok).int64_list_val.val),
-                    tokenizer_version=enc.decode_value(ver).string_val,
-                    event_time_ms=t.seconds * 1000 + t.nanos // 1_000_000,
-                )
+                i = int(i)
+                it = decoded.get((i, tok, ver, ts))
+                if it is None:
+                    t = Timestamp.FromString(ts) if ts else Timestamp()
+                    it = ItemSids(
+                        item_id=i,
+                        tokens=tuple(enc.decode_value(tok).int64_list_val.val),
+                        tokenizer_version=enc.decode_value(ver).string_val,
+                        event_time_ms=t.seconds * 1000 + t.nanos // 1_000_000,
+                    )
+                    if len(decoded) >= _CACHE_MAX:
+                        decoded.clear()
+                    decoded[(i, tok, ver, ts)] = it
+                out[i] = it
         return out
 
     def close(self) -> None:
         self._client.close()
+
+    # Whole-namespace access for re-tokenisation (features/retokenize.py): not the hot path.
+
+    def entity_ids(self, join_key: str = enc.USER_ID_KEY, scan_count: int = 1000) -> np.ndarray:
+        """Ids of every entity of ``join_key`` stored under this project, sorted (int64).
+
+        SCAN with a pattern that matches exactly Feast's key layout for this project (entity
+        key header, any 8 value bytes, the project name), so another project's keys, even
+        one whose name ends like this one, are never matched.
+        """
+        head = _entity_key_head(join_key)
+        pattern = _glob_escape(head) + b"?" * 8 + _glob_escape(self.config.project.encode())
+        ids = [_I64.unpack_from(k, len(head))[0] for k in self._client.scan_iter(match=pattern, count=scan_count)]
+        return np.unique(np.asarray(ids, np.int64))
+
+    def read_user_states(self, user_ids: Sequence[int]) -> list[UserState | None]:
+        """Users' streams with their seen windows and profile counters (one pipelined round trip)."""
+        fields = [*self._stream_fields, *_redis_meta_fields()]
+        pipe = self._client.pipeline(transaction=False)
+        for u in user_ids:
+            pipe.hmget(self._key(u), fields)
+        out: list[UserState | None] = []
+        for u, raw in zip(user_ids, pipe.execute()):
+            stream = _user_stream(u, raw[:4], self.config.n_codes)
+            if stream is None:
+                out.append(None)
+                continue
+            seen, total, max_ms, p_n, p_last = raw[4], raw[6], raw[7], raw[8], raw[9]
+            # A hash written before the window had its count held the stream's ids in it.
+            seen_ids = [x.decode() for x in seen.split(b"\x00") if x] if seen is not None else list(stream.event_ids)
+            if total is not None:
+                n_actions = int(total)
+            elif p_n is not None:
+                n_actions = enc.decode_value(p_n).int64_val
+            else:
+                n_actions = len(stream)
+            if max_ms is not None:
+                last = int(max_ms)
+            elif p_last is not None:
+                last = enc.decode_value(p_last).int64_val
+            else:
+                last = int(stream.event_times_ms.max())
+            out.append(UserState(stream, seen_ids, n_actions, last))
+        return out
+
+    def write_user_states(self, states: Sequence[UserState]) -> None:
+        """Write whole user states (stream, seen window, counters), replacing what is stored.
+
+        For filling a namespace no stream worker writes to (re-tokenisation): not atomic
+        with appends. The fields are those the append script writes, byte for byte.
+        """
+        fv, pf = enc.USER_STREAM_FV, enc.USER_PROFILE_FV
+        seen_f, seen_n_f, len_f, max_f, total_f = (
+            _redis_meta_field(n) for n in ("seen", "seen_n", "len", "max_ms", "total")
+        )
+        pipe = self._client.pipeline(transaction=False)
+        for st in states:
+            st.check(self.config)
+            s = st.stream
+            ts = enc.timestamp_bytes(st.last_action_ms)
+            mapping = {
+                self._stream_fields[0]: enc.int64_list_value(s.tokens.ravel().tolist()),
+                self._stream_fields[1]: enc.int64_list_value(s.actions.tolist()),
+                self._stream_fields[2]: enc.string_list_value(s.event_ids),
+                self._stream_fields[3]: enc.int64_list_value(s.event_times_ms.tolist()),
+                enc.redis_ts_field(fv): ts,
+                enc.redis_field(pf, "n_actions"): enc.int64_value(st.n_actions),
+                enc.redis_field(pf, "last_action_ms"): enc.int64_value(st.last_action_ms),
+                enc.redis_ts_field(pf): ts,
+                seen_f: b"\x00" + b"".join(e.encode("utf-8") + b"\x00" for e in st.seen_ids),
+                seen_n_f: str(len(st.seen_ids)),
+                len_f: str(len(s)),
+                max_f: str(int(st.last_action_ms)),
+                total_f: str(int(st.n_actions)),
+            }
+            pipe.hset(self._key(s.user_id), mapping=mapping)
+        pipe.execute()
 
 
 # ---- SQLite --------------------------------------------------------------------------
@@ -924,6 +1086,93 @@ class SqliteStreamStore:
             conn.close()
             self._local.conn = None
 
+    # Whole-namespace access for re-tokenisation (features/retokenize.py): not the hot path.
+
+    def entity_ids(self, join_key: str = enc.USER_ID_KEY) -> np.ndarray:
+        """Ids of every entity of ``join_key`` stored under this project, sorted (int64)."""
+        tables = {enc.USER_ID_KEY: self._stream_t, enc.ITEM_ID_KEY: self._item_t}
+        if join_key not in tables:
+            raise ValueError(f"join_key must be one of {sorted(tables)}, got {join_key!r}")
+        head = _entity_key_head(join_key)
+        rows = self._conn().execute(f'SELECT DISTINCT entity_key FROM "{tables[join_key]}"')
+        ids = [_I64.unpack_from(ek, len(head))[0] for (ek,) in rows if len(ek) == len(head) + 8 and ek.startswith(head)]
+        return np.unique(np.asarray(ids, np.int64))
+
+    def read_user_states(self, user_ids: Sequence[int]) -> list[UserState | None]:
+        """Users' streams with their seen windows and profile counters (read only)."""
+        conn = self._conn()
+        streams = self.read_streams(user_ids)
+        keys = [enc.entity_key_bytes(enc.USER_ID_KEY, u) for u in user_ids]
+        prof: dict[bytes, dict[str, bytes]] = {}
+        seen: dict[bytes, list[tuple[int, str]]] = {}
+        for start in range(0, len(keys), 500):  # SQLite caps bound parameters
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            q = f'SELECT entity_key, feature_name, value FROM "{self._profile_t}" WHERE entity_key IN ({marks})'
+            for ek, name, value in conn.execute(q, chunk):
+                prof.setdefault(ek, {})[name] = value
+            q = f'SELECT entity_key, seq, event_id FROM "{self._seen_t}" WHERE entity_key IN ({marks})'
+            for ek, seq, eid in conn.execute(q, chunk):
+                seen.setdefault(ek, []).append((seq, eid))
+        out: list[UserState | None] = []
+        for ek, s in zip(keys, streams):
+            if s is None:
+                out.append(None)
+                continue
+            p = prof.get(ek, {})
+            n_actions = enc.decode_value(p["n_actions"]).int64_val if "n_actions" in p else len(s)
+            last = enc.decode_value(p.get("last_action_ms"))
+            last_ms = last.int64_val if last.HasField("int64_val") else int(s.event_times_ms.max())
+            rows = sorted(seen.get(ek, []))
+            # Rows at or below n_actions - W are stale (see _seen); none at all: a stream
+            # written before the seen table existed, whose ids start the window (see _load).
+            ids = [e for q, e in rows if q > n_actions - self.config.seen_window] if rows else list(s.event_ids)
+            out.append(UserState(s, ids, n_actions, last_ms))
+        return out
+
+    def write_user_states(self, states: Sequence[UserState]) -> None:
+        """Write whole user states (stream, seen window, counters) in one transaction, replacing them.
+
+        For filling a namespace no stream worker writes to (re-tokenisation). The rows are
+        those an append writes; the window's ids get consecutive sequence numbers ending at
+        ``n_actions``, as appends give them.
+        """
+        upsert = (
+            'INSERT INTO "{t}" (entity_key, feature_name, value, event_ts, created_ts) VALUES (?, ?, ?, ?, ?) '
+            "ON CONFLICT(entity_key, feature_name) DO UPDATE SET value = excluded.value, "
+            "event_ts = excluded.event_ts, created_ts = excluded.created_ts"
+        )
+        stream_rows, profile_rows, seen_rows, keys = [], [], [], []
+        for st in states:
+            st.check(self.config)
+            s = st.stream
+            ek = enc.entity_key_bytes(enc.USER_ID_KEY, s.user_id)
+            ts = enc.sqlite_timestamp(st.last_action_ms)
+            keys.append((ek,))
+            stream_rows += [
+                (ek, "sid_tokens", enc.int64_list_value(s.tokens.ravel().tolist()), ts, ts),
+                (ek, "actions", enc.int64_list_value(s.actions.tolist()), ts, ts),
+                (ek, "event_ids", enc.string_list_value(s.event_ids), ts, ts),
+                (ek, "event_times_ms", enc.int64_list_value(s.event_times_ms.tolist()), ts, ts),
+            ]
+            profile_rows += [
+                (ek, "n_actions", enc.int64_value(st.n_actions), ts, ts),
+                (ek, "last_action_ms", enc.int64_value(st.last_action_ms), ts, ts),
+            ]
+            first = st.n_actions - len(st.seen_ids) + 1
+            seen_rows += [(ek, e, first + i) for i, e in enumerate(st.seen_ids)]
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(upsert.format(t=self._stream_t), stream_rows)
+            conn.executemany(upsert.format(t=self._profile_t), profile_rows)
+            conn.executemany(f'DELETE FROM "{self._seen_t}" WHERE entity_key = ?', keys)
+            conn.executemany(f'INSERT INTO "{self._seen_t}" (entity_key, event_id, seq) VALUES (?, ?, ?)', seen_rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
 
 # ---- reads through Feast ---------------------------------------------------------------
 
@@ -956,3 +1205,81 @@ def feast_read_item_sids(store: FeatureStore, item_ids: Sequence[int]) -> Mappin
         features=[f"{enc.ITEM_SID_FV}:sid_tokens"], entity_rows=[{enc.ITEM_ID_KEY: int(i)} for i in item_ids]
     ).to_dict()
     return {int(i): got["sid_tokens"][k] for k, i in enumerate(item_ids)}
+
+
+# ---- whole user states (re-tokenisation) -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class UserState:
+    """Everything the store keeps for one user: stream, seen window and profile counters.
+
+    What copying a user to another namespace must carry over (features/retokenize.py), so
+    that appends there continue exactly where they stopped here: ``seen_ids`` is the
+    idempotency window, oldest first (at most W); ``n_actions`` the appends ever counted
+    (``user_profile:n_actions``); ``last_action_ms`` the newest event time (Feast's event
+    time of both user views, and ``user_profile:last_action_ms``).
+    """
+
+    stream: UserStream
+    seen_ids: list[str]
+    n_actions: int
+    last_action_ms: int
+
+    def check(self, config: OnlineStoreConfig) -> None:
+        """Refuse a state the store's contract cannot hold (before anything is written)."""
+        s = self.stream
+        n = len(s.event_ids)
+        if s.tokens.shape != (n, config.n_codes) or len(s.actions) != n or len(s.event_times_ms) != n:
+            raise ValueError(
+                f"user {s.user_id}: tokens {s.tokens.shape}, {len(s.actions)} actions, {len(s.event_times_ms)} "
+                f"times for {n} events; the store keeps {config.n_codes} tokens per item"
+            )
+        if n > config.stream_len or len(self.seen_ids) > config.seen_window:
+            raise ValueError(
+                f"user {s.user_id}: {n} events / {len(self.seen_ids)} seen ids exceed the store's "
+                f"T={config.stream_len} / W={config.seen_window}"
+            )
+        for e in (*s.event_ids, *self.seen_ids):
+            if not e or "\x00" in e or len(e.encode("utf-8")) > MAX_EVENT_ID_BYTES:
+                raise ValueError(f"user {s.user_id}: invalid event id {e[:40]!r}")
+        if self.n_actions < n or self.last_action_ms < 0:
+            raise ValueError(f"user {s.user_id}: n_actions {self.n_actions} < {n} events, or negative last time")
+
+
+class NamespaceStore(StreamStore, Protocol):
+    """A StreamStore that can also list and copy a whole namespace (both stores are)."""
+
+    def entity_ids(self, join_key: str = enc.USER_ID_KEY) -> np.ndarray: ...
+
+    def read_user_states(self, user_ids: Sequence[int]) -> list[UserState | None]: ...
+
+    def write_user_states(self, states: Sequence[UserState]) -> None: ...
+
+
+_I64 = struct.Struct("<q")
+
+
+def _entity_key_head(join_key: str) -> bytes:
+    """Feast's entity key for ``join_key`` without its 8 value bytes (the same for every id)."""
+    return enc.entity_key_bytes(join_key, 0)[: -_I64.size]
+
+
+def _glob_escape(b: bytes) -> bytes:
+    """Bytes matched literally by a Redis glob pattern (SCAN MATCH)."""
+    return b"".join(b"\\" + bytes((c,)) if c in b"*?[]\\" else bytes((c,)) for c in b)
+
+
+def _redis_meta_field(name: str) -> bytes:
+    """hisam's own bookkeeping fields in a user's hash (see build_append_lua)."""
+    return f"_hisam:{enc.USER_STREAM_FV}:{name}".encode()
+
+
+def _redis_meta_fields() -> list[bytes]:
+    """What RedisStreamStore.read_user_states reads after the four stream fields, in order."""
+    pf = enc.USER_PROFILE_FV
+    return [
+        *(_redis_meta_field(n) for n in ("seen", "seen_n", "total", "max_ms")),
+        enc.redis_field(pf, "n_actions"),
+        enc.redis_field(pf, "last_action_ms"),
+    ]

@@ -57,9 +57,9 @@ class ActionProcessor:
     def __init__(self, store: StreamStore):
         self.store = store
 
-    def process(self, batch: Sequence[rec.RawMessage]) -> BatchOutput:
+    def process(self, batch: Sequence[rec.ConsumedRecord]) -> BatchOutput:
         out = BatchOutput()
-        events: list[tuple[rec.RawMessage, object]] = []
+        events: list[tuple[rec.ConsumedRecord, object]] = []
         for msg in batch:
             try:
                 events.append((msg, rec.decode_action(msg.value)))
@@ -116,7 +116,7 @@ class ActionProcessor:
         return out
 
     @staticmethod
-    def _reject(out: BatchOutput, msg: rec.RawMessage, reason: str, detail: str) -> None:
+    def _reject(out: BatchOutput, msg: rec.ConsumedRecord, reason: str, detail: str) -> None:
         log.warning("dead-lettering %s[%d]@%d: %s: %s", msg.topic, msg.partition, msg.offset, reason, detail)
         out.dead_letters.append((msg.key or b"", rec.dead_letter(msg, reason, detail, now_ms()).SerializeToString()))
 
@@ -137,11 +137,11 @@ class ItemProcessor:
                 f"tokenizer emits {tokenizer.n_codes} codes, the online store keeps {store.config.n_codes}"
             )
 
-    def process(self, batch: Sequence[rec.RawMessage]) -> BatchOutput:
+    def process(self, batch: Sequence[rec.ConsumedRecord]) -> BatchOutput:
         from models.tokenizer import TokenizerInputError
 
         out = BatchOutput()
-        good: list[tuple[rec.RawMessage, rec.ItemFeatures]] = []
+        good: list[tuple[rec.ConsumedRecord, rec.ItemFeatures]] = []
         for msg in batch:
             try:
                 good.append((msg, rec.decode_item(msg.value, self.tokenizer.modalities)))

@@ -7,8 +7,10 @@ tested without a broker. Validation raises ``EventRejected`` with a machine-read
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -28,6 +30,7 @@ TOKENIZER_INPUT = "tokenizer_input"
 # Positive feedback for the near-line trainer's label; impressions, dislikes and skips
 # are negatives (METHOD.md's binary label; the dataset replay maps ratings the same way).
 POSITIVE_ACTIONS = frozenset({pb.ACTION_TYPE_CLICK, pb.ACTION_TYPE_LIKE, pb.ACTION_TYPE_PURCHASE})
+_ACTION_TYPES = frozenset(pb.ActionType.values())  # the enum builds a new list on every call
 
 
 class EventRejected(ValueError):
@@ -37,6 +40,22 @@ class EventRejected(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class ConsumedRecord(Protocol):
+    """What the processors read of a consumed record: aiokafka's ``ConsumerRecord`` (as the
+    worker hands them over, unconverted) and ``RawMessage`` both have it."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
 
 
 @dataclass(frozen=True)
@@ -66,7 +85,7 @@ def decode_action(raw: bytes | None) -> pb.ActionEvent:
         raise EventRejected(INVALID_FIELD, "event_id must be a non-empty string without NUL")
     if ev.user_id < 0 or ev.item_id < 0:
         raise EventRejected(INVALID_FIELD, f"negative id (user {ev.user_id}, item {ev.item_id})")
-    if ev.action == pb.ACTION_TYPE_UNSPECIFIED or ev.action not in pb.ActionType.values():
+    if ev.action == pb.ACTION_TYPE_UNSPECIFIED or ev.action not in _ACTION_TYPES:
         raise EventRejected(INVALID_FIELD, f"action {ev.action} is unspecified or unknown")
     if ev.event_time_ms <= 0:
         raise EventRejected(INVALID_FIELD, f"event_time_ms must be positive, got {ev.event_time_ms}")
@@ -130,19 +149,47 @@ def training_sample(
     )
 
 
+def _varint(n: int) -> bytes:
+    """One protobuf varint; a negative int64 is written as its 64-bit two's complement."""
+    if n < 0:
+        n += 1 << 64
+    if n < 0x80:
+        return _BYTES[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_BYTES = [bytes((i,)) for i in range(0x80)]
+
+
 def _len_delimited(tag: int, payload: bytes) -> bytes:
     if not payload:
-        return b""  # proto3 writes no empty packed field
-    n, head = len(payload), bytearray((tag,))
-    while n >= 0x80:
-        head.append((n & 0x7F) | 0x80)
-        n >>= 7
-    head.append(n)
-    return bytes(head) + payload
+        return b""  # proto3 writes no empty string or packed field
+    return _BYTES[tag] + _varint(len(payload)) + payload
 
 
+_USER_ID_TAG = (1 << 3) | 0  # TrainingSample.user_id
 _HISTORY_TOKENS_TAG = (2 << 3) | 2  # TrainingSample.history_tokens, packed
 _HISTORY_ACTIONS_TAG = (3 << 3) | 2  # TrainingSample.history_actions, packed
+_EVENT_ID_TAG = (8 << 3) | 2  # TrainingSample.event_id
+_EVENT_TIME_TAG = (9 << 3) | 0  # TrainingSample.event_time_ms
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _target_fields(
+    item_id: int, target_tokens: tuple[int, ...], action: int, tokenizer_version: str
+) -> tuple[bytes, bytes]:
+    """Fields 4-7 and 10-11 of a TrainingSample, serialised by protobuf: the same for every
+    action of one type on one item, so they are cached (a hot item's are reused)."""
+    before = pb.TrainingSample(
+        target_item_id=item_id, target_tokens=target_tokens, target_action=action, label=label_of(action)
+    ).SerializeToString()
+    after = pb.TrainingSample(tokenizer_version=tokenizer_version, n_codes=len(target_tokens)).SerializeToString()
+    return before, after
 
 
 def training_sample_bytes(
@@ -157,30 +204,27 @@ def training_sample_bytes(
     The online store hands back the history as packed varints, which is exactly how the
     sample's two repeated fields travel on the wire: they are copied, not decoded into
     Python ints and encoded again (a full T=300 history is 1,800 tokens). Fields are
-    written in field-number order, as protobuf serialises them.
+    written in field-number order, as protobuf serialises them; zero scalars and empty
+    strings and lists are left out (proto3). The fields that depend only on the item and
+    the action type come from protobuf itself (``_target_fields``); the per-event ones are
+    written here.
     """
-    head = pb.TrainingSample(user_id=ev.user_id).SerializeToString()
-    tail = pb.TrainingSample(
-        target_item_id=ev.item_id,
-        target_tokens=target_tokens,
-        target_action=ev.action,
-        label=label_of(ev.action),
-        event_id=ev.event_id,
-        event_time_ms=ev.event_time_ms,
-        tokenizer_version=tokenizer_version,
-        n_codes=len(target_tokens),
-    ).SerializeToString()
+    target, version = _target_fields(ev.item_id, tuple(target_tokens), ev.action, tokenizer_version)
+    user_id, event_time_ms = ev.user_id, ev.event_time_ms
     return b"".join(
         (
-            head,
+            _BYTES[_USER_ID_TAG] + _varint(user_id) if user_id else b"",
             _len_delimited(_HISTORY_TOKENS_TAG, history_tokens_packed),
             _len_delimited(_HISTORY_ACTIONS_TAG, history_actions_packed),
-            tail,
+            target,
+            _len_delimited(_EVENT_ID_TAG, ev.event_id.encode("utf-8")),
+            _BYTES[_EVENT_TIME_TAG] + _varint(event_time_ms) if event_time_ms else b"",
+            version,
         )
     )
 
 
-def dead_letter(msg: RawMessage, reason: str, detail: str, now_ms: int) -> pb.DeadLetter:
+def dead_letter(msg: ConsumedRecord, reason: str, detail: str, now_ms: int) -> pb.DeadLetter:
     return pb.DeadLetter(
         topic=msg.topic,
         partition=msg.partition,

@@ -56,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", type=Path, default=None, help="frozen tokenizer dir; enables item ingestion")
     parser.add_argument("--app-id", default="hisam-stream", help="consumer group (workers with one id share the load)")
     parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--within-ms", type=float, default=5.0, help="max wait to fill a batch (bounds freshness)")
+    parser.add_argument(
+        "--within-ms", type=float, default=0.0, help="how long an idle worker waits to fill a batch (adds to freshness)"
+    )
     parser.add_argument("--partitions", type=int, default=4, help="partitions of topics created by this worker")
     parser.add_argument(
         "--instance-id",

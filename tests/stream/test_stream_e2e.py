@@ -41,19 +41,20 @@ def env(kafka_bootstrap, redis_url, tiny_tokenizer_dir, tmp_path_factory):
     repo = tmp_path_factory.mktemp("stream_repo")
     cfg = OnlineStoreConfig(backend="redis", redis_url=redis_url, repo_dir=repo, stream_len=T, n_codes=N_CODES)
     tp.ensure_topics(kafka_bootstrap, tp.default_topics(4))
-    worker = WorkerProcess(
-        [
+
+    def worker_args(instance_id: str) -> list[str]:
+        return [
             "--bootstrap", kafka_bootstrap, "--backend", "redis", "--redis-url", redis_url,
             "--repo-dir", str(repo), "--stream-len", str(T), "--n-codes", str(N_CODES),
             "--tokenizer", str(tiny_tokenizer_dir), "--app-id", f"hisam-test-{RUN}",
-            "--within-ms", "20", "--session-timeout", "6", "--instance-id", f"worker-{RUN}",
+            "--within-ms", "20", "--session-timeout", "6", "--instance-id", instance_id,
             # Batches of 500 (the default) put up to ~100 actions of one of the crash tests'
             # users in one uncommitted span, over T = 50: only the seen window (W = 1024 ids
             # per user, independent of T) keeps their redelivery from being appended twice.
             "--batch-size", "500",
-        ],
-        repo / "worker.log",
-    )  # fmt: skip
+        ]  # fmt: skip
+
+    worker = WorkerProcess(worker_args(f"worker-{RUN}"), repo / "worker.log")
     worker.start()
     store = open_stream_store(cfg)
     fs = open_feature_store(cfg)
@@ -62,7 +63,10 @@ def env(kafka_bootstrap, redis_url, tiny_tokenizer_dir, tmp_path_factory):
     store.put_item_sids(
         [ItemSids(BASE + i, tuple(BASE + i * 10 + j for j in range(N_CODES)), "test-v", 0) for i in range(40)]
     )
-    yield {"cfg": cfg, "worker": worker, "store": store, "fs": fs, "producer": producer, "bootstrap": kafka_bootstrap}
+    yield {
+        "cfg": cfg, "worker": worker, "worker_args": worker_args, "store": store, "fs": fs, "producer": producer,
+        "bootstrap": kafka_bootstrap, "repo": repo,
+    }  # fmt: skip
     producer.close()
     worker.stop()
     store.close()
@@ -169,6 +173,38 @@ def test_crash_right_after_a_store_write_neither_loses_nor_doubles(env) -> None:
     wait_until(lambda: sum(n or 0 for n in _n_actions(env["fs"], users)) >= len(evs), 90, 0.3, "appends after restart")
     time.sleep(1.0)  # any further redelivery lands now; it must change nothing
     _check_streams(env, evs)
+
+
+def test_a_worker_joining_and_leaving_the_group_neither_loses_nor_doubles_nor_reorders(env) -> None:
+    """Two rebalances mid-stream: partitions move to a second worker and back.
+
+    Batches fetched before a rebalance are dropped unprocessed (faust seeks back to the
+    committed offsets), the batch in flight is finished and committed before its
+    partitions move, and whatever is redelivered anyway changes nothing.
+    """
+    evs = _events(range(600, 612), per_user=400, tag="rebalance")
+    users = sorted({e.user_id for e in evs})
+    # An empty instance id: a dynamic member, which leaves the group when stopped (a static
+    # member keeps its partitions until it comes back).
+    second = WorkerProcess(env["worker_args"](""), env["repo"] / "worker2.log")
+    sender = threading.Thread(target=prod.produce_actions, args=(env["producer"], evs, 400.0))
+    joins_before = env["worker"].log_tail(10**7).count("Joined group")
+    second.start()
+    sender.start()
+    try:
+        wait_until(lambda: "Joined group" in second.log_tail(10**6), 60, 0.05, "the second worker in the group")
+        time.sleep(1.5)  # both work on the stream
+        done_while_two = sum(n or 0 for n in _n_actions(env["fs"], users))
+        second.stop()  # leaves: another rebalance gives its partitions back
+        assert done_while_two < len(evs), "the stream ended before the second worker left"
+    finally:
+        second.stop()
+        sender.join()
+    wait_until(lambda: sum(n or 0 for n in _n_actions(env["fs"], users)) >= len(evs), 90, 0.3, "all appends")
+    time.sleep(1.0)  # any redelivered batch lands now; it must change nothing
+    _check_streams(env, evs)
+    # Both rebalances happened: the first worker joined the group again twice.
+    assert env["worker"].log_tail(10**7).count("Joined group") >= joins_before + 2, env["worker"].log_tail()
 
 
 def test_bad_events_land_in_dead_letters_with_their_reason(env, tiny_tokenizer_dir) -> None:

@@ -76,17 +76,26 @@ def test_training_sample_carries_history_target_and_label() -> None:
 
 
 @pytest.mark.parametrize("n_hist", [0, 1, 300])
-def test_training_sample_bytes_equal_the_protobuf_serialisation(n_hist: int) -> None:
+@pytest.mark.parametrize(
+    "ev",
+    [
+        rec.action_event("ev-é", 2**40, 77, pb.ACTION_TYPE_PURCHASE, 1_700_000_000_123),
+        rec.action_event("e", 0, 0, pb.ACTION_TYPE_SKIP, 0),  # zero scalars are left out
+        rec.action_event("", -3, -(2**62), pb.ACTION_TYPE_CLICK, -1),  # negatives: 10-byte varints
+        rec.action_event("x" * 300, 127, 128, pb.ACTION_TYPE_LIKE, 2**63 - 1),  # varint length boundaries
+    ],
+)
+def test_training_sample_bytes_equal_the_protobuf_serialisation(n_hist: int, ev) -> None:
     from features import encoding as enc
 
-    ev = rec.action_event("ev-é", 2**40, 77, pb.ACTION_TYPE_PURCHASE, 1_700_000_000_123)
     tokens = np.arange(n_hist * 6).reshape(n_hist, 6) * 997  # multi-byte varints
     actions = np.arange(n_hist) % 7
-    want = rec.training_sample(ev, tokens, actions, tuple(range(5000, 5006)), "tok-v2").SerializeToString()
-    got = rec.training_sample_bytes(
-        ev, enc.varints(tokens.ravel().tolist()), enc.varints(actions.tolist()), tuple(range(5000, 5006)), "tok-v2"
-    )
-    assert got == want
+    for target, version in [(tuple(range(5000, 5006)), "tok-v2"), ((0, 1, 2, 3, 4, 5), ""), ((), "v")]:
+        want = rec.training_sample(ev, tokens, actions, target, version).SerializeToString()
+        got = rec.training_sample_bytes(
+            ev, enc.varints(tokens.ravel().tolist()), enc.varints(actions.tolist()), target, version
+        )
+        assert got == want
 
 
 @pytest.fixture
