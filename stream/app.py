@@ -252,6 +252,9 @@ def create_app(settings: StreamSettings):
         broker_rebalance_timeout=settings.session_timeout_s,
         consumer_group_instance_id=settings.instance_id,
     )
+    from faust.types import TP
+
+    from hisam import observability as obs
     from stream.transport import batch_topic, fast_transport
 
     # Before the first topic asks for a transport.
@@ -285,6 +288,25 @@ def create_app(settings: StreamSettings):
     stats = _Progress("actions")
     appended = 0
 
+    def observe(agent: str, batch, out: BatchOutput, t0: float) -> None:
+        """Metrics of one acknowledged batch (hisam/observability.py)."""
+        obs.STREAM_BATCH_LATENCY.labels(agent=agent).observe(time.perf_counter() - t0)
+        obs.STREAM_SAMPLES_PRODUCED.inc(len(out.samples))
+        # Freshness: the record's produce time (its Kafka timestamp) -> visible in the store.
+        # Not the event time: a replay carries the dataset's times.
+        fresh = obs.STREAM_FRESHNESS.labels(agent=agent)
+        now_ms = time.time() * 1000.0
+        last: dict[tuple[str, int], int] = {}
+        for r in batch.records:
+            ts = getattr(r, "timestamp", None)
+            if ts and ts > 0:
+                fresh.observe(max(0.0, now_ms - ts) / 1000.0)
+            last[(r.topic, r.partition)] = r.offset
+        for (topic, partition), offset in last.items():
+            end = app.consumer.highwater(TP(topic, partition))
+            if end is not None:
+                obs.STREAM_CONSUMER_LAG.labels(topic=topic, partition=str(partition)).set(max(0, end - offset - 1))
+
     @app.agent(actions_topic, name="hisam-actions")
     async def append_actions(batches) -> None:
         nonlocal appended
@@ -301,6 +323,10 @@ def create_app(settings: StreamSettings):
             await emit(out, len(batch))
             await batch.ack()
             stats.add(len(batch), out, t1 - t0, time.perf_counter() - t1)
+            obs.STREAM_ACTIONS_CONSUMED.inc(len(batch))
+            obs.STREAM_ACTIONS_APPENDED.inc(out.appended)
+            obs.STREAM_ACTION_DUPLICATES.inc(out.duplicates)
+            observe("actions", batch, out, t0)
 
     if settings.tokenizer_dir is not None:
         import torch
@@ -326,6 +352,9 @@ def create_app(settings: StreamSettings):
                 await emit(out, len(batch))
                 await batch.ack()
                 item_stats.add(len(batch), out, t1 - t0, time.perf_counter() - t1)
+                obs.STREAM_ITEMS_CONSUMED.inc(len(batch))
+                obs.STREAM_ITEMS_WRITTEN.inc(out.items_written)
+                observe("items", batch, out, t0)
     else:
         log.warning("no tokenizer given: this worker does not consume %s", tp.ITEM_EVENTS)
 

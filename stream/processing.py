@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from features.online import ItemSids, StreamAction, StreamStore
+from hisam.observability import STREAM_DEAD_LETTERS
 from stream import records as rec
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ class ActionProcessor:
     @staticmethod
     def _reject(out: BatchOutput, msg: rec.ConsumedRecord, reason: str, detail: str) -> None:
         log.warning("dead-lettering %s[%d]@%d: %s: %s", msg.topic, msg.partition, msg.offset, reason, detail)
+        STREAM_DEAD_LETTERS.labels(reason=reason).inc()
         out.dead_letters.append((msg.key or b"", rec.dead_letter(msg, reason, detail, now_ms()).SerializeToString()))
 
 

@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 from features.online import OnlineStoreConfig
+from hisam.observability import add_metrics_arguments, start_metrics_server
 from stream.app import StreamSettings, run_worker
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,11 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repo-dir", type=Path, default=Path("artifacts/feature_repo"), help="Feast repo (yaml, registry, SQLite db)"
     )
+    parser.add_argument(
+        "--project",
+        default=os.environ.get("HISAM_FEAST_PROJECT", "hisam"),
+        help="Feast project: the online-store namespace (a re-tokenised one is hisam_<tokenizer version>)",
+    )
     parser.add_argument("--stream-len", type=int, default=300, help="T: items kept per user")
     parser.add_argument("--n-codes", type=int, default=6, help="semantic-ID tokens per item")
     parser.add_argument(
@@ -44,6 +50,7 @@ def store_config_from_args(args: argparse.Namespace) -> OnlineStoreConfig:
         backend=args.backend,
         repo_dir=args.repo_dir,
         redis_url=args.redis_url,
+        project=args.project,
         stream_len=args.stream_len,
         n_codes=args.n_codes,
         seen_window=args.seen_window,
@@ -68,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--session-timeout", type=float, default=10.0, help="seconds before a dead worker's partitions move"
     )
+    add_metrics_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -83,7 +91,12 @@ def main(args: argparse.Namespace) -> int:
         instance_id=args.instance_id or None,
     )
     log.info("stream worker %s on %s, store %s", settings.app_id, settings.bootstrap, settings.store.backend)
-    run_worker(settings, loglevel="debug" if getattr(args, "verbose", False) else "info")
+    metrics = start_metrics_server(args.metrics_port, args.metrics_addr)
+    try:
+        run_worker(settings, loglevel="debug" if getattr(args, "verbose", False) else "info")
+    finally:
+        if metrics is not None:
+            metrics.close()
     return 0
 
 
