@@ -7,6 +7,7 @@ each an HMAT checkpoint (models/hmat/train.py); ``report/`` holds what ``ranker 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -60,6 +61,13 @@ def add_train_arguments(parser: argparse.ArgumentParser, default_epochs: int, de
     )
     parser.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: end only)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    parser.add_argument(
+        "--train-until",
+        type=float,
+        default=None,
+        help="train on the first FRACTION of all interactions in time order only (at most the train split): "
+        "a model frozen at an earlier point, whose later events 'hisam bench trainer' replays",
+    )
 
 
 def apply_threads(args: argparse.Namespace) -> None:
@@ -84,6 +92,21 @@ def train_config(args: argparse.Namespace, stage: str, seed: int) -> TrainConfig
     )
 
 
+def time_prefix(ds: Dataset, fraction: float | None) -> Dataset:
+    """``ds`` with its train part cut to the first ``fraction`` of all interactions (time order); None: unchanged.
+
+    Only the train part shrinks (training sequences read ``ds.train``); the test part and
+    everything else stay, so evaluation is unchanged. The checkpoint records the cut as
+    ``train_rows`` (``run_meta``).
+    """
+    if fraction is None:
+        return ds
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"--train-until must be in (0, 1], got {fraction}")
+    cut = min(int(fraction * len(ds.interactions)), len(ds.train))
+    return dataclasses.replace(ds, train=ds.interactions.iloc[:cut])
+
+
 def inputs_for(ds: Dataset, variant: str, args: argparse.Namespace, cache: dict[bool, RankerInputs]) -> RankerInputs:
     """Item codes and profiles for a variant; SID variants share one tokenizer pass."""
     key = uses_item_ids(variant)
@@ -100,6 +123,7 @@ def run_meta(args: argparse.Namespace, variant: str, seed: int, inputs: RankerIn
         "preset": args.preset,
         "dataset": inputs.dataset.name,
         "max_users": args.max_users,
+        "train_rows": len(inputs.dataset.train),
         "profile_vocab": inputs.vocab.to_dict(),
     }
 
@@ -171,6 +195,7 @@ def train_runs(
     ds = dataset_or_none(args)
     if ds is None:
         return 1
+    ds = time_prefix(ds, getattr(args, "train_until", None))
     cache: dict = {}
     for variant in args.variant:
         try:

@@ -4,7 +4,11 @@ Consumes training-samples with its own consumer group, fine-tunes the candidate 
 and publishes gated versions into the Triton model repository. The first start needs
 ``--checkpoint`` (the serving checkpoint: published as the first version on an empty
 repository, adopted when the repository already serves it); later starts resume from
-``--state-dir``. ``--triton-url`` makes every publish wait until Triton serves the version.
+``--state-dir``. ``--triton-url`` confirms that Triton serves every published version
+before it becomes the serving model; the wait runs beside the training loop
+(``--foreground-publish``: on it). The gate is a paired test of the candidate against the
+serving model on the same recent events (``--confidence``, ``--margin``,
+``--min-improvement``, ``--gate-method``; hisam/trainer/paired.py).
 Profiles come from the checkpoint's vocabulary and ``--dataset``'s users table, as
 ``hisam serve`` builds them, so training and serving open every stream with the same tokens.
 Runs until SIGTERM / Ctrl-C (the current micro-batch finishes and is committed).
@@ -43,12 +47,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--max-records", type=int, default=256, help="micro-batch size")
     parser.add_argument("--max-wait", type=float, default=2.0, help="seconds a micro-batch may wait to fill")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (core.py: how it was chosen)")
+    parser.add_argument("--ema", type=float, default=0.98, help="publish an EMA of the trained weights (decay/step)")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per optimiser step")
     parser.add_argument("--window", type=int, default=4000, help="rolling prequential window")
     parser.add_argument("--min-samples", type=int, default=1000, help="samples since the last publish before a gate")
     parser.add_argument("--gate-window", type=int, default=2000, help="latest samples the gate compares on")
-    parser.add_argument("--margin", type=float, default=0.0, help="candidate AUC >= serving AUC - margin")
+    parser.add_argument(
+        "--margin", type=float, default=0.0, help="pass when the lower bound of AUC(cand) - AUC(serving) >= -margin"
+    )
+    parser.add_argument("--min-improvement", type=float, default=0.0, help="... and AUC(cand) - AUC(serving) >= this")
+    parser.add_argument("--confidence", type=float, default=0.9, help="one-sided confidence of the gate's bounds")
+    parser.add_argument("--gate-method", default="bootstrap", choices=("bootstrap", "delong"), help="paired test")
+    parser.add_argument("--gate-unit", default="user", choices=("user", "event"), help="what the bootstrap resamples")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per gate decision")
     parser.add_argument("--probation", type=int, default=1000, help="samples a new version is watched")
     parser.add_argument("--rollback-margin", type=float, default=0.01)
     parser.add_argument("--keep", type=int, default=5, help="versions kept in the repository")
@@ -56,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--full-export", action="store_true", help="trace every candidate (slow; no template)")
+    parser.add_argument(
+        "--foreground-publish", action="store_true", help="wait for Triton on the training loop (default: background)"
+    )
     parser.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
     parser.add_argument("--max-samples", type=int, default=None, help="exit after training this many samples")
 
@@ -80,11 +95,17 @@ def build_service(args: argparse.Namespace):
     profiles = load_profiles(args)
     config = TrainerConfig(
         lr=args.lr,
+        ema=args.ema,
         batch_size=args.batch_size,
         window=args.window,
         min_samples=args.min_samples,
         gate_window=args.gate_window,
         margin=args.margin,
+        min_improvement=args.min_improvement,
+        confidence=args.confidence,
+        gate_method=args.gate_method,
+        gate_unit=args.gate_unit,
+        resamples=args.resamples,
         probation=args.probation,
         rollback_margin=args.rollback_margin,
         keep_versions=args.keep,
@@ -92,6 +113,9 @@ def build_service(args: argparse.Namespace):
         precision=args.precision,
     )
     trainer = NearlineTrainer.from_checkpoint(checkpoint, profiles.tokens, config)
+    log.info(
+        "trainer on %s, %s (target %s)", trainer.device, trainer.amp_dtype or "fp32", args.target
+    )  # --target gpu with --device auto trains on CUDA under autocast (core.py "Precision")
     cfg = ServiceConfig(
         bootstrap=args.bootstrap,
         state_dir=args.state_dir,
@@ -108,6 +132,7 @@ def build_service(args: argparse.Namespace):
         full_export=args.full_export,
         idle_exit_s=args.idle_exit,
         max_samples=args.max_samples,
+        background_publish=not args.foreground_publish,
     )
     return TrainerService(trainer, cfg)
 

@@ -73,5 +73,9 @@ def main(args: argparse.Namespace) -> int:
     print("lineage:")
     for r in s["lineage"]:
         keys = ("event", "version", "parent", "to", "reason", "model_version", "publish_latency_s")
-        print("  " + ", ".join(f"{k}={r[k]}" for k in keys if r.get(k) is not None))
+        line = ", ".join(f"{k}={r[k]}" for k in keys if r.get(k) is not None)
+        stats = (r.get("gate") or r.get("metrics") or {}).get("paired")  # the decision's paired test
+        if stats:
+            line += f", D={_fmt(stats['diff'])} (bounds {_fmt(stats['lower'])}..{_fmt(stats['upper'])})"
+        print("  " + line)
     return 0

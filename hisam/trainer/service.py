@@ -20,15 +20,31 @@ Rejected samples (undecodable, another tokenizer's codes, wrong shapes) are coun
 reason and written to the dead-letters topic with the reason (stream/records.py's
 DeadLetter) before the offsets are committed: nothing is skipped silently.
 
-Publishing (publish.py, onnx_export.py). When the gate passes: render the candidate's
-three ONNX graphs from the traced template, check ONNX Runtime against PyTorch on real
-probe streams, save its weights under the state's ``versions/<content version>``, publish
-atomically into the Triton repository, wait until Triton serves that version (publish
-latency: gate passed -> served), apply retention, and append the lineage record (parent
-version, offsets consumed, metrics, parity, latency). A failed check is a refusal with its
-reason in the lineage; the candidate keeps training. While a version is on probation the
-parent is scored too, and a version that underperforms it is hidden again (rollback).
-A rollback done from outside (``hisam trainer rollback``) is noticed at the next batch.
+Publishing (publish.py, onnx_export.py). When the gate passes (core.py: a paired test on
+the prequential window): render the candidate's three ONNX graphs from the traced
+template, check ONNX Runtime against PyTorch on real probe streams, save its weights under
+the state's ``versions/<content version>`` and publish atomically into the Triton
+repository (``Publisher.stage``, on the loop: well under a second). Then Triton loads the
+version, which takes seconds (``Publisher.confirm``: wait until Triton serves it, apply
+retention). By default that wait runs in a background thread and the loop keeps
+consuming and training; the weights that were published are kept aside, because the
+candidate trains on. While a publish is in flight the loop starts no other publish and
+makes no probation verdict; at the first batch boundary after Triton serves the version,
+the published weights become the serving model, the old one its parent, and the lineage
+record is appended (parent version, offsets consumed, the gate's statistics, parity,
+latency gate passed -> served, measured by the waiting thread when Triton answers, not
+when the loop notices). Until then the old version is the serving model, as it is in
+Triton (latest-1 policy: Triton swaps only after the new version loaded, so no Rank
+call fails or sees a half-loaded version). A version Triton does not serve within
+``publish_timeout_s`` is hidden again and recorded as a refusal (``not_served``).
+``background_publish=False`` waits on the loop instead. A crash while a publish is in
+flight leaves a complete but unrecorded version in the repository: on restart it is
+adopted as serving, on probation (``_recover_unrecorded_publish``).
+
+A failed check is a refusal with its reason in the lineage; the candidate keeps
+training. While a version is on probation the parent is scored too, and a version that
+underperforms it is hidden again (rollback). A rollback done from outside (``hisam
+trainer rollback``) is noticed at the next batch.
 
 Fault injection (tests): with ``HISAM_FAULT_CORRUPT_AFTER_PUBLISHES=N`` in its environment
 the service corrupts its candidate right after its N-th publish, with
@@ -55,10 +71,11 @@ import os
 import threading
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from hisam.trainer.core import NearlineTrainer, summary
+from hisam.trainer.core import MODELS, GateDecision, NearlineTrainer, paired_summary, summary
 from hisam.trainer.onnx_export import ParityError, Template, check_parity, export_graphs, probe_sequences
 from hisam.trainer.publish import TritonWatch, hide_version, retain
 from hisam.trainer.samples import SampleRejected, decode_sample
@@ -91,6 +108,7 @@ class ServiceConfig:
     threads: int = 1
     idle_exit_s: float | None = None  # stop after this long without records (tests, benchmarks)
     max_samples: int | None = None  # stop after this many samples (tests, benchmarks)
+    background_publish: bool = True  # wait for Triton off the loop (module docstring)
 
 
 class Publisher:
@@ -124,8 +142,12 @@ class Publisher:
     def load_version(self, content: str) -> HMAT:
         return load_checkpoint(self.state.versions / content)[0]
 
-    def publish(self, model: HMAT, probe, meta: dict, protect: set[int]) -> dict:
-        """Export + parity + publish + confirm; raises ParityError (refusal) or TimeoutError."""
+    def stage(self, model: HMAT, probe, meta: dict) -> dict:
+        """Export + parity + save weights + publish into the repository; raises ParityError (refusal).
+
+        The result holds the timings so far and ``model`` (the exact weights published, CPU fp32);
+        ``confirm`` completes it.
+        """
         t0 = time.monotonic()
         model = copy.deepcopy(model).cpu().float().eval()
         graphs = self.graphs(model)
@@ -138,9 +160,6 @@ class Publisher:
             self.cfg.repo, graphs, target=self.cfg.target, instances=self.cfg.instances, threads=self.cfg.threads
         )
         t_written = time.monotonic()
-        served_s = self.watch.wait_serving(pv.version, self.cfg.publish_timeout_s) if self.watch else None
-        t_served = time.monotonic()
-        deleted = retain(self.cfg.repo, self.keep, protect | {pv.version})
         return {
             "version": pv.version,
             "model_version": pv.model_version,
@@ -149,10 +168,41 @@ class Publisher:
             "export_s": t_export - t0,
             "parity_s": t_parity - t_export,
             "write_s": t_written - t_parity,
+            "t0": t0,
+            "model": model,
+        }
+
+    def confirm(self, staged: dict, protect: set[int]) -> dict:
+        """Wait until Triton serves the staged version (if watching), apply retention; raises TimeoutError.
+
+        Safe in a background thread: it touches only Triton and the repository's older versions.
+        """
+        version = staged["version"]
+        served_s = self.watch.wait_serving(version, self.cfg.publish_timeout_s) if self.watch else None
+        t_served = time.monotonic()
+        deleted = retain(self.cfg.repo, self.keep, protect | {version})
+        out = {k: v for k, v in staged.items() if k not in ("t0", "model")}
+        return out | {
             "served_s": served_s,
-            "publish_latency_s": (t_served - t0) if served_s is not None else None,
+            "publish_latency_s": (t_served - staged["t0"]) if served_s is not None else None,
             "retention_deleted": deleted,
         }
+
+    def publish(self, model: HMAT, probe, meta: dict, protect: set[int]) -> dict:
+        """``stage`` then ``confirm`` on this thread (the bootstrap version)."""
+        return self.confirm(self.stage(model, probe, meta), protect)
+
+
+@dataclass
+class InFlight:
+    """A staged version Triton is loading while the loop trains on (module docstring)."""
+
+    future: Future
+    staged: dict
+    decision: GateDecision
+    parent: int | None
+    offsets: dict
+    trained: int  # samples trained when it was staged
 
 
 class TrainerService:
@@ -169,6 +219,8 @@ class TrainerService:
         self.reports: list[dict] = []  # one row per micro-batch (benchmarks read it)
         self.score_log: list | None = None  # set to [] to keep every prequential score (benchmarks)
         self.published = 0
+        self.in_flight: InFlight | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self._fault_after = int(os.environ.get("HISAM_FAULT_CORRUPT_AFTER_PUBLISHES", "0")) or None
 
     # --- start -------------------------------------------------------------------------------
@@ -224,8 +276,7 @@ class TrainerService:
         if not (self.state.versions / content).is_dir():
             return
         t.version_content[newest] = content
-        t.candidate.load_state_dict(self.publisher.load_version(content).state_dict())
-        t.on_published(newest)
+        t.on_published(newest, model=self.publisher.load_version(content))  # the candidate keeps its snapshot
         self.state.append_lineage(
             {"event": "recovered", "version": newest, "model_version": content, "parent": t.parent_version}
         )
@@ -300,6 +351,8 @@ class TrainerService:
                 first = now
             if len(buf) >= self.cfg.max_records or (first is not None and now - first >= self.cfg.max_wait_s):
                 break
+            if not buf and self.in_flight is not None and self.in_flight.future.done():
+                break  # an idle stream: record the publish now (``run``), not at the next record
             if not buf and self.cfg.idle_exit_s is not None and now - idle_since > self.cfg.idle_exit_s:
                 stop.set()
         return buf
@@ -315,9 +368,16 @@ class TrainerService:
                 batch = self._poll_batch(stop)
                 if batch:
                     self.handle(batch)
+                elif self.in_flight is not None and self._finish_publish(block=False):
+                    self._snapshot()  # an idle stream: record the served version now
                 if self.cfg.max_samples is not None and self.trainer.trained >= self.cfg.max_samples:
                     break
+            if self.in_flight is not None:  # a clean stop: finish the publish, so lineage and state agree
+                self._finish_publish(block=True)
+                self._snapshot()
         finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
             self._consumer.close()
             self._producer.close()
 
@@ -373,8 +433,10 @@ class TrainerService:
         )
 
     def step(self) -> None:
-        """Probation verdict, external rollbacks, then the gate and a publish (module docstring)."""
+        """Finish an in-flight publish, probation verdict, external rollbacks, then the gate and a publish."""
         t = self.trainer
+        if self.in_flight is not None and not self._finish_publish(block=False):
+            return  # Triton is still loading it: no verdict, no second publish (module docstring)
         offsets = dict(t.offsets)
         verdict = t.probation_verdict()
         if verdict is not None:
@@ -396,7 +458,13 @@ class TrainerService:
                         "offsets": offsets,
                     }
                 )
-                log.warning("rolled back version %s to %s: %s %s", bad, parent, verdict.reason, verdict.metrics)
+                log.warning(
+                    "rolled back version %s to %s: %s; %s",
+                    bad,
+                    parent,
+                    verdict.reason,
+                    paired_summary(verdict.metrics["paired"]),
+                )
         self._follow_external_rollback()
         decision = t.gate()
         if decision.reason == "not_enough_samples":
@@ -406,39 +474,70 @@ class TrainerService:
             if decision.reason == "non_finite_weights":
                 t.reset_candidate(t.serving)  # NaN weights never recover by themselves
             return
+        self._start_publish(decision, offsets)
+        if self.in_flight is not None and (not self.cfg.background_publish or self.publisher.watch is None):
+            self._finish_publish(block=True)  # nothing to wait for without a Triton to watch
+
+    def _start_publish(self, decision: GateDecision, offsets: dict) -> None:
+        """Stage the candidate (export, parity, write: on the loop), then wait for Triton in the background."""
+        t = self.trainer
         parent = t.serving_version
         meta = {**t.meta, "parent_version": parent, "offsets": offsets}
         try:
-            result = self.publisher.publish(
-                t.candidate, t.probe_sequences(), meta, {v for v in (parent, t.parent_version) if v is not None}
-            )
+            staged = self.publisher.stage(t.candidate, t.probe_sequences(), meta)
         except ParityError as e:
             self._refused("parity_failed", {"detail": str(e), **decision.metrics}, offsets)
             return
-        if not result["created"]:  # the candidate equals a version already there (it did not train)
+        if not staged["created"]:  # the candidate equals a version already there (it did not train)
             log.info(
-                "candidate %s is already version %d: nothing to publish", result["model_version"], result["version"]
+                "candidate %s is already version %d: nothing to publish", staged["model_version"], staged["version"]
             )
             t.since_publish = 0
             return
-        t.version_content[result["version"]] = result["model_version"]
-        t.on_published(result["version"])
+        protect = {v for v in (parent, t.parent_version) if v is not None}
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
+        future = self._executor.submit(self.publisher.confirm, staged, protect)
+        self.in_flight = InFlight(future, staged, decision, parent, offsets, t.trained)
+
+    def _finish_publish(self, block: bool) -> bool:
+        """Record the in-flight publish once Triton serves it (or withdraw it); False while it is still loading."""
+        flight = self.in_flight
+        if flight is None:
+            return True
+        if not block and not flight.future.done():
+            return False
+        self.in_flight = None
+        t = self.trainer
+        version = flight.staged["version"]
+        try:
+            result = flight.future.result()
+        except TimeoutError as e:
+            hide_version(self.cfg.repo, version)  # never let a version Triton could not load become the newest
+            self._refused(
+                "not_served", {"version": version, "detail": str(e), **flight.decision.metrics}, flight.offsets
+            )
+            return True
+        t.version_content[version] = result["model_version"]
+        t.on_published(version, model=flight.staged["model"])
         self.published += 1
         self._last_refusal = None
-        self.state.append_lineage(
-            {"event": "published", "parent": parent, "offsets": offsets, "gate": decision.metrics, **result}
-        )
+        gate = flight.decision.metrics
+        record = {"event": "published", "parent": flight.parent, "offsets": flight.offsets, "gate": gate, **result}
+        record["trained_while_loading"] = t.trained - flight.trained  # the loop did not wait for Triton
+        self.state.append_lineage(record)
         log.info(
-            "published version %d (%s), parent %s: %s; latency %s",
-            result["version"],
+            "published version %d (%s), parent %s: %s; gate %s; latency %s",
+            version,
             result["model_version"],
-            parent,
-            summary({k: v for k, v in decision.metrics.items() if isinstance(v, dict)}),
+            flight.parent,
+            summary({k: v for k, v in gate.items() if k in MODELS}),
+            paired_summary(gate["paired"]),
             f"{result['publish_latency_s']:.2f}s" if result["publish_latency_s"] is not None else "not confirmed",
         )
-
         if self.published == self._fault_after:
             self._corrupt(os.environ.get("HISAM_FAULT_CORRUPT", "scramble"))
+        return True
 
     def _corrupt(self, how: str) -> None:
         """Fault injection (module docstring)."""
@@ -459,7 +558,8 @@ class TrainerService:
         last = self._last_refusal
         if last is None or last[0] != reason or t.trained - last[1] >= t.config.min_samples:
             self.state.append_lineage({"event": "refused", "reason": reason, "metrics": metrics, "offsets": offsets})
-            log.warning("gate refused the candidate: %s %s", reason, metrics)
+            stats = paired_summary(metrics["paired"]) if "paired" in metrics else ""
+            log.warning("gate refused the candidate: %s; %s %s", reason, summary(metrics), stats)
             self._last_refusal = (reason, t.trained)
 
     def _follow_external_rollback(self) -> None:

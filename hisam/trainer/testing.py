@@ -2,7 +2,9 @@
 
 The synthetic events have a signal HMAT can pick up near-line: an item is liked when its
 first code is in the lower half of the codebook, flipped for users of the "contrarian"
-group (odd ids) on items whose second code is also low, with a little label noise. A
+group (odd ids) on items whose second code is in the lowest quarter (an eighth of the
+events: enough that the profile matters, few enough that a few hundred events teach the
+main effect), with a little label noise. A
 random-weight warm start scores at chance, so learning shows up in the prequential AUC.
 """
 
@@ -39,7 +41,7 @@ def synthetic_examples(
         item = int(rng.integers(n_items))
         codes = item_codes[item]
         liked = codes[0] < CODEBOOK // 2
-        if user % 2 and codes[1] < CODEBOOK // 2:
+        if user % 2 and codes[1] < CODEBOOK // 4:
             liked = not liked
         label = int(liked) if rng.random() > 0.05 else int(not liked)
         past = history.setdefault(user, [])[-max_history:]

@@ -7,8 +7,9 @@ travel through the training-samples topic; the ML-100K replay with the stream wo
 benchmark's (``hisam bench trainer``), too slow for CI on two cores.
 
 Checked: a new version is published by the gate and served by Triton (Rank answers with
-its content version), no Rank call fails while Triton swaps versions, and a corrupted
-candidate (fault injection right after that publish) is refused and never served.
+its content version), the trainer kept training while Triton loaded it (the publish
+completes in the background), no Rank call fails while Triton swaps versions, and a
+corrupted candidate (fault injection right after that publish) is refused and never served.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def test_replay_publishes_a_served_version_without_failed_calls_and_refuses_a_co
         backend="redis", redis_url=redis_url, repo_dir=tmp_path / "fr", stream_len=20, n_codes=N_CODES
     )
     store = open_stream_store(cfg)
-    events = synthetic_examples(512, seed=7, prefix=f"e2e-{run}")
+    events = synthetic_examples(768, seed=7, prefix=f"e2e-{run}")
     items = sorted({e.item_id for e in events})[:12]
     codes = {e.item_id: e.target_codes for e in events}
     offsets = [c * CODEBOOK for c in range(N_CODES)]
@@ -120,8 +121,8 @@ def test_replay_publishes_a_served_version_without_failed_calls_and_refuses_a_co
                 "--state-dir", str(state), "--model-repo", str(repo), "--bootstrap", kafka_bootstrap,
                 "--group-id", f"trainer-{run}", "--topic", topic, "--dead-letter-topic", dead,
                 "--triton-url", triton.url, "--template-dir", str(template_dir), "--threads", "1",
-                "--lr", "3e-3", "--batch-size", "32", "--max-records", "32", "--max-wait", "0.3",
-                "--window", "400", "--min-samples", "96", "--gate-window", "96", "--probation", "100000",
+                "--lr", "3e-3", "--ema", "0", "--batch-size", "32", "--max-records", "32", "--max-wait", "0.3",
+                "--window", "400", "--min-samples", "96", "--gate-window", "192", "--probation", "100000",
             ]  # fmt: skip
             env = {
                 **os.environ,
@@ -136,10 +137,13 @@ def test_replay_publishes_a_served_version_without_failed_calls_and_refuses_a_co
                     warnings.simplefilter("ignore", DeprecationWarning)
                     from kafka import KafkaProducer
                 producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-                for e in events:  # the replay, while the trainer runs
-                    producer.send(topic, key=str(e.user_id).encode(), value=sm.sample_bytes(e, TOKENIZER, CODEBOOK))
-                producer.flush()
-                producer.close()
+
+                def replay(part) -> None:  # while the trainer runs
+                    for e in part:
+                        producer.send(topic, key=str(e.user_id).encode(), value=sm.sample_bytes(e, TOKENIZER, CODEBOOK))
+                    producer.flush()
+
+                replay(events[:512])  # the trainer publishes within these and may train through all of them meanwhile
 
                 def published() -> dict | None:
                     assert proc.poll() is None, log_path.read_text()[-3000:]
@@ -147,7 +151,11 @@ def test_replay_publishes_a_served_version_without_failed_calls_and_refuses_a_co
 
                 rec = wait_until(published, 240, 0.2, "a published version")
                 assert rec["version"] == 2 and rec["parent"] == 1 and rec["publish_latency_s"] is not None
+                assert rec["gate"]["paired"]["lower"] >= 0 and rec["served_s"] > 0
+                assert rec["trained_while_loading"] > 0, rec  # the loop trained on while Triton loaded version 2
                 wait_until(lambda: probe.versions[-1] == rec["model_version"], 60, 0.1, "Rank answering with version 2")
+                replay(events[512:])  # what the corrupted candidate is judged on
+                producer.close()
 
                 def refused() -> dict | None:  # after the publish, i.e. of the corrupted candidate
                     assert proc.poll() is None, log_path.read_text()[-3000:]
