@@ -102,3 +102,27 @@ affinity:
 - --margin={{ .Values.trainer.gate.margin }}
 - --min-samples={{ .Values.trainer.gate.minSamples }}
 {{- end -}}
+
+{{/* /metrics of a hisam process (hisam/observability.py), when metrics are on: the CLI options,
+     then the container port. The address is 0.0.0.0: the CLI default, 127.0.0.1, is unreachable
+     from the rest of the cluster. */}}
+{{- define "hisam.metricsArgs" -}}
+- --metrics-port={{ .Values.metrics.port }}
+- --metrics-addr=0.0.0.0
+{{- end -}}
+
+{{- define "hisam.metricsContainerPort" -}}
+- name: metrics
+  containerPort: {{ .Values.metrics.port }}
+  protocol: TCP
+{{- end -}}
+
+{{/* Prometheus scrape annotations of a pod: include with (dict "root" $ "port" 8002). Empty unless
+     metrics and metrics.podAnnotations are both on. */}}
+{{- define "hisam.metricsAnnotations" -}}
+{{- if and .root.Values.metrics.enabled .root.Values.metrics.podAnnotations -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .port | quote }}
+prometheus.io/path: /metrics
+{{- end -}}
+{{- end -}}
