@@ -32,8 +32,8 @@ Serving (recorded by serving/ and ``hisam serve``):
 Stream worker: ``hisam_stream_{actions_consumed,items_consumed,actions_appended,
 action_duplicates,items_written,samples_produced}_total``, ``hisam_stream_dead_letters_total
 {reason}``, ``hisam_stream_batch_latency_seconds{agent}``, ``hisam_stream_freshness_seconds
-{agent}``, ``hisam_stream_consumer_lag_records{topic,partition}``. To be recorded in stream/
-at these call sites of the current code:
+{agent}``, ``hisam_stream_consumer_lag_records{topic,partition}``. Recorded in stream/
+at these call sites:
 
 - ``STREAM_ACTIONS_CONSUMED.inc(len(batch))`` and ``STREAM_ITEMS_CONSUMED.inc(len(batch))``:
   stream/app.py, in ``append_actions`` / ``ingest_items`` for each record batch the agent
@@ -47,11 +47,10 @@ at these call sites of the current code:
   is the DeadLetter's reason string (``rec.UNKNOWN_ITEM``, ``rec.INVALID_FIELD``, ...).
 - ``STREAM_BATCH_LATENCY.labels(agent="actions"|"items").observe(s)``: stream/app.py, ``s`` from
   the agent's ``t0`` (before ``_run_batch``) to after ``batch.ack()``.
-- ``STREAM_FRESHNESS.labels(agent=...).observe((now_ms() - event_time_ms) / 1000)``:
-  stream/processing.py, right after the store write returns, for every action that was
-  appended (``ActionProcessor.process``, after ``append_batch``: results that are not
-  ``duplicate``) and every item written (``ItemProcessor.process``, after ``put_item_sids``,
-  from ``ItemSids.event_time_ms``).
+- ``STREAM_FRESHNESS.labels(agent=...).observe(...)``: stream/app.py, after the batch is
+  acknowledged, for every record of it: now minus the record's Kafka timestamp (its produce
+  time), i.e. produce -> visible in the online store. Not the event time: a replay carries
+  the dataset's times.
 - ``STREAM_CONSUMER_LAG.labels(topic=..., partition=...).set(highwater - (offset + 1))``: per
   record batch in the agents, for the last record of each partition in ``batch.records``
   (topic, partition, offset) and ``app.consumer.highwater(tp)`` (the end of the partition), so
@@ -61,8 +60,8 @@ Trainer: ``hisam_trainer_{samples_consumed,samples_trained,sample_duplicates,pub
 ``hisam_trainer_samples_rejected_total{reason}``, ``hisam_trainer_{step,batch,publish}_latency_seconds``,
 ``hisam_trainer_prequential_{auc,gauc}_ratio{model}``, ``hisam_trainer_gate_decisions_total
 {outcome}``, ``hisam_trainer_published_version``, ``hisam_trainer_rollbacks_total{trigger}``,
-``hisam_trainer_consumer_lag_records{topic,partition}``. To be recorded in hisam/trainer/ at
-these call sites of the current code:
+``hisam_trainer_consumer_lag_records{topic,partition}``. Recorded in hisam/trainer/ at
+these call sites:
 
 - ``TRAINER_SAMPLES_CONSUMED.inc(len(records))``: service.py ``handle``, at entry;
   ``TRAINER_SAMPLES_REJECTED.labels(reason=e.reason).inc()`` where a ``SampleRejected`` is
@@ -194,7 +193,7 @@ STREAM_BATCH_LATENCY = Histogram(
 )
 STREAM_FRESHNESS = Histogram(
     "hisam_stream_freshness_seconds",
-    "Event time to the online-store write, by agent (actions, items).",
+    "Produce time (the record's Kafka timestamp) to visible in the online store, by agent (actions, items).",
     ["agent"],
     buckets=FRESHNESS_BUCKETS_S,
 )

@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
     parser.add_argument("--max-samples", type=int, default=None, help="exit after training this many samples")
+    from hisam.observability import add_metrics_arguments
+
+    add_metrics_arguments(parser)
 
 
 def build_service(args: argparse.Namespace):
@@ -138,11 +141,18 @@ def build_service(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
+    from hisam.observability import start_metrics_server
+
     service = build_service(args)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    service.run(stop)
+    metrics = start_metrics_server(args.metrics_port, args.metrics_addr)
+    try:
+        service.run(stop)
+    finally:
+        if metrics is not None:
+            metrics.close()
     return 0
 
 

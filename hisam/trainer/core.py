@@ -197,6 +197,7 @@ class NearlineTrainer:
         self.probation_window: Window | None = None
         self.since_publish = 0
         self.steps = 0
+        self.step_seconds: list[float] = []  # per optimiser step, since the service last read them
         self.trained = 0
         self.counts: Counter[str] = Counter()
         self._seen: deque[str] = deque()
@@ -331,6 +332,7 @@ class NearlineTrainer:
         target = torch.as_tensor(labels, dtype=torch.long, device=self.device)
         losses, skipped, start = [], 0, 0
         for stream in streams:
+            t_step = time.perf_counter()
             n = stream.tokens.shape[0]
             y = target[start : start + n]
             start += n
@@ -360,6 +362,7 @@ class NearlineTrainer:
             self.steps += 1
             self._update_ema()
             losses.append(float(loss.detach()))
+            self.step_seconds.append(time.perf_counter() - t_step)  # drained by the service's metrics
         self.learner.eval()
         return (float(np.mean(losses)) if losses else math.nan), skipped
 

@@ -75,6 +75,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from hisam import observability as obs
 from hisam.trainer.core import MODELS, GateDecision, NearlineTrainer, paired_summary, summary
 from hisam.trainer.onnx_export import ParityError, Template, check_parity, export_graphs, probe_sequences
 from hisam.trainer.publish import TritonWatch, hide_version, retain
@@ -387,17 +388,24 @@ class TrainerService:
 
         t = self.trainer
         t0 = time.perf_counter()
+        obs.TRAINER_SAMPLES_CONSUMED.inc(len(records))
         examples = []
         for r in records:
             try:
                 examples.append(decode_sample(r.value, t.layout, t.tokenizer_version))
             except SampleRejected as e:
                 t.counts[f"rejected_{e.reason}"] += 1
+                obs.TRAINER_SAMPLES_REJECTED.labels(reason=e.reason).inc()
                 log.warning("rejecting %s[%d]@%d: %s", r.topic, r.partition, r.offset, e)
                 msg = RawMessage(r.topic, r.partition, r.offset, r.key, r.value)
                 dl = dead_letter(msg, e.reason, e.detail, int(time.time() * 1000))
                 self._producer.send(self.cfg.dead_letter_topic, key=r.key or b"", value=dl.SerializeToString())
         report = t.process(examples)
+        obs.TRAINER_SAMPLES_TRAINED.inc(report.trained)
+        obs.TRAINER_SAMPLE_DUPLICATES.inc(report.duplicates)
+        for s in t.step_seconds:
+            obs.TRAINER_STEP_LATENCY.observe(s)
+        t.step_seconds.clear()
         if self.score_log is not None and report.trained:
             self.score_log.append((report.users, report.labels, report.scores))
         for r in records:
@@ -409,6 +417,12 @@ class TrainerService:
         self._commit()
         dt = time.perf_counter() - t0
         m = t.metrics()
+        obs.TRAINER_BATCH_LATENCY.observe(dt)
+        for model, v in m.items():
+            for gauge, key in ((obs.TRAINER_AUC, "auc"), (obs.TRAINER_GAUC, "gauc")):
+                if isinstance(v, dict) and v.get(key) is not None and math.isfinite(v[key]):
+                    gauge.labels(model=model).set(v[key])
+        self._observe_lag(records)
         row = {
             "records": len(records),
             "trained": report.trained,
@@ -432,6 +446,27 @@ class TrainerService:
             summary(m),
         )
 
+    def _observe_lag(self, records: list) -> None:
+        """Consumer lag per partition after this batch: the end offset less the next offset to read."""
+        consumer = getattr(self, "_consumer", None)
+        if consumer is None or not records:
+            return
+        last: dict = {}
+        for r in records:
+            last[(r.topic, r.partition)] = r.offset
+        from kafka import TopicPartition
+        from kafka.errors import KafkaError
+
+        try:
+            ends = consumer.end_offsets([TopicPartition(tp_, p) for tp_, p in last])
+        except KafkaError as e:  # metrics must never stop training
+            log.debug("consumer lag unavailable: %s", e)
+            return
+        for tp_, end in ends.items():
+            obs.TRAINER_CONSUMER_LAG.labels(topic=tp_.topic, partition=str(tp_.partition)).set(
+                max(0, end - last[(tp_.topic, tp_.partition)] - 1)
+            )
+
     def step(self) -> None:
         """Finish an in-flight publish, probation verdict, external rollbacks, then the gate and a publish."""
         t = self.trainer
@@ -445,6 +480,7 @@ class TrainerService:
                 t.end_probation()
             else:
                 bad, parent = t.serving_version, t.parent_version
+                obs.TRAINER_ROLLBACKS.labels(trigger="probation").inc()
                 hide_version(self.cfg.repo, bad)
                 t.on_rolled_back()
                 self.state.append_lineage(
@@ -467,6 +503,7 @@ class TrainerService:
                 )
         self._follow_external_rollback()
         decision = t.gate()
+        obs.TRAINER_GATE_DECISIONS.labels(outcome="passed" if decision.passed else decision.reason).inc()
         if decision.reason == "not_enough_samples":
             return
         if not decision.passed:
@@ -486,6 +523,7 @@ class TrainerService:
         try:
             staged = self.publisher.stage(t.candidate, t.probe_sequences(), meta)
         except ParityError as e:
+            obs.TRAINER_GATE_DECISIONS.labels(outcome="parity_failed").inc()
             self._refused("parity_failed", {"detail": str(e), **decision.metrics}, offsets)
             return
         if not staged["created"]:  # the candidate equals a version already there (it did not train)
@@ -521,6 +559,10 @@ class TrainerService:
         t.version_content[version] = result["model_version"]
         t.on_published(version, model=flight.staged["model"])
         self.published += 1
+        obs.TRAINER_PUBLISHES.inc()
+        obs.TRAINER_PUBLISHED_VERSION.set(version)
+        if result.get("publish_latency_s") is not None:
+            obs.TRAINER_PUBLISH_LATENCY.observe(result["publish_latency_s"])
         self._last_refusal = None
         gate = flight.decision.metrics
         record = {"event": "published", "parent": flight.parent, "offsets": flight.offsets, "gate": gate, **result}
@@ -575,6 +617,7 @@ class TrainerService:
         withdrawn = t.serving_version
         t.adopt_serving(self.publisher.load_version(content), newest)
         t.version_content[newest] = content
+        obs.TRAINER_ROLLBACKS.labels(trigger="external").inc()
         self.state.append_lineage(
             {"event": "rollback", "auto": False, "version": withdrawn, "to": newest, "model_version": content}
         )

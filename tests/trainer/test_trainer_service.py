@@ -96,6 +96,26 @@ def test_gate_publishes_records_lineage_refuses_broken_candidates_and_follows_ro
     )
 
 
+def _metrics(topic: str) -> dict[str, float]:
+    from prometheus_client import REGISTRY
+
+    def get(name: str, **labels) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    lag = sum(get("hisam_trainer_consumer_lag_records", topic=topic, partition=str(p)) for p in range(2))
+    return {
+        "trained": get("hisam_trainer_samples_trained_total"),
+        "duplicates": get("hisam_trainer_sample_duplicates_total"),
+        "rejected": get("hisam_trainer_samples_rejected_total", reason=sm.TOKENIZER_MISMATCH),
+        "batches": get("hisam_trainer_batch_latency_seconds_count"),
+        "steps": get("hisam_trainer_step_latency_seconds_count"),
+        "auc_serving": get("hisam_trainer_prequential_auc_ratio", model="serving"),
+        "auc_candidate": get("hisam_trainer_prequential_auc_ratio", model="candidate"),
+        "auc_frozen": get("hisam_trainer_prequential_auc_ratio", model="frozen"),
+        "lag": lag,
+    }
+
+
 def _produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -139,6 +159,7 @@ def test_service_consumes_resumes_exactly_and_dead_letters_on_the_real_broker(
     common = {"bootstrap": kafka_bootstrap, "topic": topic, "dead_letter_topic": dead, "group_id": group}
     common |= {"max_records": 32, "max_wait_s": 0.3}
     trainer_cfg = {"min_samples": 10_000, "window": 10_000}  # no publish here: consumption only
+    before = _metrics(topic)
     first = make_service(
         tmp_path, warm_checkpoint, template_dir, max_samples=64, idle_exit_s=5, trainer=trainer_cfg, **common
     )
@@ -152,6 +173,14 @@ def test_service_consumes_resumes_exactly_and_dead_letters_on_the_real_broker(
     assert sum(t.offsets.values()) == len(records) and len(t.window) == 160
     seen = sorted(r[0] for r in t.window.rows)
     assert seen == sorted(e.user_id for e in events)  # every event scored exactly once across the restart
+    # The Prometheus metrics (hisam/observability.py) moved by exactly what the two runs did.
+    after = _metrics(topic)
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta["trained"] == 160 and delta["duplicates"] == 1 and delta["rejected"] == 1
+    assert delta["batches"] == len(first.reports) + len(second.reports)
+    assert delta["steps"] == t.steps  # the second run resumed the first's step count
+    assert all(0.0 < after[m] <= 1.0 for m in ("auc_serving", "auc_candidate", "auc_frozen"))
+    assert after["lag"] == 0
     letters = consume_all(kafka_bootstrap, dead, lambda out: len(out) >= 1, timeout_s=20)
     dl = pb.DeadLetter.FromString(letters[0].value)
     assert dl.reason == sm.TOKENIZER_MISMATCH and dl.topic == topic
