@@ -439,7 +439,7 @@ def _run_stages(run: Run) -> None:
 
     from features.online import OnlineStoreConfig, open_stream_store
     from hisam.data import load_dataset
-    from hisam.services import kafka_broker, redis_server
+    from hisam.services import free_port, kafka_broker, redis_server
     from hisam.supervisor import Supervisor
     from serving.repository import publish_version
     from serving.triton import triton_server
@@ -470,13 +470,26 @@ def _run_stages(run: Run) -> None:
             publish_version(repo, checkpoint)
             triton = stack.enter_context(triton_server(repo, poll_s=1.0, log_dir=work / "logs"))
             sup = stack.enter_context(Supervisor(work / "logs", env={"PYTHONUNBUFFERED": "1"}))
+            # Each process serves Prometheus /metrics (hisam/observability.py) while the loop runs.
+            metrics_ports = {name: free_port() for name in ("stream-worker", "rank-server", "trainer")}
+            run.facts["metrics"] = {n: f"http://127.0.0.1:{p}/metrics" for n, p in metrics_ports.items()}
             store_args = ["--backend", opts.backend, "--repo-dir", feature_repo]
             if redis_url:
                 store_args += ["--redis-url", redis_url]
             sup.start(
                 "stream-worker",
                 "hisam.jobs.stream_worker",
-                ["--bootstrap", broker.bootstrap, *store_args, "--tokenizer", tokenizer, "--instance-id", "loop-0"],
+                [
+                    "--bootstrap",
+                    broker.bootstrap,
+                    *store_args,
+                    "--tokenizer",
+                    tokenizer,
+                    "--instance-id",
+                    "loop-0",
+                    "--metrics-port",
+                    metrics_ports["stream-worker"],
+                ],
             )
             run.facts |= {"bootstrap": broker.bootstrap, "triton": triton.url, "work_dir": str(work)}
 
@@ -499,7 +512,8 @@ def _run_stages(run: Run) -> None:
             "rank-server",
             "hisam.jobs.serve",
             ["--port", "0", "--triton-url", triton.url, "--model-repo", repo, "--checkpoint", checkpoint,
-             "--dataset", opts.dataset, "--data-dir", opts.data_dir, *store_args],
+             "--dataset", opts.dataset, "--data-dir", opts.data_dir, *store_args,
+             "--metrics-port", metrics_ports["rank-server"]],
         )  # fmt: skip
         address = rank.wait_for_line("RankingService listening on", 120).rsplit(" ", 1)[-1]
         sup.start(
@@ -509,7 +523,7 @@ def _run_stages(run: Run) -> None:
              "--bootstrap", broker.bootstrap, "--group-id", TRAINER_GROUP, "--triton-url", triton.url,
              "--dataset", opts.dataset, "--data-dir", opts.data_dir, "--threads", str(opts.threads),
              "--lr", str(opts.trainer_lr), "--min-samples", str(opts.min_samples),
-             "--probation", str(opts.min_samples)],
+             "--probation", str(opts.min_samples), "--metrics-port", metrics_ports["trainer"]],
         )  # fmt: skip
         run.facts["rank_address"] = address
 
@@ -540,7 +554,20 @@ def _run_stages(run: Run) -> None:
             run.facts["trainer"] = _trainer_snapshot(state_dir, repo)
             run.facts["stream_appended"], _ = offsets.position(STREAM_GROUP, tp.USER_ACTIONS)
             run.facts["dead_letters"] = row["dead_letters"]
+            _save_metrics(run.facts.get("metrics", {}), work / "metrics")
             run.facts["exit_codes"] = sup.stop_all()
+
+
+def _save_metrics(endpoints: dict[str, str], out: Path) -> None:
+    """Each process's last /metrics page, kept beside its log (what Prometheus would have scraped)."""
+    import urllib.request
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, url in endpoints.items():
+        try:
+            (out / f"{name}.prom").write_bytes(urllib.request.urlopen(url, timeout=5).read())
+        except OSError as e:
+            log.warning("could not scrape %s at %s: %s", name, url, e)
 
 
 def _wait_with_bar(run: Run, offsets: Offsets, topic: str, total: int, label: str, sup) -> None:
@@ -811,7 +838,11 @@ def write_report(run: Run, out_dir: Path) -> Path:
                 lines.append(f"| {c['user']} | - | - | {c['ms']:.0f} | {c['error']} |")
     if plot:
         lines += ["", f"![timeline]({plot.name})"]
-    lines += ["", f"Process logs: `{run.work / 'logs'}`.", ""]
+    lines += [
+        "",
+        f"Process logs: `{run.work / 'logs'}`; each process's last Prometheus page: `{run.work / 'metrics'}`.",
+        "",
+    ]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

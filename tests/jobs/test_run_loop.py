@@ -100,6 +100,26 @@ def test_the_whole_loop_runs_to_its_report(workspace) -> None:
     assert (workspace / "full" / "reports" / "run" / "timeline.png").stat().st_size > 10_000
     assert "report:" in res.stdout and "Rank p50" in res.stdout
     assert _leftovers(workspace, "full") == []
+    # Every process's last /metrics page agrees with the report (hisam/observability.py).
+    prom = {
+        n: _samples(workspace / "full" / "work" / "metrics" / f"{n}.prom")
+        for n in ("stream-worker", "rank-server", "trainer")
+    }
+    assert prom["stream-worker"][("hisam_stream_actions_appended_total", ())] == 3000
+    assert prom["stream-worker"][("hisam_stream_items_written_total", ())] == N_ITEMS
+    ok = prom["rank-server"][("hisam_serving_rank_requests_total", (("code", "OK"),))]
+    assert ok == rk["calls"] + len(s["sample_calls"])
+    assert prom["trainer"][("hisam_trainer_samples_trained_total", ())] == tr["trained"]
+
+
+def _samples(path: Path) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(path.read_text()):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
 
 
 def test_ctrl_c_stops_everything_and_still_reports(workspace) -> None:
