@@ -53,9 +53,10 @@ finite but wrong) or ``nan``; the gate must refuse what follows.
 
 Tokenizer lifecycle (METHOD.md §1 "Lifecycle", App. A.4). The tokenizer is frozen: the
 trainer only takes samples of the tokenizer version of its warm-start checkpoint. After a
-new tokenizer is trained (monthly), items are re-encoded (``hisam tokenizer encode``) and
-re-ingested by the stream, user streams are rebuilt by replaying actions, the ranker is
-re-trained offline on the new codes (``hisam ranker pretrain`` weekly, then ``hisam ranker
+new tokenizer is trained (monthly), ``hisam tokenizer migrate`` re-encodes the items and
+rewrites every user stream into a new online-store namespace (features/retokenize.py; the
+stream workers restart on it with ``--project``), the ranker is re-trained offline on the
+new codes (``hisam ranker pretrain`` weekly, then ``hisam ranker
 finetune --init pretrain``), and a trainer is started from that checkpoint with a new
 state directory. Until then, samples of the new version are dead-lettered here with
 reason ``tokenizer_mismatch`` (and the old trainer refuses to resume a state of another
