@@ -140,6 +140,25 @@ def sqlite_timestamp(event_time_ms: int) -> int:
     return int(dt.timestamp())
 
 
+def varint(n: int) -> bytes:
+    """One protobuf varint (``varints`` of one value, faster); a negative int64 is written as
+    its 64-bit two's complement, as protobuf writes it. Shared by the hot paths that build
+    protobuf bytes by hand (features/online.py, stream/records.py)."""
+    if n < 0:
+        n += 1 << 64
+    if n < 0x80:
+        return VARINT_BYTES[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+VARINT_BYTES = [bytes((i,)) for i in range(0x80)]  # the one-byte varints (and one-byte tags)
+
+
 def varints(values: Sequence[int]) -> bytes:
     """Protobuf varints of non-negative ints, concatenated (a packed repeated int64 payload)."""
     out = bytearray()

@@ -308,19 +308,7 @@ _KEY_VALUE = struct.Struct("<q")  # the entity id inside Feast's entity key
 _CACHE_MAX = 1 << 16  # entries of RedisStreamStore's encode/decode caches (cleared when full)
 
 
-def _varint(n: int) -> bytes:
-    """One protobuf varint of a non-negative int (``enc.varints`` of one value, faster)."""
-    if n < 0x80:
-        return _VARINT_BYTES[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_VARINT_BYTES = [bytes((i,)) for i in range(0x80)]
+_varint = enc.varint
 
 
 def _lua_bytes(b: bytes) -> str:

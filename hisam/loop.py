@@ -121,16 +121,12 @@ class Offsets:
         self.admin.close()
 
 
-def commit_at_end(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+def commit_at_end(offsets: Offsets, bootstrap: str, group: str, topic: str) -> dict[int, int]:
     """Commit ``group``'s offsets at the topic's current end: it starts with what comes next."""
     kafka = _kafka()
     from kafka.structs import OffsetAndMetadata
 
-    offsets = Offsets(bootstrap)
-    try:
-        ends = offsets.end(topic)
-    finally:
-        offsets.close()
+    ends = offsets.end(topic)
     c = kafka.KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     try:
         tps = {kafka.TopicPartition(topic, p): off for p, off in ends.items()}
@@ -146,16 +142,6 @@ def commit_at_end(bootstrap: str, group: str, topic: str) -> dict[int, int]:
 
 def percentile(xs, q: float) -> float:
     return float(np.percentile(np.asarray(xs, dtype=float), q)) if len(xs) else math.nan
-
-
-@dataclass
-class Timeline:
-    """What the progress line shows, sampled every few seconds (the report's plots)."""
-
-    rows: list[dict] = field(default_factory=list)
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
 
 
 class FreshnessProbe:
@@ -339,7 +325,7 @@ class Run:
     work: Path
     stages: dict[str, float] = field(default_factory=dict)
     facts: dict = field(default_factory=dict)
-    timeline: Timeline = field(default_factory=Timeline)
+    timeline: list[dict] = field(default_factory=list)  # progress rows (the report's plots)
     probe: FreshnessProbe | None = None
     sampler: RankSampler | None = None
     interrupted: bool = False
@@ -506,7 +492,7 @@ def _run_stages(run: Run) -> None:
             run.facts["backfill_actions"] = st.sent
             _wait_with_bar(run, offsets, tp.USER_ACTIONS, st.sent, "backfill", sup)
             run.facts["backfill_actions_per_s"] = round(st.sent / (time.perf_counter() - t0), 1)
-            commit_at_end(broker.bootstrap, TRAINER_GROUP, tp.TRAINING_SAMPLES)
+            commit_at_end(offsets, broker.bootstrap, TRAINER_GROUP, tp.TRAINING_SAMPLES)
 
         rank = sup.start(
             "rank-server",
@@ -538,7 +524,7 @@ def _run_stages(run: Run) -> None:
         if opts.replay_limit:
             test = test.head(opts.replay_limit)
         with run.stage("replay", 6):
-            _replay(run, producer, prod, tp, test, ds.name, offsets, state_dir, repo, sup)
+            _replay(run, producer, prod, test, ds.name, offsets, state_dir, repo, sup)
         with run.stage("drain", 7):
             t_start = time.perf_counter()
             left = wait_drained(offsets, STREAM_GROUP, tp.USER_ACTIONS, opts.drain_timeout_s)
@@ -585,33 +571,28 @@ def _wait_with_bar(run: Run, offsets: Offsets, topic: str, total: int, label: st
         raise RuntimeError(f"the stream worker did not catch up with {topic}: {left} records left after 600s")
 
 
-def _replay(run: Run, producer, prod, tp, test, dataset_name: str, offsets: Offsets, state_dir, repo, sup) -> None:
-    from stream.records import user_key
-
+def _replay(run: Run, producer, prod, test, dataset_name: str, offsets: Offsets, state_dir, repo, sup) -> None:
+    """The test period through ``stream.producer.produce_actions`` at the run's rate, with a per-send hook."""
     opts = run.opts
-    total = len(test)
-    events = prod.actions_from_interactions(test, dataset_name)
+    events = list(prod.actions_from_interactions(test, dataset_name))
+    total = len(events)
     t_start = time.perf_counter()
-    next_tick = t_start + opts.progress_every_s
-    prev = None
-    for n, e in enumerate(events):
-        ahead = t_start + n / opts.rate - time.perf_counter()
-        if ahead > 0:
-            time.sleep(ahead)
-        now = time.perf_counter()
-        producer.send(tp.USER_ACTIONS, key=user_key(e.user_id), value=e.SerializeToString())
+    state = {"next_tick": t_start + opts.progress_every_s, "prev": None}
+
+    def sent(n: int) -> None:
+        e, now = events[n], time.perf_counter()
         run.sampler.recent.append(int(e.user_id))
         if n % opts.probe_every == 0:
-            producer.flush()
+            producer.flush()  # the probe times produce -> visible, not time spent in the client's buffer
             run.probe.submit(int(e.user_id), e.event_id, now)
-        if now >= next_tick:
+        if now >= state["next_tick"]:
             sup.check()
             row = _progress_row(run, offsets, t_start, n + 1, total, state_dir, repo)
-            run.timeline.add(row)
-            log.info("%s", progress_line(row, prev))
-            prev = row
-            next_tick = now + opts.progress_every_s
-    producer.flush()
+            run.timeline.append(row)
+            log.info("%s", progress_line(row, state["prev"]))
+            state["prev"], state["next_tick"] = row, now + opts.progress_every_s
+
+    prod.produce_actions(producer, events, rate=opts.rate, on_sent=sent)
     run.facts["replay_actions"] = total
     run.facts["replay_s"] = round(time.perf_counter() - t_start, 1)
 
@@ -700,7 +681,7 @@ def summary_of(run: Run) -> dict:
 
 
 def _plot(run: Run, path: Path) -> Path | None:
-    rows = run.timeline.rows
+    rows = run.timeline
     if not rows:
         return None
     import matplotlib
@@ -756,7 +737,7 @@ def write_report(run: Run, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     s = summary_of(run)
     (out_dir / "summary.json").write_text(json.dumps(s, indent=1, default=str))
-    (out_dir / "timeline.json").write_text(json.dumps(run.timeline.rows, default=float))
+    (out_dir / "timeline.json").write_text(json.dumps(run.timeline, default=float))
     plot = _plot(run, out_dir / "timeline.png")
     ev, fr, tr, rk = s["events"], s["freshness_ms"], s["trainer"], s["rank"]
     lines = [

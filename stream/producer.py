@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,6 +115,7 @@ def produce(
     rate: float | None = None,
     progress_every: int = 10_000,
     check_every: int = 2_000,
+    on_sent: Callable[[int], None] | None = None,
 ) -> ReplayStats:
     """Send (key, value) records, paced to ``rate`` per second (None: as fast as possible).
 
@@ -130,6 +131,8 @@ def produce(
             if ahead > 0:
                 time.sleep(ahead)
         pending.append((producer.send(topic, key=key, value=value), key, value))
+        if on_sent is not None:
+            on_sent(n)  # the caller's per-record hook (hisam run: probes, progress), after the send
         n += 1
         if len(pending) >= check_every:
             pending = _deliver(producer, topic, pending)
@@ -139,8 +142,11 @@ def produce(
     return ReplayStats(n, time.perf_counter() - start)
 
 
-def produce_actions(producer, events: Iterable[pb.ActionEvent], rate: float | None = None) -> ReplayStats:
-    return produce(producer, tp.USER_ACTIONS, ((rec.user_key(e.user_id), e.SerializeToString()) for e in events), rate)
+def produce_actions(
+    producer, events: Iterable[pb.ActionEvent], rate: float | None = None, on_sent: Callable[[int], None] | None = None
+) -> ReplayStats:
+    records = ((rec.user_key(e.user_id), e.SerializeToString()) for e in events)
+    return produce(producer, tp.USER_ACTIONS, records, rate, on_sent=on_sent)
 
 
 def produce_items(producer, events: Iterable[pb.ItemEvent], rate: float | None = None) -> ReplayStats:

@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from features import encoding as enc
 from hisam.pb.v1 import events_pb2 as pb
 
 # Reasons carried by DeadLetter.reason (stable strings: dashboards and replays key on them).
@@ -149,21 +150,8 @@ def training_sample(
     )
 
 
-def _varint(n: int) -> bytes:
-    """One protobuf varint; a negative int64 is written as its 64-bit two's complement."""
-    if n < 0:
-        n += 1 << 64
-    if n < 0x80:
-        return _BYTES[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_BYTES = [bytes((i,)) for i in range(0x80)]
+_varint = enc.varint  # protobuf bytes built by hand (features.encoding)
+_BYTES = enc.VARINT_BYTES
 
 
 def _len_delimited(tag: int, payload: bytes) -> bytes:

@@ -200,23 +200,9 @@ def table(results: dict) -> str:
 
 
 def trainer_config(args: argparse.Namespace):
-    from hisam.trainer.core import TrainerConfig
+    from hisam.jobs.trainer_run import trainer_config as from_options
 
-    return TrainerConfig(
-        lr=args.lr,
-        ema=args.ema,
-        batch_size=args.batch_size,
-        window=args.window,
-        min_samples=args.min_samples,
-        gate_window=args.gate_window,
-        margin=args.margin,
-        min_improvement=args.min_improvement,
-        confidence=args.confidence,
-        gate_method=args.gate_method,
-        probation=args.min_samples,
-        device=args.device,
-        precision=args.precision,
-    )
+    return from_options(args, probation=args.min_samples)  # the bench watches a version as long as it gates
 
 
 def run_direct(trainer, examples, max_records: int) -> tuple[list, list[dict]]:

@@ -78,11 +78,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_metrics_arguments(parser)
 
 
+# TrainerConfig fields whose option has another name.
+_OPTION_OF = {"keep_versions": "keep"}
+
+
+def trainer_config(args: argparse.Namespace, **override):
+    """The TrainerConfig of a command's options: every field whose option the command has
+    (``trainer run`` has all of them; ``bench trainer`` a subset, the rest keep their defaults)."""
+    from dataclasses import fields
+
+    from hisam.trainer.core import TrainerConfig
+
+    values = {
+        f.name: getattr(args, _OPTION_OF.get(f.name, f.name))
+        for f in fields(TrainerConfig)
+        if hasattr(args, _OPTION_OF.get(f.name, f.name))
+    }
+    return TrainerConfig(**(values | override))
+
+
 def build_service(args: argparse.Namespace):
     import torch
 
     from hisam.jobs.serve import load_profiles
-    from hisam.trainer.core import NearlineTrainer, TrainerConfig
+    from hisam.trainer.core import NearlineTrainer
     from hisam.trainer.service import ServiceConfig, TrainerService
     from hisam.trainer.state import StateDir
 
@@ -96,25 +115,7 @@ def build_service(args: argparse.Namespace):
         checkpoint = loaded  # a snapshot is a checkpoint too; resume overwrites the weights anyway
     args.checkpoint = checkpoint
     profiles = load_profiles(args)
-    config = TrainerConfig(
-        lr=args.lr,
-        ema=args.ema,
-        batch_size=args.batch_size,
-        window=args.window,
-        min_samples=args.min_samples,
-        gate_window=args.gate_window,
-        margin=args.margin,
-        min_improvement=args.min_improvement,
-        confidence=args.confidence,
-        gate_method=args.gate_method,
-        gate_unit=args.gate_unit,
-        resamples=args.resamples,
-        probation=args.probation,
-        rollback_margin=args.rollback_margin,
-        keep_versions=args.keep,
-        device=args.device,
-        precision=args.precision,
-    )
+    config = trainer_config(args)
     trainer = NearlineTrainer.from_checkpoint(checkpoint, profiles.tokens, config)
     log.info(
         "trainer on %s, %s (target %s)", trainer.device, trainer.amp_dtype or "fp32", args.target

@@ -77,3 +77,22 @@ def warm_model(seed: int = 0):
 
     torch.manual_seed(seed)
     return HMAT(tiny_config()).eval()
+
+
+def seed_rank_store(store, events: list[Example], base: int, run: str) -> tuple[int, list[int]]:
+    """What Rank needs to answer in the end-to-end tests: the SIDs of 12 of the events' items
+    (ids offset by ``base``) and a 5-item history for user ``base + 1``.
+
+    Returns (that user, the 12 candidate item ids as stored).
+    """
+    from features.online import ItemSids, StreamAction
+
+    items = sorted({e.item_id for e in events})[:12]
+    codes = {e.item_id: e.target_codes for e in events}
+    offsets = [c * CODEBOOK for c in range(N_CODES)]
+    sid = {i: tuple(int(x + o) for x, o in zip(codes[i], offsets, strict=True)) for i in items}
+    store.put_item_sids([ItemSids(base + i, sid[i], TOKENIZER, 1) for i in items])
+    user = base + 1
+    for k, i in enumerate(items[:5]):
+        store.append(StreamAction(user, f"{run}-h{k}", base + i, 3, 1 + k, sid[i]), want_history=False)
+    return user, [base + i for i in items]

@@ -56,20 +56,3 @@ def own_redis(tmp_path):
     svc.start()
     yield svc
     svc.stop()
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer_dir(tmp_path_factory) -> Path:
-    """A small, really trained DST tokenizer (as tests/stream/conftest.py builds it)."""
-    import torch
-
-    from models.tokenizer.testing import tiny_tokenizer
-
-    out = tmp_path_factory.mktemp("tokenizer")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        tiny_tokenizer(out, n_items=128, epochs=2)
-    finally:
-        torch.set_num_threads(threads)
-    return out

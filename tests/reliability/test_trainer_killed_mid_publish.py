@@ -23,10 +23,18 @@ import uuid
 
 import pytest
 
-from features.online import ItemSids, OnlineStoreConfig, StreamAction, open_stream_store
+from features.online import OnlineStoreConfig, open_stream_store
 from hisam.trainer import samples as sm
 from hisam.trainer.onnx_export import Template
-from hisam.trainer.testing import CODEBOOK, N_CODES, TOKENIZER, synthetic_examples, tiny_config, warm_model
+from hisam.trainer.testing import (
+    CODEBOOK,
+    N_CODES,
+    TOKENIZER,
+    seed_rank_store,
+    synthetic_examples,
+    tiny_config,
+    warm_model,
+)
 from models.hmat.train import load_checkpoint, save_checkpoint
 from serving.backends import TritonBackend
 from serving.load import RankProbe
@@ -84,14 +92,7 @@ def test_trainer_killed_mid_publish_leaves_nothing_half_served_and_recovers(
     )
     store = open_stream_store(cfg)
     events = synthetic_examples(768, seed=11, prefix=f"kill-{run}")
-    items = sorted({e.item_id for e in events})[:12]
-    codes = {e.item_id: e.target_codes for e in events}
-    offsets = [c * CODEBOOK for c in range(N_CODES)]
-    sid = {i: tuple(int(x + o) for x, o in zip(codes[i], offsets, strict=True)) for i in items}
-    store.put_item_sids([ItemSids(base + i, sid[i], TOKENIZER, 1) for i in items])
-    user = base + 1
-    for k, i in enumerate(items[:5]):
-        store.append(StreamAction(user, f"{run}-h{k}", base + i, 3, 1 + k, sid[i]), want_history=False)
+    user, candidates = seed_rank_store(store, events, base, run)
     args = [
         "--checkpoint", str(warm_checkpoint), "--state-dir", str(state), "--model-repo", str(repo),
         "--bootstrap", kafka_bootstrap, "--group-id", f"trainer-{run}", "--topic", topic,
@@ -109,7 +110,7 @@ def test_trainer_killed_mid_publish_leaves_nothing_half_served_and_recovers(
             )
 
         with rank_server_thread(make_ranker) as handle:
-            probe = RankProbe(handle.address, user, [base + i for i in items]).start()
+            probe = RankProbe(handle.address, user, candidates).start()
             try:
                 wait_until(lambda: probe.versions, 60, 0.1, "the first Rank answer")
                 v1 = probe.versions[0]

@@ -18,21 +18,19 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 import warnings
 
-import grpc
 import pytest
 
-from features.online import ItemSids, OnlineStoreConfig, StreamAction, open_stream_store
-from hisam.pb.v1 import rank_pb2, rank_pb2_grpc
+from features.online import OnlineStoreConfig, open_stream_store
 from hisam.trainer import samples as sm
 from hisam.trainer.onnx_export import Template
-from hisam.trainer.testing import CODEBOOK, N_CODES, TOKENIZER, synthetic_examples, tiny_config
+from hisam.trainer.testing import CODEBOOK, N_CODES, TOKENIZER, seed_rank_store, synthetic_examples, tiny_config
 from models.hmat.train import load_checkpoint
 from serving.backends import TritonBackend
+from serving.load import RankProbe
 from serving.online import OnlineReader
 from serving.profiles import Profiles
 from serving.ranking import Ranker, model_info
@@ -45,29 +43,6 @@ from stream.testing import REPO_ROOT, wait_until
 pytestmark = [pytest.mark.triton, pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
 
 BASE = (int(time.time()) % 100_000) * 10_000 + 7_000_000  # ids unique per run (a shared Redis may hold others)
-
-
-class RankProbe(threading.Thread):
-    """Calls Rank every ``interval_s`` and records every answer's model version and every failure."""
-
-    def __init__(self, address: str, user: int, items: list[int], interval_s: float = 0.1) -> None:
-        super().__init__(daemon=True)
-        self.channel = grpc.insecure_channel(address)
-        self.stub = rank_pb2_grpc.RankingServiceStub(self.channel)
-        self.req = rank_pb2.RankRequest(user_id=user, item_ids=items, request_id="probe")
-        self.interval_s = interval_s
-        self.versions: list[str] = []
-        self.failures: list[str] = []
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                self.versions.append(self.stub.Rank(self.req, timeout=30).model_version)
-            except grpc.RpcError as e:
-                self.failures.append(f"{e.code()}: {e.details()}")
-            time.sleep(self.interval_s)
-        self.channel.close()
 
 
 def _lineage(state_dir) -> list[dict]:
@@ -91,18 +66,7 @@ def test_replay_publishes_a_served_version_without_failed_calls_and_refuses_a_co
     )
     store = open_stream_store(cfg)
     events = synthetic_examples(768, seed=7, prefix=f"e2e-{run}")
-    items = sorted({e.item_id for e in events})[:12]
-    codes = {e.item_id: e.target_codes for e in events}
-    offsets = [c * CODEBOOK for c in range(N_CODES)]
-    store.put_item_sids(
-        [ItemSids(BASE + i, tuple(int(x + o) for x, o in zip(codes[i], offsets)), TOKENIZER, 1) for i in items]
-    )
-    user = BASE + 1
-    for k, i in enumerate(items[:5]):
-        store.append(
-            StreamAction(user, f"{run}-h{k}", BASE + i, 3, 1 + k, tuple(int(x + o) for x, o in zip(codes[i], offsets))),
-            want_history=False,
-        )
+    user, candidates = seed_rank_store(store, events, BASE, run)
 
     with triton_server(repo, poll_s=1.0) as triton:
 
@@ -112,7 +76,7 @@ def test_replay_publishes_a_served_version_without_failed_calls_and_refuses_a_co
             )
 
         with rank_server_thread(make_ranker) as handle:
-            probe = RankProbe(handle.address, user, [BASE + i for i in items])
+            probe = RankProbe(handle.address, user, candidates)
             probe.start()
             wait_until(lambda: probe.versions, 60, 0.1, "the first Rank answer")
             v1 = probe.versions[0]
@@ -169,8 +133,7 @@ def test_replay_publishes_a_served_version_without_failed_calls_and_refuses_a_co
             finally:
                 proc.terminate()
                 proc.wait(30)
-                probe.stop.set()
-                probe.join(10)
+                probe.close()
             assert probe.failures == [], probe.failures[:5]
             after_refusal = [r for r in _lineage(state) if r["event"] == "published" and r["version"] > 2]
             if not after_refusal:  # the corrupted candidate never reached the repository
