@@ -8,8 +8,9 @@ and write Feast's own storage layout (``features.encoding``) atomically:
 * Redis: one Lua script per append (EVALSHA, one round trip, atomic on the server). It
   reads the user's hash, checks the event id against a window of seen ids, appends the
   item's tokens / action / event id / time to the packed protobuf lists, drops the oldest
-  items beyond T, bumps the profile counters and writes everything back. The batched
-  variant pipelines one EVALSHA per action: still one round trip per batch.
+  items beyond T, bumps the profile counters and writes everything back. A batch is one
+  script call over all its actions (Redis Cluster: one call per action, pipelined): one
+  round trip per batch.
 * SQLite: one ``BEGIN IMMEDIATE`` transaction per append or per batch, against Feast's
   table layout; SQLite's write lock serialises concurrent writers.
 
@@ -22,11 +23,17 @@ the batch in flight plus the acked batches awaiting their offset commit, so the 
 requires W >= 2 x its batch size (``stream.app``); the default 1024 covers the default
 batches of 500. Memory is bounded: W ids of at most ``MAX_EVENT_ID_BYTES`` per user.
 
-* Redis: the window is a field of the user's own hash (``_hisam:user_stream:seen``, the
-  ids NUL-delimited, oldest first, with its count in ``..:seen_n``). In the user's hash it
-  is written by the same script call, lives in the same Redis Cluster slot whatever the
-  key's bytes (Feast's binary keys can contain ``{``/``}``, so no hash tag could follow a
-  separate key reliably), and is deleted with the entity by Feast's
+* Redis: the window is kept in the user's own hash, in B = ceil(W / 32) bucket fields
+  (``_hisam:user_stream:seen:<b>``, B in ``..:seen_b``): an id goes to bucket
+  ``int(sha1(id)[:8], 16) % B`` as ``NUL id 0xFF seq``, in append order, where seq is the
+  user's append count then; it is remembered while seq > count - W, and a bucket drops its
+  forgotten ids whenever it is written. So an append reads and rewrites about 32 ids, not
+  W (the window as one field of W ids cost more of the script's time than the stream
+  itself; an earlier layout's window is moved into buckets on the user's first append,
+  and so is one of another bucket count, after a change of W). In the user's hash the
+  window is written by the same script call, lives in the same Redis Cluster slot whatever
+  the key's bytes (Feast's binary keys can contain ``{``/``}``, so no hash tag could follow
+  a separate key reliably), and is deleted with the entity by Feast's
   ``delete_entity_values``; Feast reads only the fields it asks for.
 * SQLite: a side table ``{project}_hisam_seen`` (one row per remembered id, with the
   per-user sequence number that orders eviction), written in the append's transaction.
@@ -42,6 +49,7 @@ shareable); Feast's own SQLite store must likewise stay on one thread.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import struct
@@ -63,6 +71,9 @@ log = logging.getLogger(__name__)
 
 # Longest event id accepted: bounds the seen window's memory (W ids per user).
 MAX_EVENT_ID_BYTES = 256
+
+# Redis: ids per bucket of the seen window, on average (an append rewrites one bucket).
+SEEN_BUCKET_IDS = 32
 
 Backend = Literal["sqlite", "redis"]
 
@@ -104,6 +115,11 @@ class OnlineStoreConfig:
             )
         if not self.project.isidentifier():
             raise ValueError(f"project must be an identifier (it names tables), got {self.project!r}")
+
+    @property
+    def seen_buckets(self) -> int:
+        """Redis: the seen window's buckets (about ``SEEN_BUCKET_IDS`` ids each; module doc)."""
+        return -(-self.seen_window // SEEN_BUCKET_IDS)
 
     @property
     def sqlite_db(self) -> Path:
@@ -303,12 +319,37 @@ def _user_stream(user_id: int, raw: Sequence[bytes | None], n_codes: int) -> Use
 
 
 _U32 = struct.Struct("<I")
-_REPLY_HEAD = struct.Struct("<BII")  # appended, len(history token varints), len(history action varints)
 _KEY_VALUE = struct.Struct("<q")  # the entity id inside Feast's entity key
 _CACHE_MAX = 1 << 16  # entries of RedisStreamStore's encode/decode caches (cleared when full)
 
 
 _varint = enc.varint
+
+
+def _read_varint(b: bytes, pos: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        c = b[pos]
+        out |= (c & 0x7F) << shift
+        pos += 1
+        if c < 0x80:
+            return out, pos
+        shift += 7
+
+
+def _ints_payload(blob: bytes, start: int, end: int) -> bytes:
+    """The packed varints of the int64 list Value in ``blob[start:end]`` (empty: none)."""
+    if start == end:
+        return b""
+    if blob[start] != 114:
+        raise OnlineStoreError("a user stream field is not an int64 list Value")
+    size, pos = _read_varint(blob, start + 1)
+    if size == 0:
+        return b""
+    n, pos = _read_varint(blob, pos + 1)  # past the packed field's tag
+    if pos + n > end:
+        raise OnlineStoreError("a user stream field's int64 list Value is truncated")
+    return blob[pos : pos + n]
 
 
 def _lua_bytes(b: bytes) -> str:
@@ -321,16 +362,27 @@ _APPEND_LUA = r"""
 -- layout (see features/encoding.py). KEYS[i]: the i-th action's user hash key.
 -- ARGV[1], per action: u32-length-prefixed event_id, token varints, action varint,
 -- time varint, time ms (decimal), Timestamp proto bytes; then a u8 want_history.
--- Reply, per action: u8 status (1 appended, 0 duplicate, 2 duplicate still in the stream),
--- u32 len(tokens), u32 len(actions), then the user's token and action varints before the
--- action (the history; empty when not wanted, and for a duplicate the stream no longer
--- holds). Idempotency: the last W appended event ids of the user (M_SEEN).
+-- Reply: an array. First, one status byte per action (1 appended, 0 duplicate, 2
+-- duplicate still in the stream); then, per action, the user's stored token and action
+-- Values before it (the history, in their int64 list wrappers; empty when not wanted, and
+-- for a duplicate the stream no longer holds). Idempotency: the last W appended event ids
+-- of the user, in B buckets (see rebucket).
+--
+-- Cost: Redis' Lua hashes every byte of every string it creates (about 1 ns a byte here),
+-- so the script creates only what it must: each stream field once read and once written,
+-- one bucket of about W / B ids (never the whole window), and no reply blob (concatenating
+-- the histories cost Redis a third of its time; an array of the strings read costs nothing).
 local NC = __NC__
 local T = __T__
 local W = __W__
+local B = __B__
+local B_STR = tostring(B)
 local F_TOK, F_ACT, F_EID, F_TIM = __F_TOK__, __F_ACT__, __F_EID__, __F_TIM__
 local F_TS, P_TS, P_N, P_LAST = __F_TS__, __P_TS__, __P_N__, __P_LAST__
-local M_SEEN, M_SEEN_N, M_LEN, M_MAX, M_TOTAL = __M_SEEN__, __M_SEEN_N__, __M_LEN__, __M_MAX__, __M_TOTAL__
+local M_LEN, M_MAX, M_TOTAL = __M_LEN__, __M_MAX__, __M_TOTAL__
+local M_SEEN_B, SEEN_PREFIX = __M_SEEN_B__, __SEEN_PREFIX__
+-- the window's layout before buckets (one field of NUL-delimited ids, and its count)
+local M_SEEN, M_SEEN_N = __M_SEEN__, __M_SEEN_N__
 
 local function varint(n)
   local out = {}
@@ -389,33 +441,6 @@ local function unwrap_strings(v)
   return string.sub(v, p, p + len - 1)
 end
 
--- Drop the oldest ids of the seen window (NUL-delimited, leading NUL) beyond W.
-local function trim_seen(seen, count)
-  if count <= W then return seen, count end
-  local p = 1
-  for _ = 1, count - W do p = string.find(seen, '\0', p + 1, true) end
-  return string.sub(seen, p), W
-end
-
--- A duplicate: nothing is written. If the stream still holds it, status 2 and the
--- history before it (its sample can be sent again); else status 0 and no history.
-local function duplicate(cur, eid, want)
-  if not want then return 0, '', '' end
-  local eids = unwrap_strings(cur[3])
-  local p, i = 1, 0
-  while p <= #eids do
-    local len, q = read_varint(eids, p + 1)
-    i = i + 1
-    if len == #eid and string.sub(eids, q, q + len - 1) == eid then
-      local tok0, act0 = unwrap_ints(cur[1]), unwrap_ints(cur[2])
-      return 2, string.sub(tok0, 1, skip_varints(tok0, 1, (i - 1) * NC) - 1),
-             string.sub(act0, 1, skip_varints(act0, 1, i - 1) - 1)
-    end
-    p = q + len
-  end
-  return 0, '', ''
-end
-
 -- Value{int64_list_val{packed val}} -> the payload's first and last positions in v (last <
 -- first: empty). Positions, not a copy: Redis' Lua hashes every byte of every string it
 -- creates, so each intermediate copy of a stream field costs about what reading it does.
@@ -449,14 +474,131 @@ local function strings_value(kept, new)
   return '\98' .. varint(#kept + #new) .. kept .. new
 end
 
+-- A duplicate: nothing is written. If the stream still holds it, status 2 and the
+-- history before it (its sample can be sent again); else status 0 and no history.
+local function duplicate(cur, eid, want)
+  if not want then return 0, '', '' end
+  local eids = unwrap_strings(cur[3])
+  local p, i = 1, 0
+  while p <= #eids do
+    local len, q = read_varint(eids, p + 1)
+    i = i + 1
+    if len == #eid and string.sub(eids, q, q + len - 1) == eid then
+      local tok0, act0 = unwrap_ints(cur[1]), unwrap_ints(cur[2])
+      return 2, ints_value(string.sub(tok0, 1, skip_varints(tok0, 1, (i - 1) * NC) - 1), ''),
+             ints_value(string.sub(act0, 1, skip_varints(act0, 1, i - 1) - 1), '')
+    end
+    p = q + len
+  end
+  return 0, '', ''
+end
+
+-- The seen window: bucket b of B holds, in append order, the ids whose
+-- sha1(id) % B is b, each as '\0' .. id .. '\255' .. seq (seq: the user's append count
+-- when it was appended; ids are UTF-8 without NUL, so neither byte occurs in them). An id
+-- is remembered while seq > total - W. A bucket is pruned of forgotten ids when written.
+local function bucket_of(eid, nb)
+  return tonumber(string.sub(redis.sha1hex(eid), 1, 8), 16) % nb
+end
+
+-- the seq of eid's record in bucket s, or nil
+local function seq_in(s, eid)
+  local p = string.find(s, '\0' .. eid .. '\255', 1, true)
+  if p == nil then return nil end
+  local q = p + #eid + 2
+  local e = string.find(s, '\0', q, true)
+  return tonumber(string.sub(s, q, (e or #s + 1) - 1))
+end
+
+-- bucket s without its leading records of seq <= limit (records are in seq order)
+local function prune(s, limit)
+  local p = 1
+  while p <= #s do
+    local q = string.find(s, '\255', p, true) + 1
+    local e = string.find(s, '\0', q, true) or #s + 1
+    if tonumber(string.sub(s, q, e - 1)) > limit then break end
+    p = e
+  end
+  if p == 1 then return s end
+  return string.sub(s, p)
+end
+
+-- every remembered (id, seq) of bucket string s, appended to recs
+local function records(s, recs)
+  local p = 1
+  while p <= #s do
+    local q = string.find(s, '\255', p, true)
+    local e = string.find(s, '\0', q + 1, true) or #s + 1
+    recs[#recs + 1] = {string.sub(s, p + 1, q - 1), tonumber(string.sub(s, q + 1, e - 1))}
+    p = e
+  end
+end
+
+-- Rewrite a user's window into B buckets from whatever layout it has: the previous
+-- single NUL-delimited field (M_SEEN, oldest first), buckets of another count, or none
+-- (a stream written without a window: its ids count as seen). Once per user and layout.
+local function rebucket(key, cur, total)
+  local recs = {}
+  if cur[9] then  -- M_SEEN
+    local ids = {}
+    for id in string.gmatch(cur[9], '[^%z]+') do ids[#ids + 1] = id end
+    for i, id in ipairs(ids) do recs[#recs + 1] = {id, total - #ids + i} end
+  elseif cur[8] then  -- buckets of another count
+    local nb = tonumber(cur[8])
+    local names = {}
+    for b = 0, nb - 1 do names[#names + 1] = SEEN_PREFIX .. b end
+    for _, s in ipairs(redis.call('HMGET', key, unpack(names))) do
+      if s then records(s, recs) end
+    end
+    table.sort(recs, function(x, y) return x[2] < y[2] end)
+    redis.call('HDEL', key, unpack(names))
+  elseif cur[3] then  -- a stream with no window
+    local ve = cur[3]
+    local p, e = strings_span(ve)
+    local ids = {}
+    while p <= e do
+      local len, q = read_varint(ve, p + 1)
+      ids[#ids + 1] = string.sub(ve, q, q + len - 1)
+      p = q + len
+    end
+    for i, id in ipairs(ids) do recs[#recs + 1] = {id, total - #ids + i} end
+  end
+  local parts = {}
+  for _, r in ipairs(recs) do
+    if r[2] > total - W then
+      local b = bucket_of(r[1], B)
+      parts[b] = parts[b] or {}
+      local t = parts[b]
+      t[#t + 1] = '\0' .. r[1] .. '\255' .. r[2]
+    end
+  end
+  local hset = {M_SEEN_B, tostring(B)}
+  local buckets = {}
+  for b, t in pairs(parts) do
+    buckets[b] = table.concat(t)
+    hset[#hset + 1] = SEEN_PREFIX .. b
+    hset[#hset + 1] = buckets[b]
+  end
+  redis.call('HSET', key, unpack(hset))
+  redis.call('HDEL', key, M_SEEN, M_SEEN_N)
+  return buckets
+end
+
 local function append_one(key, eid, tokv, actv, timv, ms_str, ts, want)
-  local cur = redis.call('HMGET', key, F_TOK, F_ACT, F_EID, F_TIM, M_SEEN, M_LEN, M_MAX, M_TOTAL, M_SEEN_N)
-  local seen = cur[5] or '\0'
-  if string.find(seen, '\0' .. eid .. '\0', 1, true) then
+  local b = bucket_of(eid, B)
+  local fb = SEEN_PREFIX .. b
+  local cur = redis.call('HMGET', key, F_TOK, F_ACT, F_EID, F_TIM, M_LEN, M_MAX, M_TOTAL, M_SEEN_B, M_SEEN, fb)
+  local total = tonumber(cur[7] or '0')
+  local bucket = cur[10] or ''
+  if cur[8] ~= B_STR and (cur[8] or cur[9] or cur[3]) then
+    bucket = rebucket(key, cur, total)[b] or ''
+  end
+  local seq = seq_in(bucket, eid)
+  if seq and seq > total - W then
     return duplicate(cur, eid, want)
   end
 
-  local n = tonumber(cur[6] or '0') + 1
+  local n = tonumber(cur[5] or '0') + 1
   local drop = 0
   if n > T then
     drop = n - T
@@ -468,50 +610,28 @@ local function append_one(key, eid, tokv, actv, timv, ms_str, ts, want)
   local a0, a1 = ints_span(va)
   local m0, m1 = ints_span(vm)
   local e0, e1 = strings_span(ve)
-  local tok0, act0 = '', ''
-  if want then
-    tok0, act0 = string.sub(vt, t0, t1), string.sub(va, a0, a1)
-  end
   local tok = ints_value(string.sub(vt, skip_varints(vt, t0, drop * NC), t1), tokv)
   local act = ints_value(string.sub(va, skip_varints(va, a0, drop), a1), actv)
   local tim = ints_value(string.sub(vm, skip_varints(vm, m0, drop), m1), timv)
   local eids = strings_value(string.sub(ve, skip_strings(ve, e0, drop), e1), '\10' .. varint(#eid) .. eid)
-  -- The seen window: its count is stored; a hash written before the count existed (the
-  -- window then held the stream's ids) is counted once. Past W ids, the oldest go.
-  local seen_n = tonumber(cur[9] or '')
-  if seen_n == nil then
-    local _, delims = string.gsub(seen, '%z', '')
-    seen_n = delims - 1
-  end
-  seen_n = seen_n + 1
-  if seen_n > W then
-    local p = 1
-    for _ = 1, seen_n - W do
-      p = string.find(seen, '\0', p + 1, true)
-      if p == nil then break end
-    end
-    if p == nil then  -- a count above what the window holds (not one this script wrote)
-      seen, seen_n = trim_seen(seen .. eid .. '\0', seen_n)
-    else
-      seen, seen_n = string.sub(seen, p) .. eid .. '\0', W
-    end
-  else
-    seen = seen .. eid .. '\0'
-  end
-  local total = tonumber(cur[8] or '0') + 1
+  total = total + 1
+  bucket = prune(bucket, total - W) .. '\0' .. eid .. '\255' .. total
 
-  local hset = {F_TOK, tok, F_ACT, act, F_EID, eids, F_TIM, tim, M_SEEN, seen, M_SEEN_N, tostring(seen_n),
+  local hset = {F_TOK, tok, F_ACT, act, F_EID, eids, F_TIM, tim, fb, bucket, M_SEEN_B, B_STR,
                 M_LEN, tostring(n), M_TOTAL, tostring(total), P_N, '\32' .. varint(total)}
   -- Feast's event timestamp of both views is the newest event time seen (events may
   -- arrive out of time order; the stream keeps arrival order).
   local ms = tonumber(ms_str)
-  if cur[7] == false or ms > tonumber(cur[7]) then
+  if cur[6] == false or ms > tonumber(cur[6]) then
     for _, x in ipairs({M_MAX, ms_str, F_TS, ts, P_TS, ts, P_LAST, '\32' .. timv}) do
       hset[#hset + 1] = x
     end
   end
   redis.call('HSET', key, unpack(hset))
-  return 1, tok0, act0
+  -- The history: the stream's stored values as they were (the caller strips the wrapper;
+  -- no copy is made here).
+  if want then return 1, vt, va end
+  return 1, '', ''
 end
 
 -- One call appends to every key in order (the same key may repeat). Arguments and
@@ -526,8 +646,8 @@ local function field()
   pos = pos + n
   return v
 end
-local out = {}
-for _, key in ipairs(KEYS) do
+local status, out = {}, {''}
+for i, key in ipairs(KEYS) do
   local eid = field()
   local tokv = field()
   local actv = field()
@@ -537,11 +657,11 @@ for _, key in ipairs(KEYS) do
   local want
   want, pos = struct.unpack('<B', blob, pos)
   local appended, tok, act = append_one(key, eid, tokv, actv, timv, ms_str, ts, want == 1)
-  out[#out + 1] = struct.pack('<BI4I4', appended, #tok, #act)
-  out[#out + 1] = tok
-  out[#out + 1] = act
+  status[i] = string.char(appended)
+  out[2 * i], out[2 * i + 1] = tok, act
 end
-return table.concat(out)
+out[1] = table.concat(status)
+return out
 """
 
 
@@ -567,6 +687,7 @@ def build_append_lua(config: OnlineStoreConfig) -> str:
         "__NC__": str(config.n_codes),
         "__T__": str(config.stream_len),
         "__W__": str(config.seen_window),
+        "__B__": str(config.seen_buckets),
         "__F_TOK__": _lua_bytes(enc.redis_field(fv, "sid_tokens")),
         "__F_ACT__": _lua_bytes(enc.redis_field(fv, "actions")),
         "__F_EID__": _lua_bytes(enc.redis_field(fv, "event_ids")),
@@ -576,6 +697,8 @@ def build_append_lua(config: OnlineStoreConfig) -> str:
         "__P_N__": _lua_bytes(enc.redis_field(pf, "n_actions")),
         "__P_LAST__": _lua_bytes(enc.redis_field(pf, "last_action_ms")),
         # hisam's own bookkeeping fields; Feast reads only the fields it asks for.
+        "__M_SEEN_B__": _lua_bytes(_redis_meta_field("seen_b")),
+        "__SEEN_PREFIX__": _lua_bytes(_redis_meta_field("seen:")),
         "__M_SEEN__": _lua_bytes(f"_hisam:{fv}:seen".encode()),
         "__M_SEEN_N__": _lua_bytes(f"_hisam:{fv}:seen_n".encode()),
         "__M_LEN__": _lua_bytes(f"_hisam:{fv}:len".encode()),
@@ -636,16 +759,19 @@ class RedisStreamStore:
             )
         )  # fmt: skip
 
-    def _results(self, blob: bytes) -> list[AppendResult]:
-        out = []
-        pos, n_codes = 0, self.config.n_codes
-        while pos < len(blob):
-            status, lt, la = _REPLY_HEAD.unpack_from(blob, pos)
-            pos += _REPLY_HEAD.size
-            hist = blob[pos : pos + lt], blob[pos + lt : pos + lt + la]
-            out.append(AppendResult(status == 1, *hist, n_codes, resampled=status == 2))
-            pos += lt + la
-        return out
+    def _results(self, reply: list[bytes]) -> list[AppendResult]:
+        """The script's reply (see its header) as AppendResults."""
+        n_codes = self.config.n_codes
+        return [
+            AppendResult(
+                st == 1,
+                _ints_payload(tok, 0, len(tok)),
+                _ints_payload(act, 0, len(act)),
+                n_codes,
+                resampled=st == 2,
+            )
+            for st, tok, act in zip(reply[0], reply[1::2], reply[2::2])
+        ]
 
     def append(self, action: StreamAction, want_history: bool = True) -> AppendResult:
         """Append one action: one EVALSHA round trip, atomic on the server."""
@@ -676,7 +802,7 @@ class RedisStreamStore:
         errors = [r for r in replies if isinstance(r, Exception)]
         if errors:
             raise OnlineStoreError(f"{len(errors)} of {len(groups)} append calls failed; first: {errors[0]}")
-        return [res for blob in replies for res in self._results(blob)]
+        return [res for reply in replies for res in self._results(reply)]
 
     def read_streams(self, user_ids: Sequence[int]) -> list[UserStream | None]:
         """Direct read (one pipelined HMGET round trip); None for a user with no stream."""
@@ -767,33 +893,49 @@ class RedisStreamStore:
         return np.unique(np.asarray(ids, np.int64))
 
     def read_user_states(self, user_ids: Sequence[int]) -> list[UserState | None]:
-        """Users' streams with their seen windows and profile counters (one pipelined round trip)."""
-        fields = [*self._stream_fields, *_redis_meta_fields()]
+        """Users' streams with their seen windows and profile counters (pipelined round trips)."""
+        nb = self.config.seen_buckets
+        fields = [*self._stream_fields, *_redis_meta_fields(), *_seen_bucket_fields(nb)]
         pipe = self._client.pipeline(transaction=False)
         for u in user_ids:
             pipe.hmget(self._key(u), fields)
+        rows = pipe.execute()
+        # A window in buckets of another count (W changed): read those buckets too.
+        other = {i: int(raw[10]) for i, raw in enumerate(rows) if raw[10] is not None and int(raw[10]) != nb}
+        if other:
+            pipe = self._client.pipeline(transaction=False)
+            for i, b in other.items():
+                pipe.hmget(self._key(user_ids[i]), _seen_bucket_fields(b))
+            for i, got in zip(other, pipe.execute()):
+                rows[i] = [*rows[i][:11], *got]
         out: list[UserState | None] = []
-        for u, raw in zip(user_ids, pipe.execute()):
+        for u, raw in zip(user_ids, rows):
             stream = _user_stream(u, raw[:4], self.config.n_codes)
             if stream is None:
                 out.append(None)
                 continue
-            seen, total, max_ms, p_n, p_last = raw[4], raw[6], raw[7], raw[8], raw[9]
-            # A hash written before the window had its count held the stream's ids in it.
-            seen_ids = [x.decode() for x in seen.split(b"\x00") if x] if seen is not None else list(stream.event_ids)
+            legacy, total, max_ms, p_n, p_last, seen_b = raw[4], raw[6], raw[7], raw[8], raw[9], raw[10]
             if total is not None:
                 n_actions = int(total)
             elif p_n is not None:
                 n_actions = enc.decode_value(p_n).int64_val
             else:
                 n_actions = len(stream)
+            if seen_b is not None:
+                recs = [r for b in raw[11:] if b for r in _seen_records(b)]
+                recs.sort(key=lambda r: r[1])
+                seen_ids = [e for e, seq in recs if seq > int(total or 0) - self.config.seen_window]
+            elif legacy is not None:  # the single-field layout (before buckets)
+                seen_ids = [x.decode() for x in legacy.split(b"\x00") if x]
+            else:  # a stream written without a window: its ids count as seen
+                seen_ids = list(stream.event_ids)
             if max_ms is not None:
                 last = int(max_ms)
             elif p_last is not None:
                 last = enc.decode_value(p_last).int64_val
             else:
                 last = int(stream.event_times_ms.max())
-            out.append(UserState(stream, seen_ids, n_actions, last))
+            out.append(UserState(stream, seen_ids[-self.config.seen_window :], n_actions, last))
         return out
 
     def write_user_states(self, states: Sequence[UserState]) -> None:
@@ -803,9 +945,10 @@ class RedisStreamStore:
         with appends. The fields are those the append script writes, byte for byte.
         """
         fv, pf = enc.USER_STREAM_FV, enc.USER_PROFILE_FV
-        seen_f, seen_n_f, len_f, max_f, total_f = (
-            _redis_meta_field(n) for n in ("seen", "seen_n", "len", "max_ms", "total")
-        )
+        len_f, max_f, total_f, seen_b_f = (_redis_meta_field(n) for n in ("len", "max_ms", "total", "seen_b"))
+        nb = self.config.seen_buckets
+        bucket_fields = _seen_bucket_fields(nb)
+        legacy = [_redis_meta_field("seen"), _redis_meta_field("seen_n")]
         pipe = self._client.pipeline(transaction=False)
         for st in states:
             st.check(self.config)
@@ -820,13 +963,16 @@ class RedisStreamStore:
                 enc.redis_field(pf, "n_actions"): enc.int64_value(st.n_actions),
                 enc.redis_field(pf, "last_action_ms"): enc.int64_value(st.last_action_ms),
                 enc.redis_ts_field(pf): ts,
-                seen_f: b"\x00" + b"".join(e.encode("utf-8") + b"\x00" for e in st.seen_ids),
-                seen_n_f: str(len(st.seen_ids)),
                 len_f: str(len(s)),
                 max_f: str(int(st.last_action_ms)),
                 total_f: str(int(st.n_actions)),
+                seen_b_f: str(nb),
             }
-            pipe.hset(self._key(s.user_id), mapping=mapping)
+            buckets = _seen_buckets(st.seen_ids, st.n_actions, nb)
+            mapping.update({bucket_fields[b]: v for b, v in buckets.items()})
+            key = self._key(s.user_id)
+            pipe.hdel(key, *legacy, *(f for b, f in enumerate(bucket_fields) if b not in buckets))
+            pipe.hset(key, mapping=mapping)
         pipe.execute()
 
 
@@ -1270,4 +1416,32 @@ def _redis_meta_fields() -> list[bytes]:
         *(_redis_meta_field(n) for n in ("seen", "seen_n", "total", "max_ms")),
         enc.redis_field(pf, "n_actions"),
         enc.redis_field(pf, "last_action_ms"),
+        _redis_meta_field("seen_b"),
     ]
+
+
+def _seen_bucket_fields(n_buckets: int) -> list[bytes]:
+    return [_redis_meta_field(f"seen:{b}") for b in range(n_buckets)]
+
+
+def seen_bucket(event_id: str, n_buckets: int) -> int:
+    """The seen-window bucket of an event id (the append script's ``bucket_of``)."""
+    return int(hashlib.sha1(event_id.encode("utf-8")).hexdigest()[:8], 16) % n_buckets
+
+
+def _seen_buckets(seen_ids: Sequence[str], n_actions: int, n_buckets: int) -> dict[int, bytes]:
+    """A window (oldest first, the newest appended as number ``n_actions``) as bucket values."""
+    parts: dict[int, list[bytes]] = {}
+    first = n_actions - len(seen_ids) + 1
+    for i, e in enumerate(seen_ids):
+        parts.setdefault(seen_bucket(e, n_buckets), []).append(b"\x00%s\xff%d" % (e.encode("utf-8"), first + i))
+    return {b: b"".join(v) for b, v in parts.items()}
+
+
+def _seen_records(bucket: bytes) -> list[tuple[str, int]]:
+    """(event id, seq) of a bucket value, in its order."""
+    out = []
+    for rec in bucket.split(b"\x00")[1:]:
+        e, _, seq = rec.partition(b"\xff")
+        out.append((e.decode("utf-8"), int(seq)))
+    return out

@@ -7,7 +7,9 @@ fetched, up to ``batch_size``) instead of one faust Event per record. The agent 
 batch to a processor in a one-thread executor (store writes and tokenizer calls block;
 the event loop must not), produces the outputs and awaits their acknowledgements, then
 acks the batch: all its offsets at once, in faust's own bookkeeping, so faust commits
-them (after flushing its producer). Delivery is therefore at-least-once: a crash anywhere
+them (after flushing its producer). The next batch is processed while one batch's
+outputs and ack are in flight (``_pipeline``): the store round trip and the broker's
+acknowledgement no longer wait on each other. Delivery is therefore at-least-once: a crash anywhere
 redelivers the uncommitted batches, and the idempotent append (by event id) makes that
 harmless. One executor thread per agent, and batches in fetch order, keep a partition's
 order. A store outage is retried in place for a minute; a batch that still fails, or
@@ -29,9 +31,9 @@ Batches form while the agent is busy; an idle agent takes a partial batch once i
 record has waited ``batch_within_s`` (so a record waits at most that, plus the batch in
 progress). Idempotency covers a redelivery only within the store's seen window of W event
 ids per user (features/online.py): what a crash redelivers after its store write is the
-batch in flight plus acked batches whose offsets are not committed yet. A batch's ack
-commits whenever ``batch_size`` acks are pending, before the agent takes the next batch,
-so that is under two batches, and ``create_app`` refuses W < 2 x batch size.
+batch being processed plus the one whose outputs and ack are in flight (a batch's ack
+commits whenever ``batch_size`` acks are pending, and the next batch's outputs wait for
+it), so that is at most two batches, and ``create_app`` refuses W < 2 x batch size.
 
 Fault injection (tests): with ``HISAM_FAULT_EXIT_AFTER_APPENDS=N`` in its environment the
 worker exits abruptly (``os._exit``, like SIGKILL: no commit, no leave) right after the
@@ -172,6 +174,44 @@ async def _run_batch(loop, pool, process, records: Sequence[rec.ConsumedRecord])
         raise  # not reached
 
 
+async def _pipeline(batches, pool, process, after, finish) -> None:
+    """An agent's loop: batch k+1 is processed while batch k's outputs and ack are in flight.
+
+    ``process`` runs in ``pool`` (one thread: batches in order); ``after(out)`` runs on
+    the loop once a batch is written; ``finish(batch, out, t0, t1)`` produces its outputs,
+    awaits their acknowledgements and acks the batch. A batch's ``finish`` starts only
+    after the previous one's has ended, so outputs keep the input order and what is
+    written but not committed is never more than two batches (the processed one whose
+    outputs are in flight and the one being processed; ``check_seen_window``). On stop,
+    the outputs in flight are given a few seconds to finish; what is not acknowledged is
+    redelivered.
+    """
+    loop = asyncio.get_running_loop()
+    finishing: asyncio.Future | None = None
+    try:
+        async for batch in batches:
+            t0 = time.perf_counter()
+            out = await _run_batch(loop, pool, process, batch.records)
+            t1 = time.perf_counter()
+            if after is not None:
+                after(out)
+            if finishing is not None:
+                await finishing
+            finishing = asyncio.ensure_future(finish(batch, out, t0, t1))
+        if finishing is not None:
+            await finishing
+    finally:
+        if finishing is not None and not finishing.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(finishing), FINISH_ON_STOP_S)
+            except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - stopping anyway: redelivered
+                log.warning("stopping with a batch's outputs unacknowledged (%r): it will be redelivered", e)
+
+
+# How long a stopping agent waits for the outputs of its last batch.
+FINISH_ON_STOP_S = 5.0
+
+
 class RecordSender:
     """Sends keyed records as one record batch per partition; ``send`` returns the delivery futures.
 
@@ -307,26 +347,27 @@ def create_app(settings: StreamSettings):
             if end is not None:
                 obs.STREAM_CONSUMER_LAG.labels(topic=topic, partition=str(partition)).set(max(0, end - offset - 1))
 
+    async def finish_actions(batch, out: BatchOutput, t0: float, t1: float) -> None:
+        t2 = time.perf_counter()
+        await emit(out, len(batch))
+        await batch.ack()
+        stats.add(len(batch), out, t1 - t0, time.perf_counter() - t2)
+        obs.STREAM_ACTIONS_CONSUMED.inc(len(batch))
+        obs.STREAM_ACTIONS_APPENDED.inc(out.appended)
+        obs.STREAM_ACTION_DUPLICATES.inc(out.duplicates)
+        observe("actions", batch, out, t0)
+
+    def after_actions(out: BatchOutput) -> None:
+        nonlocal appended
+        appended += out.appended
+        if fault_after is not None and appended >= fault_after:
+            log.critical("fault injection: exiting after %d appends, before the batch's samples and acks", appended)
+            logging.shutdown()
+            os._exit(EXIT_FAULT_INJECTED)
+
     @app.agent(actions_topic, name="hisam-actions")
     async def append_actions(batches) -> None:
-        nonlocal appended
-        loop = asyncio.get_running_loop()
-        async for batch in batches:
-            t0 = time.perf_counter()
-            out = await _run_batch(loop, action_pool, action_proc.process, batch.records)
-            t1 = time.perf_counter()
-            appended += out.appended
-            if fault_after is not None and appended >= fault_after:
-                log.critical("fault injection: exiting after %d appends, before the batch's samples and acks", appended)
-                logging.shutdown()
-                os._exit(EXIT_FAULT_INJECTED)
-            await emit(out, len(batch))
-            await batch.ack()
-            stats.add(len(batch), out, t1 - t0, time.perf_counter() - t1)
-            obs.STREAM_ACTIONS_CONSUMED.inc(len(batch))
-            obs.STREAM_ACTIONS_APPENDED.inc(out.appended)
-            obs.STREAM_ACTION_DUPLICATES.inc(out.duplicates)
-            observe("actions", batch, out, t0)
+        await _pipeline(batches, action_pool, action_proc.process, after_actions, finish_actions)
 
     if settings.tokenizer_dir is not None:
         import torch
@@ -342,19 +383,18 @@ def create_app(settings: StreamSettings):
         items_topic = batch_topic(app, tp.ITEM_EVENTS, settings.batch_size, settings.batch_within_s)
         item_stats = _Progress("items")
 
+        async def finish_items(batch, out: BatchOutput, t0: float, t1: float) -> None:
+            t2 = time.perf_counter()
+            await emit(out, len(batch))
+            await batch.ack()
+            item_stats.add(len(batch), out, t1 - t0, time.perf_counter() - t2)
+            obs.STREAM_ITEMS_CONSUMED.inc(len(batch))
+            obs.STREAM_ITEMS_WRITTEN.inc(out.items_written)
+            observe("items", batch, out, t0)
+
         @app.agent(items_topic, name="hisam-items")
         async def ingest_items(batches) -> None:
-            loop = asyncio.get_running_loop()
-            async for batch in batches:
-                t0 = time.perf_counter()
-                out = await _run_batch(loop, item_pool, item_proc.process, batch.records)
-                t1 = time.perf_counter()
-                await emit(out, len(batch))
-                await batch.ack()
-                item_stats.add(len(batch), out, t1 - t0, time.perf_counter() - t1)
-                obs.STREAM_ITEMS_CONSUMED.inc(len(batch))
-                obs.STREAM_ITEMS_WRITTEN.inc(out.items_written)
-                observe("items", batch, out, t0)
+            await _pipeline(batches, item_pool, item_proc.process, None, finish_items)
     else:
         log.warning("no tokenizer given: this worker does not consume %s", tp.ITEM_EVENTS)
 

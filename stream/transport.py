@@ -280,12 +280,15 @@ class FastDrainConsumer(faust_aiokafka.Consumer):
             inbound[tp] = now
 
     async def ack_batch(self, batch: RecordBatch) -> None:
-        """``Consumer.ack`` for every record of the batch at once, then commit every ``commit_every``.
+        """``Consumer.ack`` for every record of the batch at once, then commit them.
 
         A batch of an older generation is not acked (faust has seeked back to the committed
-        offsets, so its records come again). The commit is awaited here, before the agent
-        takes its next batch, so that what is written but not committed stays under two
-        batches (``stream.app.check_seen_window``).
+        offsets, so its records come again). Every batch's offsets are committed here, and
+        the commit is awaited, before the agent produces the next batch's outputs, so that
+        what is written but not committed stays within the two batches of the agent's
+        pipeline (``stream.app``; ``check_seen_window``). A commit already running when
+        this one is asked for (faust's periodic one) makes faust's ``commit`` wait for it
+        and return without committing what was acked since: it is asked again then.
         """
         if batch.acked:
             return
@@ -306,10 +309,22 @@ class FastDrainConsumer(faust_aiokafka.Consumer):
                     acked[tp] += new
                     self._n_acked += len(new)
         notify(self._waiting_for_ack)
-        commit_every = self._commit_every
-        if commit_every is not None and self._n_acked >= commit_every:
-            self._n_acked = 0
+        if batch.generation != self.app.consumer_generation_id:
+            return
+        self._n_acked = 0
+        for _ in range(3):
             await self.commit()
+            if self._committed(batch):
+                break
+
+    def _committed(self, batch: RecordBatch) -> bool:
+        """Whether the batch's offsets are committed (or no longer this consumer's to commit)."""
+        assignment = self.assignment()
+        for tp, offsets in batch.spans:
+            committed = self._committed_offset[tp]
+            if tp in assignment and (committed is None or committed <= offsets[-1]):
+                return False
+        return True
 
     # ---- the fetch loop ------------------------------------------------------------------
 

@@ -533,7 +533,8 @@ def main(args: argparse.Namespace) -> int:
         for b in backends:
             cfg = cfgs[b]
             log.info("%s: in-process append and read benchmarks", b)
-            row = {"store_appends_per_s": bench_store_appends(cfg, min(args.actions, 10_000), args.users, args.items)}
+            n_store = min(args.actions or args.steady_actions, 10_000)
+            row = {"store_appends_per_s": bench_store_appends(cfg, n_store, args.users, args.items)}
             row["reads_64_users"] = bench_reads(cfg, stores[b])
             # A fresh broker per run: its worker drains only its own backlog.
             if args.actions:
@@ -548,7 +549,7 @@ def main(args: argparse.Namespace) -> int:
                     row.update(bench_freshness(cfg, stores[b], broker.bootstrap, args, tmp, row["actions_per_s"] / 2))
             results[b] = row
         feast_fs = stores.get("redis") or open_feature_store(cfgs["redis"])
-        n_feast = min(args.actions, 5_000)
+        n_feast = min(args.actions or args.steady_actions, 5_000)
         feast_rate = bench_feast_rmw(feast_fs, n_feast, args.users, args.items)
         results["feast_baseline"] = {
             "actions_per_s": feast_rate,

@@ -170,11 +170,11 @@ def _seen_ids(cfg, store, user: int) -> list[str]:
     from features import encoding as enc
 
     if cfg.backend == "redis":
-        key = enc.redis_key(cfg.project, enc.USER_ID_KEY, user)
-        seen, count = store._client.hmget(key, [b"_hisam:user_stream:seen", b"_hisam:user_stream:seen_n"])
-        ids = [x.decode() for x in seen.split(b"\x00") if x]
-        assert int(count) == len(ids)
-        return ids
+        (state,) = store.read_user_states([user])
+        records = _bucket_records(cfg, store, user)
+        # With one bucket (W <= 32), the bucket holds exactly the window: pruned on every append.
+        assert [e for e, _ in records] == state.seen_ids
+        return state.seen_ids
     conn = store._conn()
     ek = enc.entity_key_bytes(enc.USER_ID_KEY, user)
     return [
@@ -197,15 +197,45 @@ def test_feast_reads_ignore_the_seen_window_and_cluster_keys_share_the_users_slo
     assert s.event_ids == [f"u{user}-e{k}" for k in range(3)]
 
 
+def _bucket_records(cfg, store, user: int) -> list[tuple[str, int]]:
+    """Redis: every (event id, seq) record of the user's seen-window buckets, by seq."""
+    from features import encoding as enc
+    from features.online import _seen_records
+
+    key = enc.redis_key(cfg.project, enc.USER_ID_KEY, user)
+    fields = store._client.hgetall(key)
+    assert int(fields[b"_hisam:user_stream:seen_b"]) == cfg.seen_buckets
+    assert b"_hisam:user_stream:seen" not in fields and b"_hisam:user_stream:seen_n" not in fields
+    records = [r for f, v in fields.items() if f.startswith(b"_hisam:user_stream:seen:") for r in _seen_records(v)]
+    return sorted(records, key=lambda r: r[1])
+
+
 def test_window_migrates_from_the_stream_only_layout(backend) -> None:
     """A stream written before the seen window existed: its ids count as seen."""
+    _check_window_migration(backend, "stream_only", 909)
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_window_migrates_from_the_single_field_layout(backend) -> None:
+    """Redis: the window as one field of NUL-delimited ids (before buckets) moves into
+    buckets on the user's first append."""
+    _check_window_migration(backend, "single_field", 919)
+
+
+def _check_window_migration(backend, legacy: str, user: int) -> None:
     cfg, store, _ = backend
     from features import encoding as enc
 
-    user = 909
     store.append_batch([_action(user, k) for k in range(3)])
-    if cfg.backend == "redis":  # the old layout: the window field held the stream's ids, no count
-        store._client.hdel(enc.redis_key(cfg.project, enc.USER_ID_KEY, user), b"_hisam:user_stream:seen_n")
+    if cfg.backend == "redis":
+        key = enc.redis_key(cfg.project, enc.USER_ID_KEY, user)
+        window = [f for f in store._client.hkeys(key) if f.startswith(b"_hisam:user_stream:seen")]
+        store._client.hdel(key, *window)
+        if legacy == "single_field":
+            ids = b"".join(f"u{user}-e{k}".encode() + b"\x00" for k in range(3))
+            store._client.hset(
+                key, mapping={b"_hisam:user_stream:seen": b"\x00" + ids, b"_hisam:user_stream:seen_n": 3}
+            )
     else:
         conn = store._conn()
         conn.execute(
@@ -213,6 +243,35 @@ def test_window_migrates_from_the_stream_only_layout(backend) -> None:
         )
     assert [r.appended for r in store.append_batch([_action(user, k) for k in range(4)])] == [False] * 3 + [True]
     assert _seen_ids(cfg, store, user) == [f"u{user}-e{k}" for k in range(4)]
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+def test_window_buckets_stay_small_and_follow_a_change_of_W(backend) -> None:
+    """Redis: an append rewrites one bucket of about W / 32 ids; a store opened with another
+    W rebuckets a user's window on first touch, keeping what it remembers."""
+    cfg, _, _ = backend
+    wide = replace(cfg, seen_window=128)  # 4 buckets
+    store = open_stream_store(wide)
+    user = 1010
+    ids = list(range(10 * 128))
+    for start in range(0, len(ids), 50):
+        store.append_batch([_action(user, k) for k in ids[start : start + 50]], want_history=False)
+    records = _bucket_records(wide, store, user)
+    remembered = [e for e, seq in records if seq > len(ids) - 128]
+    assert remembered == [f"u{user}-e{k}" for k in ids[-128:]]
+    # Forgotten ids linger only in buckets not written since: far fewer than the window.
+    assert len(records) - len(remembered) < 128 // 2
+    assert store.read_user_states([user])[0].seen_ids == remembered
+    store.close()
+
+    narrow = open_stream_store(replace(cfg, seen_window=16))  # 1 bucket
+    assert narrow.read_user_states([user])[0].seen_ids == remembered[-16:]  # before any rebucketing
+    res = narrow.append_batch([_action(user, k) for k in (ids[-1], ids[-16], ids[-17], 10_000)])
+    assert [r.appended for r in res] == [False, False, True, True]
+    assert [e for e, _ in _bucket_records(replace(cfg, seen_window=16), narrow, user)] == [
+        f"u{user}-e{k}" for k in [*ids[-14:], ids[-17], 10_000]
+    ]
+    narrow.close()
 
 
 def test_two_concurrent_writers_on_one_user_lose_nothing(backend) -> None:

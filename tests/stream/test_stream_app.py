@@ -61,3 +61,53 @@ def test_replay_is_time_ordered_with_stable_event_ids() -> None:
     assert [e.event_id for e in evs] == ["ds:0", "ds:1", "ds:2"]
     assert [e.action for e in evs] == [pb.ACTION_TYPE_DISLIKE, pb.ACTION_TYPE_LIKE, pb.ACTION_TYPE_LIKE]
     assert [e.event_time_ms for e in evs] == [100_000, 200_000, 300_000]
+
+
+class _Batch:
+    def __init__(self, k: int) -> None:
+        self.records = [k]
+
+
+async def _batches(n: int):
+    for k in range(n):
+        yield _Batch(k)
+
+
+def test_pipeline_overlaps_processing_with_the_previous_outputs_and_keeps_their_order() -> None:
+    """Batch k+1 is written while batch k's outputs are in flight; outputs start in input
+    order, each after the previous batch's have ended (so at most two batches are written
+    and not committed)."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stream.app import _pipeline
+
+    events: list[tuple[str, int]] = []
+    finishing = threading.Event()
+
+    def process(records):
+        (k,) = records
+        if k == 1:  # batch 0's outputs are in flight meanwhile
+            assert finishing.wait(5), "batch 1 was not processed while batch 0's outputs were in flight"
+        events.append(("process", k))
+        return BatchOutput(appended=k)
+
+    async def finish(batch, out, t0, t1):
+        (k,) = batch.records
+        events.append(("finish", k))
+        if k == 0:
+            finishing.set()
+            while ("process", 1) not in events:
+                await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)
+        events.append(("done", k))
+
+    seen: list[int] = []
+    with ThreadPoolExecutor(1) as pool:
+        asyncio.run(_pipeline(_batches(4), pool, process, lambda out: seen.append(out.appended), finish))
+    assert seen == [0, 1, 2, 3]
+    for k in range(1, 4):  # batch k's outputs start only after batch k-1's have ended
+        assert events.index(("done", k - 1)) < events.index(("finish", k))
+    assert events.index(("process", 1)) < events.index(("done", 0))
+    assert events[-1] == ("done", 3)
