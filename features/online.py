@@ -268,6 +268,23 @@ class ItemSids:
     event_time_ms: int
 
 
+@dataclass(frozen=True)
+class SidClaim:
+    """An item's candidate semantic IDs, best first: ``prefix`` then each of ``last_tokens``.
+
+    The item ingestion's collision rule (METHOD.md: two items never share one full ID):
+    the first candidate is the tokenizer's natural ID; the others move only the last,
+    finest token, by the last codebook's distances.
+    """
+
+    item_id: int
+    prefix: tuple[int, ...]  # the first L-1 tokens
+    last_tokens: tuple[int, ...]  # candidates for the last token, best first
+
+    def candidate(self, k: int) -> tuple[int, ...]:
+        return (*self.prefix, self.last_tokens[k])
+
+
 class StreamStore(Protocol):
     """What the stream and serving need from the online store."""
 
@@ -280,6 +297,8 @@ class StreamStore(Protocol):
     def read_streams(self, user_ids: Sequence[int]) -> list[UserStream | None]: ...
 
     def put_item_sids(self, items: Sequence[ItemSids]) -> None: ...
+
+    def claim_item_sids(self, claims: Sequence[SidClaim]) -> list[tuple[int, ...] | None]: ...
 
     def read_item_sids(self, item_ids: Sequence[int]) -> dict[int, ItemSids]: ...
 
@@ -319,6 +338,7 @@ def _user_stream(user_id: int, raw: Sequence[bytes | None], n_codes: int) -> Use
 
 
 _U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
 _KEY_VALUE = struct.Struct("<q")  # the entity id inside Feast's entity key
 _CACHE_MAX = 1 << 16  # entries of RedisStreamStore's encode/decode caches (cleared when full)
 
@@ -665,6 +685,62 @@ return out
 """
 
 
+_CLAIM_LUA = r"""
+-- Claim a unique full semantic ID per item, atomically, in order. KEYS[1]: the project's
+-- index hash: field 's' .. sid -> item id (decimal), 'i' .. item id -> sid, where sid is
+-- the ID's tokens as protobuf varints. ARGV[1], per claim: u32-length-prefixed item id
+-- (decimal) and prefix varints, then u16 n and n u32 candidates for the last token.
+-- The first candidate whose sid is free, or already this item's, is claimed (and the
+-- item's previous sid, if another, released). Reply: per claim, the 1-based index of the
+-- candidate claimed, 0 when every one is another item's.
+local function varint(n)
+  local out = {}
+  while n >= 128 do
+    out[#out + 1] = string.char(n % 128 + 128)
+    n = math.floor(n / 128)
+  end
+  out[#out + 1] = string.char(n)
+  return table.concat(out)
+end
+
+local idx, blob, pos = KEYS[1], ARGV[1], 1
+local function field()
+  local n
+  n, pos = struct.unpack('<I4', blob, pos)
+  local v = string.sub(blob, pos, pos + n - 1)
+  pos = pos + n
+  return v
+end
+local out = {}
+while pos <= #blob do
+  local item = field()
+  local prefix = field()
+  local n
+  n, pos = struct.unpack('<I2', blob, pos)
+  local cands = {}
+  for j = 1, n do
+    cands[j], pos = struct.unpack('<I4', blob, pos)
+  end
+  local cur = redis.call('HGET', idx, 'i' .. item)
+  local chosen = 0
+  for j = 1, n do
+    local sid = prefix .. varint(cands[j])
+    local owner = redis.call('HGET', idx, 's' .. sid)
+    if owner == false or owner == item then
+      if cur and cur ~= sid and redis.call('HGET', idx, 's' .. cur) == item then
+        redis.call('HDEL', idx, 's' .. cur)
+      end
+      redis.call('HSET', idx, 's' .. sid, item, 'i' .. item, sid)
+      chosen = j
+      break
+    end
+  end
+  out[#out + 1] = chosen
+end
+return out
+"""
+
+
 _MULTI_HMGET_LUA = """
 -- HMGET of the same three fields (ARGV) on every key; one blob of u32-length-prefixed
 -- values (length 0: absent).
@@ -723,6 +799,8 @@ class RedisStreamStore:
         self._script = build_append_lua(self.config)
         self._sha = self._client.script_load(self._script)
         self._mget_sha = self._client.script_load(_MULTI_HMGET_LUA)
+        self._claim_sha = self._client.script_load(_CLAIM_LUA)
+        self._sid_index_key = f"_hisam:{config.project}:item_sids".encode()
         fv = enc.USER_STREAM_FV
         self._stream_fields = [enc.redis_field(fv, f) for f in enc.STREAM_FEATURES]
         self._item_fields = [enc.redis_field(enc.ITEM_SID_FV, f) for f in enc.ITEM_FEATURES]
@@ -826,6 +904,27 @@ class RedisStreamStore:
                 },
             )
         pipe.execute()
+
+    def claim_item_sids(self, claims: Sequence[SidClaim]) -> list[tuple[int, ...] | None]:
+        """Claim each item's first free candidate ID (``SidClaim``), atomically and in order.
+
+        Returns the claimed tokens per claim; None when every candidate is another item's.
+        The index is one hash per project (``_hisam:<project>:item_sids``, one Redis
+        Cluster slot): concurrent workers cannot both claim one ID.
+        """
+        if not claims:
+            return []
+        parts = []
+        for c in claims:
+            item, prefix = b"%d" % c.item_id, enc.varints(c.prefix)
+            parts += [_U32.pack(len(item)), item, _U32.pack(len(prefix)), prefix, _U16.pack(len(c.last_tokens))]
+            parts.append(struct.pack(f"<{len(c.last_tokens)}I", *c.last_tokens))
+        try:
+            got = self._client.evalsha(self._claim_sha, 1, self._sid_index_key, b"".join(parts))
+        except self._redis.exceptions.NoScriptError:  # server restarted or flushed its scripts
+            self._claim_sha = self._client.script_load(_CLAIM_LUA)
+            got = self._client.evalsha(self._claim_sha, 1, self._sid_index_key, b"".join(parts))
+        return [c.candidate(k - 1) if k else None for c, k in zip(claims, got)]
 
     def read_item_sids(self, item_ids: Sequence[int]) -> dict[int, ItemSids]:
         """Semantic IDs of the known items among ``item_ids`` (unknown ones are absent)."""
@@ -997,6 +1096,10 @@ _SEEN_DDL = (
 )
 
 
+# The item semantic-ID index (RedisStreamStore.claim_item_sids): who holds each full ID.
+_SID_DDL = 'CREATE TABLE IF NOT EXISTS "{t}" (sid BLOB PRIMARY KEY, item_id INTEGER NOT NULL UNIQUE) WITHOUT ROWID'
+
+
 @dataclass
 class _SqliteUser:
     key: bytes  # Feast's entity key
@@ -1020,12 +1123,14 @@ class SqliteStreamStore:
         self._profile_t = enc.sqlite_table(config.project, enc.USER_PROFILE_FV)
         self._item_t = enc.sqlite_table(config.project, enc.ITEM_SID_FV)
         self._seen_t = f"{config.project}_hisam_seen"
+        self._sid_t = f"{config.project}_hisam_item_sids"
         config.sqlite_db.parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
         for t in (self._stream_t, self._profile_t, self._item_t):
             conn.execute(_FEAST_SQLITE_DDL.format(t=t))
         for ddl in _SEEN_DDL:
             conn.execute(ddl.format(t=self._seen_t))
+        conn.execute(_SID_DDL.format(t=self._sid_t))
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -1191,6 +1296,32 @@ class SqliteStreamStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    def claim_item_sids(self, claims: Sequence[SidClaim]) -> list[tuple[int, ...] | None]:
+        """As ``RedisStreamStore.claim_item_sids``, in one ``BEGIN IMMEDIATE`` transaction."""
+        if not claims:
+            return []
+        conn = self._conn()
+        t = self._sid_t
+        out: list[tuple[int, ...] | None] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for c in claims:
+                chosen = None
+                for k in range(len(c.last_tokens)):
+                    sid = enc.varints(c.candidate(k))
+                    row = conn.execute(f'SELECT item_id FROM "{t}" WHERE sid = ?', (sid,)).fetchone()
+                    if row is None or row[0] == c.item_id:
+                        conn.execute(f'DELETE FROM "{t}" WHERE item_id = ? AND sid != ?', (c.item_id, sid))
+                        conn.execute(f'INSERT OR IGNORE INTO "{t}" (sid, item_id) VALUES (?, ?)', (sid, c.item_id))
+                        chosen = c.candidate(k)
+                        break
+                out.append(chosen)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return out
 
     def read_item_sids(self, item_ids: Sequence[int]) -> dict[int, ItemSids]:
         """Semantic IDs of the known items among ``item_ids`` (unknown ones are absent)."""

@@ -51,7 +51,15 @@ import numpy as np
 from tqdm import tqdm
 
 from features import encoding as enc
-from features.online import ItemSids, NamespaceStore, OnlineStoreConfig, UserState, UserStream, feast_read_streams
+from features.online import (
+    ItemSids,
+    NamespaceStore,
+    OnlineStoreConfig,
+    SidClaim,
+    UserState,
+    UserStream,
+    feast_read_streams,
+)
 from stream import records as rec
 
 if TYPE_CHECKING:
@@ -481,7 +489,17 @@ def migrate_namespace(
                 for i, t, ms in zip(cat.item_ids.tolist(), map(tuple, tokens.tolist()), cat.event_time_ms.tolist())
             ]
             for start in range(0, len(sids), 5000):
-                target.put_item_sids(sids[start : start + 5000])
+                chunk = sids[start : start + 5000]
+                # The target's ID index (what item ingestion claims against): the catalogue
+                # is collision-free, so each item gets exactly its ID.
+                got = target.claim_item_sids([SidClaim(it.item_id, it.tokens[:-1], it.tokens[-1:]) for it in chunk])
+                taken = [it.item_id for it, g in zip(chunk, got) if g is None]
+                if taken:
+                    raise MigrationError(
+                        f"{len(taken)} items' IDs are already other items' in the target {namespace_of(target.config)} "
+                        f"(e.g. item {taken[0]}): migrate into a new namespace"
+                    )
+                target.put_item_sids(chunk)
             report.items_written = len(sids)
         report.seconds["items"] = time.perf_counter() - t0
         log.info(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from features.online import ItemSids, StreamAction, StreamStore
+from features.online import ItemSids, SidClaim, StreamAction, StreamStore
 from hisam.observability import STREAM_DEAD_LETTERS
 from stream import records as rec
 
@@ -39,6 +39,7 @@ class BatchOutput:
     appended: int = 0
     duplicates: int = 0
     items_written: int = 0
+    items_moved: int = 0  # items whose natural ID was taken: the collision rule moved their last token
 
 
 class ActionProcessor:
@@ -124,11 +125,17 @@ class ActionProcessor:
 
 
 class ItemProcessor:
-    """item-events -> frozen tokenizer -> the item's semantic IDs in the online store.
+    """item-events -> frozen tokenizer -> a unique semantic ID -> the online store.
 
     Written directly in Feast's layout, so the item is rankable as soon as this returns.
     Items are encoded as one batch; should the tokenizer still refuse the batch, items are
     encoded one by one so that only the offending ones are dead-lettered.
+
+    Two items never share one full ID (METHOD.md, codebook hygiene): each item claims its
+    ID in the store's index (``StreamStore.claim_item_sids``, atomic across workers), its
+    natural ID first, else the nearest free last code by the last codebook's distances,
+    the rule of ``models.tokenizer.collisions`` applied in arrival order. An item sent
+    again keeps its ID; one whose features changed gets its new ID and frees the old.
     """
 
     def __init__(self, store: StreamStore, tokenizer: FrozenTokenizer):
@@ -152,30 +159,46 @@ class ItemProcessor:
         if not good:
             return out
         try:
-            tokens = self._encode_batch([f for _, f in good])
-            encoded = list(zip(good, tokens))
+            codes, dist = self._encode_batch([f for _, f in good])
+            encoded = [(g, codes[i], dist[i]) for i, g in enumerate(good)]
         except TokenizerInputError:
             encoded = []
             for msg, f in good:
                 try:
-                    encoded.append(((msg, f), self.tokenizer.encode(f.features)))
+                    c, d = self.tokenizer.encode_codes(f.features, None, batched=False)
+                    encoded.append(((msg, f), c[0], d[0]))
                 except TokenizerInputError as e:
                     ActionProcessor._reject(out, msg, rec.TOKENIZER_INPUT, str(e))
-        sids = [
-            ItemSids(
-                item_id=f.event.item_id,
-                tokens=tuple(int(t) for t in tok),
-                tokenizer_version=self.tokenizer.version,
-                event_time_ms=f.event.event_time_ms,
-            )
-            for (_, f), tok in encoded
-        ]
+        if not encoded:
+            return out
+        claimed = self.store.claim_item_sids([self._claim(f.event.item_id, c, d) for (_, f), c, d in encoded])
+        sids = []
+        for ((msg, f), c, _), tokens in zip(encoded, claimed):
+            if tokens is None:
+                ActionProcessor._reject(
+                    out, msg, rec.SID_SPACE_FULL, f"every ID with the prefix {tuple(c[:-1].tolist())} is another item's"
+                )
+                continue
+            natural = int(self.tokenizer.to_tokens(c)[-1])
+            out.items_moved += tokens[-1] != natural
+            sids.append(ItemSids(f.event.item_id, tokens, self.tokenizer.version, f.event.event_time_ms))
         if sids:
             self.store.put_item_sids(sids)
         out.items_written = len(sids)
+        if out.items_moved:
+            log.info("%d items took the nearest free ID: their natural ID is another item's", out.items_moved)
         return out
 
-    def _encode_batch(self, items: Sequence[rec.ItemFeatures]) -> np.ndarray:
+    def _claim(self, item_id: int, codes: np.ndarray, last_dist: np.ndarray) -> SidClaim:
+        """The item's candidate IDs: its natural one, then each other last code by distance."""
+        tokens = self.tokenizer.to_tokens(codes)  # (L,) global token ids
+        natural = int(codes[-1])
+        order = [natural, *(int(k) for k in np.argsort(last_dist, kind="stable") if k != natural)]
+        offset = int(self.tokenizer.token_offsets[-1])
+        return SidClaim(int(item_id), tuple(int(t) for t in tokens[:-1]), tuple(offset + k for k in order))
+
+    def _encode_batch(self, items: Sequence[rec.ItemFeatures]) -> tuple[np.ndarray, np.ndarray]:
+        """Local codes (B, L) and last-layer distances (B, K) of a batch of items."""
         mods = self.tokenizer.modalities
         n = len(items)
         feats = {m: np.zeros((n, w), np.float32) for m, w in mods.items()}  # (B, D_m)
@@ -184,4 +207,4 @@ class ItemProcessor:
             for m, v in it.features.items():
                 feats[m][i] = v
                 present[m][i] = True
-        return self.tokenizer.encode_batch(feats, present)  # (B, n_codes)
+        return self.tokenizer.encode_codes(feats, present, batched=True)

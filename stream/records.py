@@ -27,6 +27,8 @@ WRONG_WIDTH = "wrong_width"
 NON_FINITE_EMBEDDING = "non_finite_embedding"
 NO_EMBEDDING = "no_embedding"
 TOKENIZER_INPUT = "tokenizer_input"
+# Every ID the collision rule may give the item (its prefix, any last code) is taken.
+SID_SPACE_FULL = "sid_space_full"
 
 # Positive feedback for the near-line trainer's label; impressions, dislikes and skips
 # are negatives (METHOD.md's binary label; the dataset replay maps ratings the same way).

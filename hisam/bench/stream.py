@@ -25,6 +25,16 @@ What it measures, each on a fresh broker and a private Redis started here:
 * ``loadavg_1m``: the machine's 1-minute load average before the drain and after the
   freshness probes (other jobs on the machine take CPU from the worker: compare runs only
   at similar load).
+* The brokers here keep training-samples for ``--samples-retention-ms`` (5 s). The
+  embedded broker rewrites everything it holds about once a second, at a CPU cost that
+  grows with what it holds (measured: 0.3 core after 40 MB of samples, a whole core after
+  80-120 MB, on this 2-core machine). At the steady state a worker produces ~4 KB of
+  samples per action (the T-item history), 30 MB/s at 8,000 actions/s, so without a
+  retention the broker's rewrites, not the worker, set the figures after a few seconds
+  (freshness p99 208 ms instead of 25-45 ms, measured). Kafka appends to segment files and
+  has no such cost. Nothing here reads the samples (the drain counts them by their end
+  offsets, which a retention leaves as they are). ``--samples-retention-ms 0`` measures
+  with the broker's default.
 * ``store_appends_per_s``: the append alone (``append_batch`` of 500) in this process.
 * ``feast_baseline``: the same appends done the only way Feast offers, read-modify-write
   (``get_online_features`` then ``write_to_online_store``, batches of 500), in this
@@ -77,9 +87,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer", type=Path, default=None, help="tokenizer dir for items_per_s (default: train a tiny one)"
     )
     parser.add_argument("--backends", default="redis,sqlite")
+    parser.add_argument(
+        "--samples-retention-ms",
+        type=int,
+        default=5_000,
+        help="retention.ms of training-samples on the benchmark's brokers (0: the broker's default); see the module doc",
+    )
 
 
 # ---- helpers -----------------------------------------------------------------------------
+
+
+def _topic_configs(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    from stream import topics as tp
+
+    if not args.samples_retention_ms:
+        return {}
+    return {tp.TRAINING_SAMPLES: {"retention.ms": str(args.samples_retention_ms)}}
 
 
 def _kafka():
@@ -276,7 +300,7 @@ def bench_drain(cfg, bootstrap: str, args: argparse.Namespace, logdir: Path, ste
     kafka = _kafka()
     tag = f"{cfg.backend}-steady" if steady else cfg.backend
     user_base = STEADY_USER_BASE if steady else 0
-    tp.ensure_topics(bootstrap, tp.default_topics(4))
+    tp.ensure_topics(bootstrap, tp.default_topics(4, _topic_configs(args)))
     store = open_stream_store(cfg)
     _seed_items(store, args.items)
     if steady:
@@ -334,7 +358,7 @@ def bench_freshness(cfg, fs, bootstrap: str, args: argparse.Namespace, logdir: P
 
     tag = f"{cfg.backend}-fresh"
     user_base = STEADY_USER_BASE
-    tp.ensure_topics(bootstrap, tp.default_topics(4))
+    tp.ensure_topics(bootstrap, tp.default_topics(4, _topic_configs(args)))
     store = open_stream_store(cfg)
     probe_producer = prod.make_producer(bootstrap, linger_ms=0)
     worker = _start_worker(bootstrap, cfg, tag, args.within_ms, logdir)

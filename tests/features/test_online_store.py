@@ -11,6 +11,7 @@ import pytest
 from features.online import (
     ItemSids,
     OnlineStoreConfig,
+    SidClaim,
     StreamAction,
     feast_read_item_sids,
     feast_read_streams,
@@ -311,6 +312,33 @@ def test_item_sids_readable_through_feast_and_directly(backend) -> None:
     direct = store.read_item_sids([77, 78])
     assert list(direct) == [77]
     assert direct[77] == ItemSids(item_id=77, tokens=(1, 2, 3, 4, 5, 6), tokenizer_version="tok-v1", event_time_ms=0)
+
+
+def test_item_id_claims_give_each_item_its_first_free_candidate(backend) -> None:
+    _, store, _ = backend
+    a, b, c = (SidClaim(item, (1, 2), (3, 4, 5)) for item in (501, 502, 503))
+    assert store.claim_item_sids([a, b]) == [(1, 2, 3), (1, 2, 4)]  # in order: b finds 3 taken
+    assert store.claim_item_sids([b, a]) == [(1, 2, 4), (1, 2, 3)]  # sent again: each keeps its ID
+    moved = SidClaim(501, (9, 9), (9,))  # item 501's features changed: a new ID, the old one freed
+    assert store.claim_item_sids([moved, c]) == [(9, 9, 9), (1, 2, 3)]
+    assert store.claim_item_sids([SidClaim(504, (1, 2), (3, 4))]) == [None]  # both are others'
+    assert store.claim_item_sids([]) == []
+
+
+def test_concurrent_claims_never_share_an_id(backend) -> None:
+    cfg, _, _ = backend
+    last = tuple(range(64))
+
+    def claimer(w: int) -> list[tuple[int, ...] | None]:
+        store = open_stream_store(cfg)  # each writer its own client / connection
+        try:
+            return [store.claim_item_sids([SidClaim(10_000 * w + k, (7, 7), last)])[0] for k in range(30)]
+        finally:
+            store.close()
+
+    with ThreadPoolExecutor(2) as pool:
+        got = [x for fut in [pool.submit(claimer, w) for w in (1, 2)] for x in fut.result()]
+    assert None not in got and len(set(got)) == 60
 
 
 def test_invalid_actions_are_rejected_before_any_write(backend) -> None:

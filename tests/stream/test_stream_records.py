@@ -148,3 +148,35 @@ def test_item_processor_tokenizes_and_dead_letters(sqlite_store, tiny_tokenizer_
     for i in range(3):
         assert list(stored[100 + i].tokens) == tok.encode(good[i]).tolist()
         assert stored[100 + i].tokenizer_version == tok.version
+
+
+def test_item_processor_gives_items_with_one_natural_id_distinct_ids(sqlite_store, tiny_tokenizer_dir) -> None:
+    """Identical items (the same film listed twice): the first keeps its natural ID, the later
+    ones take the nearest free last code, in arrival order; an item sent again keeps its ID."""
+    from models.tokenizer import FrozenTokenizer
+    from models.tokenizer.testing import synthetic_items
+
+    tok = FrozenTokenizer.load(tiny_tokenizer_dir)
+    feats, _, _ = synthetic_items(2, tok.modalities, seed=5)
+    same = {m: feats[m][0] for m in tok.modalities}
+    other = {m: feats[m][1] for m in tok.modalities}
+    proc = ItemProcessor(sqlite_store, tok)
+
+    def ingest(items: list[tuple[int, dict]]):
+        batch = [_msg(rec.item_event(i, e, 5).SerializeToString(), k, "item-events") for k, (i, e) in enumerate(items)]
+        return proc.process(batch)
+
+    out = ingest([(200, same), (201, same), (202, other)])
+    assert (out.items_written, out.items_moved) == (3, 1)
+    ids = {i: it.tokens for i, it in sqlite_store.read_item_sids([200, 201, 202]).items()}
+    natural = tuple(tok.encode(same).tolist())
+    codes, dist = tok.encode_codes(same, None, batched=False)
+    # the nearest last code other than the natural one
+    nearest_other = next(int(k) for k in np.argsort(dist[0], kind="stable") if k != codes[0, -1])
+    assert ids[200] == natural
+    assert ids[201] == (*natural[:-1], int(tok.token_offsets[-1]) + nearest_other)
+    assert ids[202] == tuple(tok.encode(other).tolist())
+    out = ingest([(201, same), (203, same)])  # 201 again keeps its ID; 203 moves further
+    assert sqlite_store.read_item_sids([201])[201].tokens == ids[201]
+    assert out.items_moved == 2
+    assert len({*ids.values(), sqlite_store.read_item_sids([203])[203].tokens}) == 4
