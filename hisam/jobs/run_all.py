@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -72,10 +73,20 @@ def tokenizer_report(args: argparse.Namespace) -> None:
     print(f"tokenizer report: {path}")
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(args: argparse.Namespace) -> int:
     from hisam.loop import LoopOptions, run_loop, summary_of, write_report
 
     started = time.perf_counter()
+    # Ctrl-C and SIGTERM (a supervisor's or a container's stop) both stop the loop the same
+    # way: every child stopped, the report written, exit status 130. Installed explicitly:
+    # a process started with SIGINT ignored (a background job of a shell) would otherwise
+    # never see its Ctrl-C.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.tokenizer_report:
         tokenizer_report(args)
     opts = LoopOptions(
