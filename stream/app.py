@@ -31,9 +31,10 @@ Batches form while the agent is busy; an idle agent takes a partial batch once i
 record has waited ``batch_within_s`` (so a record waits at most that, plus the batch in
 progress). Idempotency covers a redelivery only within the store's seen window of W event
 ids per user (features/online.py): what a crash redelivers after its store write is the
-batch being processed plus the one whose outputs and ack are in flight (a batch's ack
-commits whenever ``batch_size`` acks are pending, and the next batch's outputs wait for
-it), so that is at most two batches, and ``create_app`` refuses W < 2 x batch size.
+batch being processed, the one whose outputs and ack are in flight, and the acked batches
+whose offsets are not committed yet (a batch's ack commits whenever ``batch_size`` acks
+are pending, and the next batch's outputs wait for it): under three batches, and
+``create_app`` refuses W < 3 x batch size (default 320 x 3 <= W 1,024).
 
 Fault injection (tests): with ``HISAM_FAULT_EXIT_AFTER_APPENDS=N`` in its environment the
 worker exits abruptly (``os._exit``, like SIGKILL: no commit, no leave) right after the
@@ -69,7 +70,9 @@ class StreamSettings:
     store: OnlineStoreConfig
     app_id: str = "hisam-stream"
     tokenizer_dir: Path | None = None  # None: no item ingestion in this worker
-    batch_size: int = 500
+    # At most this many records per batch, and offsets are committed once this many acks
+    # are pending: a crash redelivers under 3 x batch_size records (check_seen_window).
+    batch_size: int = 320
     # An idle agent takes a partial batch once its oldest record has waited this long (a
     # busy agent's next batch fills meanwhile and goes as soon as it is free). 0: at once,
     # whatever has arrived. Measured at a moderate load (5,000 actions/s, short streams):
@@ -181,8 +184,9 @@ async def _pipeline(batches, pool, process, after, finish) -> None:
     the loop once a batch is written; ``finish(batch, out, t0, t1)`` produces its outputs,
     awaits their acknowledgements and acks the batch. A batch's ``finish`` starts only
     after the previous one's has ended, so outputs keep the input order and what is
-    written but not committed is never more than two batches (the processed one whose
-    outputs are in flight and the one being processed; ``check_seen_window``). On stop,
+    written but not committed stays under three batches (the one being processed, the
+    one whose outputs are in flight, and acks awaiting their commit, fewer than a batch;
+    ``check_seen_window``). On stop,
     the outputs in flight are given a few seconds to finish; what is not acknowledged is
     redelivered.
     """
@@ -259,9 +263,9 @@ EXIT_PRODUCE_FAILED = 74
 
 def check_seen_window(settings: StreamSettings) -> None:
     """Refuse a store whose seen window cannot cover a redelivery (see the module doc)."""
-    if settings.store.seen_window < 2 * settings.batch_size:
+    if settings.store.seen_window < 3 * settings.batch_size:
         raise ValueError(
-            f"seen_window {settings.store.seen_window} < 2 x batch_size {settings.batch_size}: a crash could "
+            f"seen_window {settings.store.seen_window} < 3 x batch_size {settings.batch_size}: a crash could "
             "redeliver more of one user's actions than the store remembers, and re-append them"
         )
 

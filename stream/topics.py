@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +25,11 @@ class TopicSpec:
     name: str
     partitions: int
     replication: int = 1
-    configs: dict[str, str] = field(default_factory=dict)  # topic-level configs (e.g. retention.ms)
 
 
-def default_topics(partitions: int = 4, configs: dict[str, dict[str, str]] | None = None) -> list[TopicSpec]:
-    """All hisam topics; ``partitions`` bounds how many stream workers can share the load.
-
-    ``configs``: topic-level configs by topic name, for the topics created here.
-    """
-    configs = configs or {}
-    return [
-        TopicSpec(t, partitions, configs=dict(configs.get(t, {})))
-        for t in (ITEM_EVENTS, USER_ACTIONS, TRAINING_SAMPLES, DEAD_LETTERS)
-    ]
+def default_topics(partitions: int = 4) -> list[TopicSpec]:
+    """All hisam topics; ``partitions`` bounds how many stream workers can share the load."""
+    return [TopicSpec(t, partitions) for t in (ITEM_EVENTS, USER_ACTIONS, TRAINING_SAMPLES, DEAD_LETTERS)]
 
 
 def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], timeout_s: float = 30.0) -> list[str]:
@@ -52,7 +44,7 @@ def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], timeout_s: float =
     try:
         existing = set(admin.list_topics())
         todo = {
-            s.name: {"num_partitions": s.partitions, "replication_factor": s.replication, "configs": s.configs}
+            s.name: {"num_partitions": s.partitions, "replication_factor": s.replication}
             for s in specs
             if s.name not in existing
         }

@@ -280,15 +280,17 @@ class FastDrainConsumer(faust_aiokafka.Consumer):
             inbound[tp] = now
 
     async def ack_batch(self, batch: RecordBatch) -> None:
-        """``Consumer.ack`` for every record of the batch at once, then commit them.
+        """``Consumer.ack`` for every record of the batch at once, then commit every ``commit_every``.
 
         A batch of an older generation is not acked (faust has seeked back to the committed
-        offsets, so its records come again). Every batch's offsets are committed here, and
-        the commit is awaited, before the agent produces the next batch's outputs, so that
-        what is written but not committed stays within the two batches of the agent's
-        pipeline (``stream.app``; ``check_seen_window``). A commit already running when
-        this one is asked for (faust's periodic one) makes faust's ``commit`` wait for it
-        and return without committing what was acked since: it is asked again then.
+        offsets, so its records come again). Once ``commit_every`` acks are pending, they
+        are committed here, and the commit is awaited, before the agent produces the next
+        batch's outputs: so what is written but not committed stays under the pending acks
+        plus the two batches of the agent's pipeline (``stream.app``; ``check_seen_window``).
+        A commit already running when this one is asked for (faust's periodic one) makes
+        faust's ``commit`` wait for it and return without committing what was acked since:
+        it is asked again then. (Committing every batch instead cost the worker and the
+        broker 5% of a core each at 3,000 actions/s, where batches hold ~60 records.)
         """
         if batch.acked:
             return
@@ -309,7 +311,8 @@ class FastDrainConsumer(faust_aiokafka.Consumer):
                     acked[tp] += new
                     self._n_acked += len(new)
         notify(self._waiting_for_ack)
-        if batch.generation != self.app.consumer_generation_id:
+        commit_every = self._commit_every
+        if batch.generation != self.app.consumer_generation_id or commit_every is None or self._n_acked < commit_every:
             return
         self._n_acked = 0
         for _ in range(3):

@@ -17,7 +17,8 @@ What it measures, each on a fresh broker and a private Redis started here:
   no stream, as this benchmark measured ``actions_per_s`` before: an upper bound (the
   streams stay short), not a rate a worker sustains.
 * ``freshness_p50_ms`` / ``p90`` / ``p99``: with a worker loaded at half ``actions_per_s``
-  (by another process, on the steady-state users; on a broker of its own), probe actions
+  or at ``--freshness-rate`` (by another process, on the steady-state users; on a broker
+  of its own; ``freshness_load_actions_per_s``), probe actions
   are produced one at a time and timed until ``FeatureStore.get_online_features`` returns
   them (produce -> visible through Feast, one Feast read included; the wait is polled
   with a cheap direct read, so that the measuring does not starve the worker of CPU). A
@@ -25,23 +26,16 @@ What it measures, each on a fresh broker and a private Redis started here:
 * ``loadavg_1m``: the machine's 1-minute load average before the drain and after the
   freshness probes (other jobs on the machine take CPU from the worker: compare runs only
   at similar load).
-* The brokers here keep training-samples for ``--samples-retention-ms`` (5 s). The
-  embedded broker rewrites everything it holds about once a second, at a CPU cost that
-  grows with what it holds (measured: 0.3 core after 40 MB of samples, a whole core after
-  80-120 MB, on this 2-core machine). At the steady state a worker produces ~4 KB of
-  samples per action (the T-item history), 30 MB/s at 8,000 actions/s, so without a
-  retention the broker's rewrites, not the worker, set the figures after a few seconds
-  (freshness p99 208 ms instead of 25-45 ms, measured). Kafka appends to segment files and
-  has no such cost. Nothing here reads the samples (the drain counts them by their end
-  offsets, which a retention leaves as they are). ``--samples-retention-ms 0`` measures
-  with the broker's default.
+* ``redis_cpu_us_per_action`` (Redis): the Redis server's CPU time per action over the
+  steady-state drain (its item reads and the append script); ``..._empty_streams`` for
+  the other drain.
 * ``store_appends_per_s``: the append alone (``append_batch`` of 500) in this process.
 * ``feast_baseline``: the same appends done the only way Feast offers, read-modify-write
   (``get_online_features`` then ``write_to_online_store``, batches of 500), in this
   process on the same Redis: the ratio is ours over Feast's. (It also loses updates
   under concurrent writers, which tests/features/test_online_store.py shows ours does not.)
 * ``reads``: 64 users x T items through Feast vs the direct fast path.
-* ``items_per_s``: item ingestion (decode, frozen tokenizer, write) in this process.
+* ``items_per_s``: item ingestion (decode, frozen tokenizer, ID claim, write) in this process.
 
 The last line of output is one JSON object with all figures.
 """
@@ -88,22 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--backends", default="redis,sqlite")
     parser.add_argument(
-        "--samples-retention-ms",
-        type=int,
-        default=5_000,
-        help="retention.ms of training-samples on the benchmark's brokers (0: the broker's default); see the module doc",
+        "--freshness-rate",
+        type=float,
+        default=None,
+        help="load (actions/s) during the freshness probes (default: half the measured actions_per_s)",
     )
 
 
 # ---- helpers -----------------------------------------------------------------------------
-
-
-def _topic_configs(args: argparse.Namespace) -> dict[str, dict[str, str]]:
-    from stream import topics as tp
-
-    if not args.samples_retention_ms:
-        return {}
-    return {tp.TRAINING_SAMPLES: {"retention.ms": str(args.samples_retention_ms)}}
 
 
 def _kafka():
@@ -300,7 +286,7 @@ def bench_drain(cfg, bootstrap: str, args: argparse.Namespace, logdir: Path, ste
     kafka = _kafka()
     tag = f"{cfg.backend}-steady" if steady else cfg.backend
     user_base = STEADY_USER_BASE if steady else 0
-    tp.ensure_topics(bootstrap, tp.default_topics(4, _topic_configs(args)))
+    tp.ensure_topics(bootstrap, tp.default_topics(4))
     store = open_stream_store(cfg)
     _seed_items(store, args.items)
     if steady:
@@ -316,6 +302,7 @@ def bench_drain(cfg, bootstrap: str, args: argparse.Namespace, logdir: Path, ste
         kafka.TopicPartition(tp.TRAINING_SAMPLES, p) for p in watcher.partitions_for_topic(tp.TRAINING_SAMPLES)
     ]
     load_before = os.getloadavg()[0]
+    redis_before = _redis_cpu(store)
     worker = _start_worker(bootstrap, cfg, tag, args.within_ms, logdir)
     try:
         t_first = None
@@ -333,6 +320,7 @@ def bench_drain(cfg, bootstrap: str, args: argparse.Namespace, logdir: Path, ste
             time.sleep(0.01)
         rate = (len(backlog) - first_count) / max(t_last - t_first, 1e-9)
         log.info("%s: drained %d actions at %.0f/s", tag, len(backlog), rate)
+        redis_after = _redis_cpu(store)
         # Exactly-once check on the drained backlog (a benchmark that lost data would lie).
         _check_tails(store, backlog, cfg.stream_len)
     finally:
@@ -340,7 +328,21 @@ def bench_drain(cfg, bootstrap: str, args: argparse.Namespace, logdir: Path, ste
         watcher.close()
         producer.close()
         store.close()
-    return {"actions_per_s": rate, "loadavg_1m": [load_before, os.getloadavg()[0]]}
+    out = {"actions_per_s": rate, "loadavg_1m": [load_before, os.getloadavg()[0]]}
+    if redis_before is not None:
+        # The Redis server's CPU per action over the drain (its item reads and the append
+        # script): on this machine it shares the cores with the worker and the broker.
+        out["redis_cpu_us_per_action"] = (redis_after - redis_before) / len(backlog) * 1e6
+    return out
+
+
+def _redis_cpu(store) -> float | None:
+    """CPU seconds the Redis server has used (None for another store)."""
+    client = getattr(store, "_client", None)
+    if client is None:
+        return None
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def bench_freshness(cfg, fs, bootstrap: str, args: argparse.Namespace, logdir: Path, rate: float) -> dict:
@@ -358,7 +360,7 @@ def bench_freshness(cfg, fs, bootstrap: str, args: argparse.Namespace, logdir: P
 
     tag = f"{cfg.backend}-fresh"
     user_base = STEADY_USER_BASE
-    tp.ensure_topics(bootstrap, tp.default_topics(4, _topic_configs(args)))
+    tp.ensure_topics(bootstrap, tp.default_topics(4))
     store = open_stream_store(cfg)
     probe_producer = prod.make_producer(bootstrap, linger_ms=0)
     worker = _start_worker(bootstrap, cfg, tag, args.within_ms, logdir)
@@ -565,12 +567,15 @@ def main(args: argparse.Namespace) -> int:
                 with kafka_broker() as broker:
                     empty = bench_drain(cfg, broker.bootstrap, args, tmp, steady=False)
                 row["actions_per_s_empty_streams"] = empty["actions_per_s"]
+                if "redis_cpu_us_per_action" in empty:
+                    row["redis_cpu_us_per_action_empty_streams"] = empty["redis_cpu_us_per_action"]
                 row["loadavg_1m_empty_streams"] = empty["loadavg_1m"]
             with kafka_broker() as broker:
                 row.update(bench_drain(cfg, broker.bootstrap, args, tmp, steady=True))
             if args.probes:
                 with kafka_broker() as broker:
-                    row.update(bench_freshness(cfg, stores[b], broker.bootstrap, args, tmp, row["actions_per_s"] / 2))
+                    rate = args.freshness_rate or row["actions_per_s"] / 2
+                    row.update(bench_freshness(cfg, stores[b], broker.bootstrap, args, tmp, rate))
             results[b] = row
         feast_fs = stores.get("redis") or open_feature_store(cfgs["redis"])
         n_feast = min(args.actions or args.steady_actions, 5_000)

@@ -76,7 +76,7 @@ async def _batches(n: int):
 def test_pipeline_overlaps_processing_with_the_previous_outputs_and_keeps_their_order() -> None:
     """Batch k+1 is written while batch k's outputs are in flight; outputs start in input
     order, each after the previous batch's have ended (so at most two batches are written
-    and not committed)."""
+    and their outputs not acknowledged)."""
     import asyncio
     import threading
     from concurrent.futures import ThreadPoolExecutor

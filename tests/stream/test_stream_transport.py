@@ -162,6 +162,7 @@ def test_ack_marks_every_offset_in_fausts_bookkeeping_and_releases_the_rebalance
 
         consumer.commit = commit
         consumer.assignment = lambda: {TP0, TP1}
+        consumer._commit_every = 6  # the app sets it to its batch size
         b.add(TP0, _records(0, range(100, 104)), generation=0)
         b.add(TP1, _records(1, range(10, 14)), generation=0)
         batch = await b.next()
@@ -174,6 +175,10 @@ def test_ack_marks_every_offset_in_fausts_bookkeeping_and_releases_the_rebalance
         assert len(commits) == 2 and consumer._committed_offset == {TP0: 104, TP1: 14}
         await batch.ack()  # a second ack changes nothing
         assert len(commits) == 2
+        b.add(TP0, _records(0, range(104, 109)), generation=0)
+        small = await b.next()
+        await small.ack()  # 5 acks pending, fewer than commit_every: left for a later ack (or faust's timer)
+        assert len(commits) == 2 and consumer._acked[TP0][-1] == 108 and consumer._committed_offset[TP0] == 104
 
     asyncio.run(main())
 
