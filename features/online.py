@@ -19,9 +19,9 @@ last ``seen_window`` (W) appended ids, independent of T. An action whose id is i
 is a duplicate: nothing is written and it produces no TrainingSample (its sample was
 produced when it was first appended). The window must cover the longest redelivery of one
 user's actions: at-least-once redelivers what was written but not yet committed, at most
-the batches in flight plus the acked ones awaiting their offset commit, so the worker
-requires W >= 3 x its batch size (``stream.app``); the default 1024 covers the default
-batches of 320. Memory is bounded: W ids of at most ``MAX_EVENT_ID_BYTES`` per user.
+the batches in flight plus the acked ones awaiting their offset commit, which the worker
+keeps within W (``stream.app``); it requires W >= 2 x its batch size, and the default 1024
+covers the default batches of 500. Memory is bounded: W ids of at most ``MAX_EVENT_ID_BYTES`` per user.
 
 * Redis: the window is kept in the user's own hash, in B = ceil(W / 32) bucket fields
   (``_hisam:user_stream:seen:<b>``, B in ``..:seen_b``): an id goes to bucket
@@ -98,7 +98,7 @@ class OnlineStoreConfig:
     stream_len: int = 300  # T: items kept per user (the paper's 300)
     n_codes: int = 6  # semantic-ID tokens per item
     # W: appended event ids remembered per user for idempotency (see the module doc);
-    # at least 3 x the stream worker's batch size.
+    # at least 2 x the stream worker's batch size.
     seen_window: int = 1024
     # Redis Cluster: batch appends become one script call per action (keys of one call
     # must share a hash slot). Reads and the layout are the same.

@@ -31,10 +31,10 @@ Batches form while the agent is busy; an idle agent takes a partial batch once i
 record has waited ``batch_within_s`` (so a record waits at most that, plus the batch in
 progress). Idempotency covers a redelivery only within the store's seen window of W event
 ids per user (features/online.py): what a crash redelivers after its store write is the
-batch being processed, the one whose outputs and ack are in flight, and the acked batches
-whose offsets are not committed yet (a batch's ack commits whenever ``batch_size`` acks
-are pending, and the next batch's outputs wait for it): under three batches, and
-``create_app`` refuses W < 3 x batch size (default 320 x 3 <= W 1,024).
+batch being processed, the one whose outputs and ack are in flight, and the acked ones
+whose offsets are not committed yet. A batch's ack commits whenever that could otherwise
+exceed W (``_pipeline``): at full load every batch, at a moderate one (small batches)
+every few batches. ``create_app`` refuses W < 2 x batch size.
 
 Fault injection (tests): with ``HISAM_FAULT_EXIT_AFTER_APPENDS=N`` in its environment the
 worker exits abruptly (``os._exit``, like SIGKILL: no commit, no leave) right after the
@@ -70,9 +70,7 @@ class StreamSettings:
     store: OnlineStoreConfig
     app_id: str = "hisam-stream"
     tokenizer_dir: Path | None = None  # None: no item ingestion in this worker
-    # At most this many records per batch, and offsets are committed once this many acks
-    # are pending: a crash redelivers under 3 x batch_size records (check_seen_window).
-    batch_size: int = 320
+    batch_size: int = 500
     # An idle agent takes a partial batch once its oldest record has waited this long (a
     # busy agent's next batch fills meanwhile and goes as soon as it is free). 0: at once,
     # whatever has arrived. Measured at a moderate load (5,000 actions/s, short streams):
@@ -177,16 +175,22 @@ async def _run_batch(loop, pool, process, records: Sequence[rec.ConsumedRecord])
         raise  # not reached
 
 
-async def _pipeline(batches, pool, process, after, finish) -> None:
+class _InProcess:
+    """The size of the batch an agent is processing now (0: none)."""
+
+    size = 0
+
+
+async def _pipeline(batches, pool, process, after, finish, in_process: _InProcess | None = None) -> None:
     """An agent's loop: batch k+1 is processed while batch k's outputs and ack are in flight.
 
     ``process`` runs in ``pool`` (one thread: batches in order); ``after(out)`` runs on
     the loop once a batch is written; ``finish(batch, out, t0, t1)`` produces its outputs,
     awaits their acknowledgements and acks the batch. A batch's ``finish`` starts only
     after the previous one's has ended, so outputs keep the input order and what is
-    written but not committed stays under three batches (the one being processed, the
-    one whose outputs are in flight, and acks awaiting their commit, fewer than a batch;
-    ``check_seen_window``). On stop,
+    written and not acknowledged is never more than two batches; ``finish`` commits the
+    offsets as needed to bound what is written and not committed (``in_process``: the
+    size of the batch being processed, for it). On stop,
     the outputs in flight are given a few seconds to finish; what is not acknowledged is
     redelivered.
     """
@@ -195,7 +199,13 @@ async def _pipeline(batches, pool, process, after, finish) -> None:
     try:
         async for batch in batches:
             t0 = time.perf_counter()
-            out = await _run_batch(loop, pool, process, batch.records)
+            if in_process is not None:
+                in_process.size = len(batch)
+            try:
+                out = await _run_batch(loop, pool, process, batch.records)
+            finally:
+                if in_process is not None:
+                    in_process.size = 0
             t1 = time.perf_counter()
             if after is not None:
                 after(out)
@@ -263,9 +273,9 @@ EXIT_PRODUCE_FAILED = 74
 
 def check_seen_window(settings: StreamSettings) -> None:
     """Refuse a store whose seen window cannot cover a redelivery (see the module doc)."""
-    if settings.store.seen_window < 3 * settings.batch_size:
+    if settings.store.seen_window < 2 * settings.batch_size:
         raise ValueError(
-            f"seen_window {settings.store.seen_window} < 3 x batch_size {settings.batch_size}: a crash could "
+            f"seen_window {settings.store.seen_window} < 2 x batch_size {settings.batch_size}: a crash could "
             "redeliver more of one user's actions than the store remembers, and re-append them"
         )
 
@@ -351,10 +361,14 @@ def create_app(settings: StreamSettings):
             if end is not None:
                 obs.STREAM_CONSUMER_LAG.labels(topic=topic, partition=str(partition)).set(max(0, end - offset - 1))
 
+    in_process = _InProcess()
+
     async def finish_actions(batch, out: BatchOutput, t0: float, t1: float) -> None:
         t2 = time.perf_counter()
         await emit(out, len(batch))
-        await batch.ack()
+        # Commit unless what a crash may then redeliver stays within the seen window: the
+        # acks pending, the batch in process (a full one if none is yet) and the next one.
+        await batch.ack(settings.store.seen_window - (in_process.size or settings.batch_size) - settings.batch_size)
         stats.add(len(batch), out, t1 - t0, time.perf_counter() - t2)
         obs.STREAM_ACTIONS_CONSUMED.inc(len(batch))
         obs.STREAM_ACTIONS_APPENDED.inc(out.appended)
@@ -371,7 +385,7 @@ def create_app(settings: StreamSettings):
 
     @app.agent(actions_topic, name="hisam-actions")
     async def append_actions(batches) -> None:
-        await _pipeline(batches, action_pool, action_proc.process, after_actions, finish_actions)
+        await _pipeline(batches, action_pool, action_proc.process, after_actions, finish_actions, in_process)
 
     if settings.tokenizer_dir is not None:
         import torch

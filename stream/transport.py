@@ -126,9 +126,10 @@ class RecordBatch:
         self.records += records
         self.spans.append((tp, [r.offset for r in records]))
 
-    async def ack(self) -> None:
-        """Mark every offset of the batch acked (committable), then commit if enough are."""
-        await self._owner.consumer.ack_batch(self)
+    async def ack(self, pending_limit: int | None = None) -> None:
+        """Mark every offset of the batch acked (committable), then commit if enough are
+        (``FastDrainConsumer.ack_batch``)."""
+        await self._owner.consumer.ack_batch(self, pending_limit)
 
 
 class RecordBatches:
@@ -279,18 +280,16 @@ class FastDrainConsumer(faust_aiokafka.Consumer):
         for tp, _ in batch.spans:
             inbound[tp] = now
 
-    async def ack_batch(self, batch: RecordBatch) -> None:
-        """``Consumer.ack`` for every record of the batch at once, then commit every ``commit_every``.
+    async def ack_batch(self, batch: RecordBatch, pending_limit: int | None = None) -> None:
+        """``Consumer.ack`` for every record of the batch at once, then commit if too many are pending.
 
         A batch of an older generation is not acked (faust has seeked back to the committed
-        offsets, so its records come again). Once ``commit_every`` acks are pending, they
-        are committed here, and the commit is awaited, before the agent produces the next
-        batch's outputs: so what is written but not committed stays under the pending acks
-        plus the two batches of the agent's pipeline (``stream.app``; ``check_seen_window``).
-        A commit already running when this one is asked for (faust's periodic one) makes
-        faust's ``commit`` wait for it and return without committing what was acked since:
-        it is asked again then. (Committing every batch instead cost the worker and the
-        broker 5% of a core each at 3,000 actions/s, where batches hold ~60 records.)
+        offsets, so its records come again). Acked offsets are committed here, the commit
+        awaited, once more than ``pending_limit`` acks are pending (by default once
+        ``commit_every`` are): the caller's bound on what a crash may redeliver
+        (``stream.app._pipeline``). A commit already running when this one is asked for
+        (faust's periodic one) makes faust's ``commit`` wait for it and return without
+        committing what was acked since: it is asked again then.
         """
         if batch.acked:
             return
@@ -311,8 +310,11 @@ class FastDrainConsumer(faust_aiokafka.Consumer):
                     acked[tp] += new
                     self._n_acked += len(new)
         notify(self._waiting_for_ack)
-        commit_every = self._commit_every
-        if batch.generation != self.app.consumer_generation_id or commit_every is None or self._n_acked < commit_every:
+        if pending_limit is None:
+            if self._commit_every is None:
+                return
+            pending_limit = self._commit_every - 1
+        if batch.generation != self.app.consumer_generation_id or self._n_acked <= pending_limit:
             return
         self._n_acked = 0
         for _ in range(3):

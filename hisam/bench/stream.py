@@ -81,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer", type=Path, default=None, help="tokenizer dir for items_per_s (default: train a tiny one)"
     )
     parser.add_argument("--backends", default="redis,sqlite")
+    parser.add_argument("--batch-size", type=int, default=None, help="the worker's --batch-size (default: its own)")
+    parser.add_argument("--seen-window", type=int, default=1024, help="W of the store and the worker")
     parser.add_argument(
         "--freshness-rate",
         type=float,
@@ -154,12 +156,17 @@ def _check_tails(store, backlog, stream_len: int) -> None:
             raise RuntimeError(f"user {u}: the stream ends with {got}, not its backlog {want}")
 
 
-def _start_worker(bootstrap: str, cfg, tag: str, within_ms: float, logdir: Path) -> subprocess.Popen:
+def _start_worker(
+    bootstrap: str, cfg, tag: str, within_ms: float, logdir: Path, batch_size: int | None = None
+) -> subprocess.Popen:
     args = [
         sys.executable, "-m", "hisam.jobs.stream_worker", "--bootstrap", bootstrap, "--backend", cfg.backend,
         "--repo-dir", str(cfg.repo_dir), "--stream-len", str(cfg.stream_len), "--n-codes", str(cfg.n_codes),
-        "--app-id", f"bench-{tag}", "--instance-id", f"bench-{tag}", "--within-ms", str(within_ms),
+        "--seen-window", str(cfg.seen_window), "--app-id", f"bench-{tag}", "--instance-id", f"bench-{tag}",
+        "--within-ms", str(within_ms),
     ]  # fmt: skip
+    if batch_size:
+        args += ["--batch-size", str(batch_size)]
     if cfg.redis_url:
         args += ["--redis-url", cfg.redis_url]
     env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
@@ -303,7 +310,7 @@ def bench_drain(cfg, bootstrap: str, args: argparse.Namespace, logdir: Path, ste
     ]
     load_before = os.getloadavg()[0]
     redis_before = _redis_cpu(store)
-    worker = _start_worker(bootstrap, cfg, tag, args.within_ms, logdir)
+    worker = _start_worker(bootstrap, cfg, tag, args.within_ms, logdir, args.batch_size)
     try:
         t_first = None
         deadline = time.monotonic() + 300
@@ -363,7 +370,7 @@ def bench_freshness(cfg, fs, bootstrap: str, args: argparse.Namespace, logdir: P
     tp.ensure_topics(bootstrap, tp.default_topics(4))
     store = open_stream_store(cfg)
     probe_producer = prod.make_producer(bootstrap, linger_ms=0)
-    worker = _start_worker(bootstrap, cfg, tag, args.within_ms, logdir)
+    worker = _start_worker(bootstrap, cfg, tag, args.within_ms, logdir, args.batch_size)
     loader = None
     try:
 
@@ -552,6 +559,7 @@ def main(args: argparse.Namespace) -> int:
                 redis_url=redis.url if b == "redis" else None,
                 stream_len=args.stream_len,
                 n_codes=N_CODES,
+                seen_window=args.seen_window,
             )
             for b in ("redis", "sqlite")
         }

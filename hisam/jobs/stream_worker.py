@@ -41,7 +41,7 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
         "--seen-window",
         type=int,
         default=1024,
-        help="W: event ids remembered per user for idempotency (at least 3 x --batch-size)",
+        help="W: event ids remembered per user for idempotency (at least 2 x --batch-size)",
     )
 
 
@@ -62,9 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_store_arguments(parser)
     parser.add_argument("--tokenizer", type=Path, default=None, help="frozen tokenizer dir; enables item ingestion")
     parser.add_argument("--app-id", default="hisam-stream", help="consumer group (workers with one id share the load)")
-    parser.add_argument(
-        "--batch-size", type=int, default=320, help="records per batch at most, and acks per offset commit"
-    )
+    parser.add_argument("--batch-size", type=int, default=500, help="records per batch at most")
     parser.add_argument(
         "--within-ms", type=float, default=0.0, help="how long an idle worker waits to fill a batch (adds to freshness)"
     )

@@ -67,6 +67,9 @@ class _Batch:
     def __init__(self, k: int) -> None:
         self.records = [k]
 
+    def __len__(self) -> int:
+        return len(self.records)
+
 
 async def _batches(n: int):
     for k in range(n):
@@ -81,13 +84,16 @@ def test_pipeline_overlaps_processing_with_the_previous_outputs_and_keeps_their_
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from stream.app import _pipeline
+    from stream.app import _InProcess, _pipeline
 
     events: list[tuple[str, int]] = []
     finishing = threading.Event()
+    in_process = _InProcess()
+    sizes_at_finish: list[int] = []
 
     def process(records):
         (k,) = records
+        assert in_process.size == 1  # what an ack meanwhile counts as written and not acknowledged
         if k == 1:  # batch 0's outputs are in flight meanwhile
             assert finishing.wait(5), "batch 1 was not processed while batch 0's outputs were in flight"
         events.append(("process", k))
@@ -96,6 +102,7 @@ def test_pipeline_overlaps_processing_with_the_previous_outputs_and_keeps_their_
     async def finish(batch, out, t0, t1):
         (k,) = batch.records
         events.append(("finish", k))
+        sizes_at_finish.append(in_process.size)
         if k == 0:
             finishing.set()
             while ("process", 1) not in events:
@@ -105,9 +112,10 @@ def test_pipeline_overlaps_processing_with_the_previous_outputs_and_keeps_their_
 
     seen: list[int] = []
     with ThreadPoolExecutor(1) as pool:
-        asyncio.run(_pipeline(_batches(4), pool, process, lambda out: seen.append(out.appended), finish))
+        asyncio.run(_pipeline(_batches(4), pool, process, lambda out: seen.append(out.appended), finish, in_process))
     assert seen == [0, 1, 2, 3]
     for k in range(1, 4):  # batch k's outputs start only after batch k-1's have ended
         assert events.index(("done", k - 1)) < events.index(("finish", k))
     assert events.index(("process", 1)) < events.index(("done", 0))
     assert events[-1] == ("done", 3)
+    assert in_process.size == 0 and set(sizes_at_finish) <= {0, 1}

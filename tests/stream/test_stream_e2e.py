@@ -51,7 +51,7 @@ def env(kafka_bootstrap, redis_url, tiny_tokenizer_dir, tmp_path_factory):
             # Batches of 500 (the default) put up to ~100 actions of one of the crash tests'
             # users in one uncommitted span, over T = 50: only the seen window (W = 1024 ids
             # per user, independent of T) keeps their redelivery from being appended twice.
-            "--batch-size", "320",
+            "--batch-size", "500",
         ]  # fmt: skip
 
     worker = WorkerProcess(worker_args(f"worker-{RUN}"), repo / "worker.log")
