@@ -377,6 +377,31 @@ def _lua_bytes(b: bytes) -> str:
     return '"' + "".join(f"\\{c}" for c in b) + '"'
 
 
+# Shared by the scripts below: protobuf varints, and the u32-length-prefixed fields of
+# their one argument blob (ARGV[1]), read in order by ``field()``.
+_LUA_PRELUDE = r"""
+local blob, pos = ARGV[1], 1
+
+local function varint(n)
+  local out = {}
+  while n >= 128 do
+    out[#out + 1] = string.char(n % 128 + 128)
+    n = math.floor(n / 128)
+  end
+  out[#out + 1] = string.char(n)
+  return table.concat(out)
+end
+
+local function field()
+  local n
+  n, pos = struct.unpack('<I4', blob, pos)
+  local v = string.sub(blob, pos, pos + n - 1)
+  pos = pos + n
+  return v
+end
+"""
+
+
 _APPEND_LUA = r"""
 -- Atomic, idempotent, bounded append of actions to users' streams in Feast's Redis
 -- layout (see features/encoding.py). KEYS[i]: the i-th action's user hash key.
@@ -403,16 +428,6 @@ local M_LEN, M_MAX, M_TOTAL = __M_LEN__, __M_MAX__, __M_TOTAL__
 local M_SEEN_B, SEEN_PREFIX = __M_SEEN_B__, __SEEN_PREFIX__
 -- the window's layout before buckets (one field of NUL-delimited ids, and its count)
 local M_SEEN, M_SEEN_N = __M_SEEN__, __M_SEEN_N__
-
-local function varint(n)
-  local out = {}
-  while n >= 128 do
-    out[#out + 1] = string.char(n % 128 + 128)
-    n = math.floor(n / 128)
-  end
-  out[#out + 1] = string.char(n)
-  return table.concat(out)
-end
 
 local function read_varint(s, pos)
   local result, mult = 0, 1
@@ -657,15 +672,6 @@ end
 -- One call appends to every key in order (the same key may repeat). Arguments and
 -- reply are each one length-prefixed blob: parsing thousands of separate arguments and
 -- reply elements costs the client far more than the appends cost the server.
-local blob = ARGV[1]
-local pos = 1
-local function field()
-  local n
-  n, pos = struct.unpack('<I4', blob, pos)
-  local v = string.sub(blob, pos, pos + n - 1)
-  pos = pos + n
-  return v
-end
 local status, out = {}, {''}
 for i, key in ipairs(KEYS) do
   local eid = field()
@@ -693,24 +699,7 @@ _CLAIM_LUA = r"""
 -- The first candidate whose sid is free, or already this item's, is claimed (and the
 -- item's previous sid, if another, released). Reply: per claim, the 1-based index of the
 -- candidate claimed, 0 when every one is another item's.
-local function varint(n)
-  local out = {}
-  while n >= 128 do
-    out[#out + 1] = string.char(n % 128 + 128)
-    n = math.floor(n / 128)
-  end
-  out[#out + 1] = string.char(n)
-  return table.concat(out)
-end
-
-local idx, blob, pos = KEYS[1], ARGV[1], 1
-local function field()
-  local n
-  n, pos = struct.unpack('<I4', blob, pos)
-  local v = string.sub(blob, pos, pos + n - 1)
-  pos = pos + n
-  return v
-end
+local idx = KEYS[1]
 local out = {}
 while pos <= #blob do
   local item = field()
@@ -781,7 +770,7 @@ def build_append_lua(config: OnlineStoreConfig) -> str:
         "__M_MAX__": _lua_bytes(f"_hisam:{fv}:max_ms".encode()),
         "__M_TOTAL__": _lua_bytes(f"_hisam:{fv}:total".encode()),
     }
-    script = _APPEND_LUA
+    script = _LUA_PRELUDE + _APPEND_LUA
     for k, v in subs.items():
         script = script.replace(k, v)
     return script
@@ -799,7 +788,7 @@ class RedisStreamStore:
         self._script = build_append_lua(self.config)
         self._sha = self._client.script_load(self._script)
         self._mget_sha = self._client.script_load(_MULTI_HMGET_LUA)
-        self._claim_sha = self._client.script_load(_CLAIM_LUA)
+        self._claim_sha = self._client.script_load(_LUA_PRELUDE + _CLAIM_LUA)
         self._sid_index_key = f"_hisam:{config.project}:item_sids".encode()
         fv = enc.USER_STREAM_FV
         self._stream_fields = [enc.redis_field(fv, f) for f in enc.STREAM_FEATURES]
@@ -922,7 +911,7 @@ class RedisStreamStore:
         try:
             got = self._client.evalsha(self._claim_sha, 1, self._sid_index_key, b"".join(parts))
         except self._redis.exceptions.NoScriptError:  # server restarted or flushed its scripts
-            self._claim_sha = self._client.script_load(_CLAIM_LUA)
+            self._claim_sha = self._client.script_load(_LUA_PRELUDE + _CLAIM_LUA)
             got = self._client.evalsha(self._claim_sha, 1, self._sid_index_key, b"".join(parts))
         return [c.candidate(k - 1) if k else None for c, k in zip(claims, got)]
 
