@@ -696,9 +696,8 @@ _CLAIM_LUA = r"""
 -- index hash: field 's' .. sid -> item id (decimal), 'i' .. item id -> sid, where sid is
 -- the ID's tokens as protobuf varints. ARGV[1], per claim: u32-length-prefixed item id
 -- (decimal) and prefix varints, then u16 n and n u32 candidates for the last token.
--- The first candidate whose sid is free, or already this item's, is claimed (and the
--- item's previous sid, if another, released). Reply: per claim, the 1-based index of the
--- candidate claimed, 0 when every one is another item's.
+-- An item that holds an ID keeps it; otherwise it gets its first free candidate.
+-- Reply: per claim, the sid the item holds ('' when every candidate is another item's).
 local idx = KEYS[1]
 local out = {}
 while pos <= #blob do
@@ -706,25 +705,24 @@ while pos <= #blob do
   local prefix = field()
   local n
   n, pos = struct.unpack('<I2', blob, pos)
-  local cands = {}
-  for j = 1, n do
-    cands[j], pos = struct.unpack('<I4', blob, pos)
-  end
-  local cur = redis.call('HGET', idx, 'i' .. item)
-  local chosen = 0
-  for j = 1, n do
-    local sid = prefix .. varint(cands[j])
-    local owner = redis.call('HGET', idx, 's' .. sid)
-    if owner == false or owner == item then
-      if cur and cur ~= sid and redis.call('HGET', idx, 's' .. cur) == item then
-        redis.call('HDEL', idx, 's' .. cur)
+  local held = redis.call('HGET', idx, 'i' .. item)
+  if held then
+    pos = pos + 4 * n
+  else
+    held = ''
+    for _ = 1, n do
+      local c
+      c, pos = struct.unpack('<I4', blob, pos)
+      if held == '' then
+        local sid = prefix .. varint(c)
+        if redis.call('HSETNX', idx, 's' .. sid, item) == 1 then
+          redis.call('HSET', idx, 'i' .. item, sid)
+          held = sid
+        end
       end
-      redis.call('HSET', idx, 's' .. sid, item, 'i' .. item, sid)
-      chosen = j
-      break
     end
   end
-  out[#out + 1] = chosen
+  out[#out + 1] = held
 end
 return out
 """
@@ -895,11 +893,15 @@ class RedisStreamStore:
         pipe.execute()
 
     def claim_item_sids(self, claims: Sequence[SidClaim]) -> list[tuple[int, ...] | None]:
-        """Claim each item's first free candidate ID (``SidClaim``), atomically and in order.
+        """Each item's ID: the one it holds, else its first free candidate (``SidClaim``), claimed.
 
-        Returns the claimed tokens per claim; None when every candidate is another item's.
-        The index is one hash per project (``_hisam:<project>:item_sids``, one Redis
-        Cluster slot): concurrent workers cannot both claim one ID.
+        Atomic and in order. Returns the item's tokens per claim; None when it holds none
+        and every candidate is another item's. An ID, once an item's, stays its own: users'
+        streams store IDs, not item ids, so an ID that moved or was freed would make their
+        history name another item (a new tokenizer version re-assigns them all: ``hisam
+        tokenizer migrate``). The index is one hash per project
+        (``_hisam:<project>:item_sids``, one Redis Cluster slot): concurrent workers cannot
+        both claim one ID.
         """
         if not claims:
             return []
@@ -913,7 +915,7 @@ class RedisStreamStore:
         except self._redis.exceptions.NoScriptError:  # server restarted or flushed its scripts
             self._claim_sha = self._client.script_load(_LUA_PRELUDE + _CLAIM_LUA)
             got = self._client.evalsha(self._claim_sha, 1, self._sid_index_key, b"".join(parts))
-        return [c.candidate(k - 1) if k else None for c, k in zip(claims, got)]
+        return [tuple(enc.unpack_varints(sid)) if sid else None for sid in got]
 
     def read_item_sids(self, item_ids: Sequence[int]) -> dict[int, ItemSids]:
         """Semantic IDs of the known items among ``item_ids`` (unknown ones are absent)."""
@@ -1296,16 +1298,17 @@ class SqliteStreamStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             for c in claims:
-                chosen = None
-                for k in range(len(c.last_tokens)):
-                    sid = enc.varints(c.candidate(k))
-                    row = conn.execute(f'SELECT item_id FROM "{t}" WHERE sid = ?', (sid,)).fetchone()
-                    if row is None or row[0] == c.item_id:
-                        conn.execute(f'DELETE FROM "{t}" WHERE item_id = ? AND sid != ?', (c.item_id, sid))
-                        conn.execute(f'INSERT OR IGNORE INTO "{t}" (sid, item_id) VALUES (?, ?)', (sid, c.item_id))
-                        chosen = c.candidate(k)
+                row = conn.execute(f'SELECT sid FROM "{t}" WHERE item_id = ?', (c.item_id,)).fetchone()
+                held = tuple(enc.unpack_varints(row[0])) if row else None
+                for k in range(len(c.last_tokens) if held is None else 0):
+                    cur = conn.execute(
+                        f'INSERT OR IGNORE INTO "{t}" (sid, item_id) VALUES (?, ?)',
+                        (enc.varints(c.candidate(k)), c.item_id),
+                    )
+                    if cur.rowcount == 1:
+                        held = c.candidate(k)
                         break
-                out.append(chosen)
+                out.append(held)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -493,7 +493,7 @@ def migrate_namespace(
                 # The target's ID index (what item ingestion claims against): the catalogue
                 # is collision-free, so each item gets exactly its ID.
                 got = target.claim_item_sids([SidClaim(it.item_id, it.tokens[:-1], it.tokens[-1:]) for it in chunk])
-                taken = [it.item_id for it, g in zip(chunk, got) if g is None]
+                taken = [it.item_id for it, g in zip(chunk, got) if g != it.tokens]
                 if taken:
                     raise MigrationError(
                         f"{len(taken)} items' IDs are already other items' in the target {namespace_of(target.config)} "

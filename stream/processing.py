@@ -39,7 +39,7 @@ class BatchOutput:
     appended: int = 0
     duplicates: int = 0
     items_written: int = 0
-    items_moved: int = 0  # items whose natural ID was taken: the collision rule moved their last token
+    items_moved: int = 0  # items written with an ID other than their natural one (taken, or held from before)
 
 
 class ActionProcessor:
@@ -134,8 +134,9 @@ class ItemProcessor:
     Two items never share one full ID (METHOD.md, codebook hygiene): each item claims its
     ID in the store's index (``StreamStore.claim_item_sids``, atomic across workers), its
     natural ID first, else the nearest free last code by the last codebook's distances,
-    the rule of ``models.tokenizer.collisions`` applied in arrival order. An item sent
-    again keeps its ID; one whose features changed gets its new ID and frees the old.
+    the rule of ``models.tokenizer.collisions`` applied in arrival order. An item keeps
+    the ID it got first, also when sent again with other features (users' streams store
+    IDs: see ``claim_item_sids``); a new tokenizer version re-assigns them all.
     """
 
     def __init__(self, store: StreamStore, tokenizer: FrozenTokenizer):
@@ -179,14 +180,16 @@ class ItemProcessor:
                     out, msg, rec.SID_SPACE_FULL, f"every ID with the prefix {tuple(c[:-1].tolist())} is another item's"
                 )
                 continue
-            natural = int(self.tokenizer.to_tokens(c)[-1])
-            out.items_moved += tokens[-1] != natural
+            out.items_moved += tokens != tuple(int(t) for t in self.tokenizer.to_tokens(c))
             sids.append(ItemSids(f.event.item_id, tokens, self.tokenizer.version, f.event.event_time_ms))
         if sids:
             self.store.put_item_sids(sids)
         out.items_written = len(sids)
         if out.items_moved:
-            log.info("%d items took the nearest free ID: their natural ID is another item's", out.items_moved)
+            log.info(
+                "%d items hold an ID other than their natural one (another item's, or theirs from before)",
+                out.items_moved,
+            )
         return out
 
     def _claim(self, item_id: int, codes: np.ndarray, last_dist: np.ndarray) -> SidClaim:

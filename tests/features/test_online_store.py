@@ -319,9 +319,10 @@ def test_item_id_claims_give_each_item_its_first_free_candidate(backend) -> None
     a, b, c = (SidClaim(item, (1, 2), (3, 4, 5)) for item in (501, 502, 503))
     assert store.claim_item_sids([a, b]) == [(1, 2, 3), (1, 2, 4)]  # in order: b finds 3 taken
     assert store.claim_item_sids([b, a]) == [(1, 2, 4), (1, 2, 3)]  # sent again: each keeps its ID
-    moved = SidClaim(501, (9, 9), (9,))  # item 501's features changed: a new ID, the old one freed
-    assert store.claim_item_sids([moved, c]) == [(9, 9, 9), (1, 2, 3)]
+    changed = SidClaim(501, (9, 9), (9,))  # item 501 again with other features: it keeps its ID
+    assert store.claim_item_sids([changed, c]) == [(1, 2, 3), (1, 2, 5)]
     assert store.claim_item_sids([SidClaim(504, (1, 2), (3, 4))]) == [None]  # both are others'
+    assert store.claim_item_sids([SidClaim(504, (9, 9), (9,))]) == [(9, 9, 9)]  # not held by 501
     assert store.claim_item_sids([]) == []
 
 
