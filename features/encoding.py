@@ -125,8 +125,8 @@ def timestamp_bytes(event_time_ms: int) -> bytes:
     if ms < 0:
         return Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000).SerializeToString()
     seconds, nanos = divmod(ms, 1000)
-    out = b"\x08" + varints((seconds,)) if seconds else b""
-    return out + b"\x10" + varints((nanos * 1_000_000,)) if nanos else out
+    out = b"\x08" + varint(seconds) if seconds else b""
+    return out + b"\x10" + varint(nanos * 1_000_000) if nanos else out
 
 
 def sqlite_timestamp(event_time_ms: int) -> int:

@@ -339,7 +339,6 @@ def _user_stream(user_id: int, raw: Sequence[bytes | None], n_codes: int) -> Use
 
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
-_KEY_VALUE = struct.Struct("<q")  # the entity id inside Feast's entity key
 _CACHE_MAX = 1 << 16  # entries of RedisStreamStore's encode/decode caches (cleared when full)
 
 
@@ -357,19 +356,19 @@ def _read_varint(b: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _ints_payload(blob: bytes, start: int, end: int) -> bytes:
-    """The packed varints of the int64 list Value in ``blob[start:end]`` (empty: none)."""
-    if start == end:
+def _ints_payload(value: bytes) -> bytes:
+    """The packed varints of an int64 list Value (empty bytes: none)."""
+    if not value:
         return b""
-    if blob[start] != 114:
+    if value[0] != 114:
         raise OnlineStoreError("a user stream field is not an int64 list Value")
-    size, pos = _read_varint(blob, start + 1)
+    size, pos = _read_varint(value, 1)
     if size == 0:
         return b""
-    n, pos = _read_varint(blob, pos + 1)  # past the packed field's tag
-    if pos + n > end:
+    n, pos = _read_varint(value, pos + 1)  # past the packed field's tag
+    if pos + n > len(value):
         raise OnlineStoreError("a user stream field's int64 list Value is truncated")
-    return blob[pos : pos + n]
+    return value[pos : pos + n]
 
 
 def _lua_bytes(b: bytes) -> str:
@@ -458,24 +457,6 @@ local function skip_strings(s, pos, k)
   return pos
 end
 
--- Value{int64_list_val{packed val}} -> packed payload
-local function unwrap_ints(v)
-  if not v or #v == 0 then return '' end
-  if string.byte(v, 1) ~= 114 then error('user stream field is not an int64 list') end
-  local len, p = read_varint(v, 2)
-  if len == 0 then return '' end
-  local len2, p2 = read_varint(v, p + 1)
-  return string.sub(v, p2, p2 + len2 - 1)
-end
-
--- Value{string_list_val{val...}} -> concatenated elements
-local function unwrap_strings(v)
-  if not v or #v == 0 then return '' end
-  if string.byte(v, 1) ~= 98 then error('user stream field is not a string list') end
-  local len, p = read_varint(v, 2)
-  return string.sub(v, p, p + len - 1)
-end
-
 -- Value{int64_list_val{packed val}} -> the payload's first and last positions in v (last <
 -- first: empty). Positions, not a copy: Redis' Lua hashes every byte of every string it
 -- creates, so each intermediate copy of a stream field costs about what reading it does.
@@ -513,13 +494,14 @@ end
 -- history before it (its sample can be sent again); else status 0 and no history.
 local function duplicate(cur, eid, want)
   if not want then return 0, '', '' end
-  local eids = unwrap_strings(cur[3])
+  local eids = string.sub(cur[3] or '', strings_span(cur[3]))
   local p, i = 1, 0
   while p <= #eids do
     local len, q = read_varint(eids, p + 1)
     i = i + 1
     if len == #eid and string.sub(eids, q, q + len - 1) == eid then
-      local tok0, act0 = unwrap_ints(cur[1]), unwrap_ints(cur[2])
+      local tok0 = string.sub(cur[1] or '', ints_span(cur[1]))
+      local act0 = string.sub(cur[2] or '', ints_span(cur[2]))
       return 2, ints_value(string.sub(tok0, 1, skip_varints(tok0, 1, (i - 1) * NC) - 1), ''),
              ints_value(string.sub(act0, 1, skip_varints(act0, 1, i - 1) - 1), '')
     end
@@ -762,11 +744,11 @@ def build_append_lua(config: OnlineStoreConfig) -> str:
         # hisam's own bookkeeping fields; Feast reads only the fields it asks for.
         "__M_SEEN_B__": _lua_bytes(_redis_meta_field("seen_b")),
         "__SEEN_PREFIX__": _lua_bytes(_redis_meta_field("seen:")),
-        "__M_SEEN__": _lua_bytes(f"_hisam:{fv}:seen".encode()),
-        "__M_SEEN_N__": _lua_bytes(f"_hisam:{fv}:seen_n".encode()),
-        "__M_LEN__": _lua_bytes(f"_hisam:{fv}:len".encode()),
-        "__M_MAX__": _lua_bytes(f"_hisam:{fv}:max_ms".encode()),
-        "__M_TOTAL__": _lua_bytes(f"_hisam:{fv}:total".encode()),
+        "__M_SEEN__": _lua_bytes(_redis_meta_field("seen")),
+        "__M_SEEN_N__": _lua_bytes(_redis_meta_field("seen_n")),
+        "__M_LEN__": _lua_bytes(_redis_meta_field("len")),
+        "__M_MAX__": _lua_bytes(_redis_meta_field("max_ms")),
+        "__M_TOTAL__": _lua_bytes(_redis_meta_field("total")),
     }
     script = _LUA_PRELUDE + _APPEND_LUA
     for k, v in subs.items():
@@ -785,22 +767,26 @@ class RedisStreamStore:
         self._client = redis.Redis.from_url(self.config.redis_url)
         self._script = build_append_lua(self.config)
         self._sha = self._client.script_load(self._script)
-        self._mget_sha = self._client.script_load(_MULTI_HMGET_LUA)
-        self._claim_sha = self._client.script_load(_LUA_PRELUDE + _CLAIM_LUA)
+        # redis-py's Script runs EVALSHA and loads the script again if the server lost it.
+        self._mget = self._client.register_script(_MULTI_HMGET_LUA)
+        self._claim = self._client.register_script(_LUA_PRELUDE + _CLAIM_LUA)
         self._sid_index_key = f"_hisam:{config.project}:item_sids".encode()
         fv = enc.USER_STREAM_FV
         self._stream_fields = [enc.redis_field(fv, f) for f in enc.STREAM_FEATURES]
         self._item_fields = [enc.redis_field(enc.ITEM_SID_FV, f) for f in enc.ITEM_FEATURES]
         # Hot-path helpers (per action): a key is a fixed head, the packed id, the project;
         # encoded tokens of an item and decoded item IDs recur from batch to batch.
-        self._user_key_head = enc.redis_key(config.project, enc.USER_ID_KEY, 0)[: -len(config.project.encode()) - 8]
-        self._item_key_head = enc.redis_key(config.project, enc.ITEM_ID_KEY, 0)[: -len(config.project.encode()) - 8]
+        self._user_key_head = _entity_key_head(enc.USER_ID_KEY)
+        self._item_key_head = _entity_key_head(enc.ITEM_ID_KEY)
         self._key_tail = config.project.encode("utf-8")
         self._token_varints: dict[tuple[int, ...], bytes] = {}
         self._decoded_items: dict[tuple[int, bytes, bytes | None, bytes | None], ItemSids] = {}
 
     def _key(self, user_id: int) -> bytes:
-        return self._user_key_head + _KEY_VALUE.pack(user_id) + self._key_tail
+        return self._user_key_head + _I64.pack(user_id) + self._key_tail
+
+    def _item_key(self, item_id: int) -> bytes:
+        return self._item_key_head + _I64.pack(item_id) + self._key_tail
 
     def _record(self, a: StreamAction, want_history: bool) -> bytes:
         """One action's part of the script's argument blob (see the script header)."""
@@ -830,8 +816,8 @@ class RedisStreamStore:
         return [
             AppendResult(
                 st == 1,
-                _ints_payload(tok, 0, len(tok)),
-                _ints_payload(act, 0, len(act)),
+                _ints_payload(tok),
+                _ints_payload(act),
                 n_codes,
                 resampled=st == 2,
             )
@@ -881,7 +867,7 @@ class RedisStreamStore:
         pipe = self._client.pipeline(transaction=False)
         ts_field = enc.redis_ts_field(enc.ITEM_SID_FV)
         for it in items:
-            key = enc.redis_key(self.config.project, enc.ITEM_ID_KEY, it.item_id)
+            key = self._item_key(it.item_id)
             pipe.hset(
                 key,
                 mapping={
@@ -910,11 +896,7 @@ class RedisStreamStore:
             item, prefix = b"%d" % c.item_id, enc.varints(c.prefix)
             parts += [_U32.pack(len(item)), item, _U32.pack(len(prefix)), prefix, _U16.pack(len(c.last_tokens))]
             parts.append(struct.pack(f"<{len(c.last_tokens)}I", *c.last_tokens))
-        try:
-            got = self._client.evalsha(self._claim_sha, 1, self._sid_index_key, b"".join(parts))
-        except self._redis.exceptions.NoScriptError:  # server restarted or flushed its scripts
-            self._claim_sha = self._client.script_load(_LUA_PRELUDE + _CLAIM_LUA)
-            got = self._client.evalsha(self._claim_sha, 1, self._sid_index_key, b"".join(parts))
+        got = self._claim(keys=[self._sid_index_key], args=[b"".join(parts)])
         return [tuple(enc.unpack_varints(sid)) if sid else None for sid in got]
 
     def read_item_sids(self, item_ids: Sequence[int]) -> dict[int, ItemSids]:
@@ -922,8 +904,7 @@ class RedisStreamStore:
         from google.protobuf.timestamp_pb2 import Timestamp
 
         fields = [*self._item_fields, enc.redis_ts_field(enc.ITEM_SID_FV)]
-        head, tail, pack = self._item_key_head, self._key_tail, _KEY_VALUE.pack
-        keys = [head + pack(i) + tail for i in item_ids]
+        keys = [self._item_key(i) for i in item_ids]
         if not keys:
             return {}
         if self.config.redis_cluster:
@@ -932,11 +913,7 @@ class RedisStreamStore:
                 pipe.hmget(k, fields)
             rows = pipe.execute()
         else:  # one command and one flat reply: far less client-side parsing than N HMGETs
-            try:
-                blob = self._client.evalsha(self._mget_sha, len(keys), *keys, *fields)
-            except self._redis.exceptions.NoScriptError:  # server restarted or flushed its scripts
-                self._mget_sha = self._client.script_load(_MULTI_HMGET_LUA)
-                blob = self._client.evalsha(self._mget_sha, len(keys), *keys, *fields)
+            blob = self._mget(keys=keys, args=fields)
             rows, pos = [], 0
             for _ in keys:
                 row = []
@@ -985,26 +962,33 @@ class RedisStreamStore:
     def read_user_states(self, user_ids: Sequence[int]) -> list[UserState | None]:
         """Users' streams with their seen windows and profile counters (pipelined round trips)."""
         nb = self.config.seen_buckets
-        fields = [*self._stream_fields, *_redis_meta_fields(), *_seen_bucket_fields(nb)]
+        pf = enc.USER_PROFILE_FV
+        meta = [
+            *(_redis_meta_field(n) for n in ("seen", "total", "max_ms", "seen_b")),
+            enc.redis_field(pf, "n_actions"),
+            enc.redis_field(pf, "last_action_ms"),
+        ]
+        head = len(self._stream_fields) + len(meta)  # the bucket fields follow
+        fields = [*self._stream_fields, *meta, *_seen_bucket_fields(nb)]
         pipe = self._client.pipeline(transaction=False)
         for u in user_ids:
             pipe.hmget(self._key(u), fields)
         rows = pipe.execute()
-        # A window in buckets of another count (W changed): read those buckets too.
-        other = {i: int(raw[10]) for i, raw in enumerate(rows) if raw[10] is not None and int(raw[10]) != nb}
+        # A window in buckets of another count (W changed): read those buckets instead.
+        other = {i: int(raw[7]) for i, raw in enumerate(rows) if raw[7] is not None and int(raw[7]) != nb}
         if other:
             pipe = self._client.pipeline(transaction=False)
             for i, b in other.items():
                 pipe.hmget(self._key(user_ids[i]), _seen_bucket_fields(b))
             for i, got in zip(other, pipe.execute()):
-                rows[i] = [*rows[i][:11], *got]
+                rows[i] = [*rows[i][:head], *got]
         out: list[UserState | None] = []
         for u, raw in zip(user_ids, rows):
             stream = _user_stream(u, raw[:4], self.config.n_codes)
             if stream is None:
                 out.append(None)
                 continue
-            legacy, total, max_ms, p_n, p_last, seen_b = raw[4], raw[6], raw[7], raw[8], raw[9], raw[10]
+            legacy, total, max_ms, seen_b, p_n, p_last = raw[4:head]
             if total is not None:
                 n_actions = int(total)
             elif p_n is not None:
@@ -1012,7 +996,7 @@ class RedisStreamStore:
             else:
                 n_actions = len(stream)
             if seen_b is not None:
-                recs = [r for b in raw[11:] if b for r in _seen_records(b)]
+                recs = [r for b in raw[head:] if b for r in _seen_records(b)]
                 recs.sort(key=lambda r: r[1])
                 seen_ids = [e for e, seq in recs if seq > int(total or 0) - self.config.seen_window]
             elif legacy is not None:  # the single-field layout (before buckets)
@@ -1530,17 +1514,6 @@ def _glob_escape(b: bytes) -> bytes:
 def _redis_meta_field(name: str) -> bytes:
     """hisam's own bookkeeping fields in a user's hash (see build_append_lua)."""
     return f"_hisam:{enc.USER_STREAM_FV}:{name}".encode()
-
-
-def _redis_meta_fields() -> list[bytes]:
-    """What RedisStreamStore.read_user_states reads after the four stream fields, in order."""
-    pf = enc.USER_PROFILE_FV
-    return [
-        *(_redis_meta_field(n) for n in ("seen", "seen_n", "total", "max_ms")),
-        enc.redis_field(pf, "n_actions"),
-        enc.redis_field(pf, "last_action_ms"),
-        _redis_meta_field("seen_b"),
-    ]
 
 
 def _seen_bucket_fields(n_buckets: int) -> list[bytes]:

@@ -306,8 +306,6 @@ def create_app(settings: StreamSettings):
         broker_rebalance_timeout=settings.session_timeout_s,
         consumer_group_instance_id=settings.instance_id,
     )
-    from faust.types import TP
-
     from hisam import observability as obs
     from stream.transport import batch_topic, fast_transport
 
@@ -350,16 +348,15 @@ def create_app(settings: StreamSettings):
         # Not the event time: a replay carries the dataset's times.
         fresh = obs.STREAM_FRESHNESS.labels(agent=agent)
         now_ms = time.time() * 1000.0
-        last: dict[tuple[str, int], int] = {}
-        for r in batch.records:
-            ts = getattr(r, "timestamp", None)
-            if ts and ts > 0:
-                fresh.observe(max(0.0, now_ms - ts) / 1000.0)
-            last[(r.topic, r.partition)] = r.offset
-        for (topic, partition), offset in last.items():
-            end = app.consumer.highwater(TP(topic, partition))
+        for r in batch.records:  # aiokafka records
+            if r.timestamp > 0:
+                fresh.observe(max(0.0, now_ms - r.timestamp) / 1000.0)
+        for tp_, offsets in batch.spans:  # per partition, in offset order
+            end = app.consumer.highwater(tp_)
             if end is not None:
-                obs.STREAM_CONSUMER_LAG.labels(topic=topic, partition=str(partition)).set(max(0, end - offset - 1))
+                obs.STREAM_CONSUMER_LAG.labels(topic=tp_.topic, partition=str(tp_.partition)).set(
+                    max(0, end - offsets[-1] - 1)
+                )
 
     in_process = _InProcess()
 
@@ -380,8 +377,7 @@ def create_app(settings: StreamSettings):
         appended += out.appended
         if fault_after is not None and appended >= fault_after:
             log.critical("fault injection: exiting after %d appends, before the batch's samples and acks", appended)
-            logging.shutdown()
-            os._exit(EXIT_FAULT_INJECTED)
+            _exit_before_ack(EXIT_FAULT_INJECTED)
 
     @app.agent(actions_topic, name="hisam-actions")
     async def append_actions(batches) -> None:

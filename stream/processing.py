@@ -172,15 +172,15 @@ class ItemProcessor:
                     ActionProcessor._reject(out, msg, rec.TOKENIZER_INPUT, str(e))
         if not encoded:
             return out
-        claimed = self.store.claim_item_sids([self._claim(f.event.item_id, c, d) for (_, f), c, d in encoded])
+        claims = [self._claim(f.event.item_id, c, d) for (_, f), c, d in encoded]
         sids = []
-        for ((msg, f), c, _), tokens in zip(encoded, claimed):
+        for ((msg, f), _, _), claim, tokens in zip(encoded, claims, self.store.claim_item_sids(claims)):
             if tokens is None:
                 ActionProcessor._reject(
-                    out, msg, rec.SID_SPACE_FULL, f"every ID with the prefix {tuple(c[:-1].tolist())} is another item's"
+                    out, msg, rec.SID_SPACE_FULL, f"every ID with the prefix {claim.prefix} is another item's"
                 )
                 continue
-            out.items_moved += tokens != tuple(int(t) for t in self.tokenizer.to_tokens(c))
+            out.items_moved += tokens != claim.candidate(0)  # candidate 0: the natural ID
             sids.append(ItemSids(f.event.item_id, tokens, self.tokenizer.version, f.event.event_time_ms))
         if sids:
             self.store.put_item_sids(sids)
