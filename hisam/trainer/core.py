@@ -298,10 +298,17 @@ class NearlineTrainer:
             return BatchReport(len(examples), 0, len(examples), 0, math.nan, 0.0, users, labels, {})
         streams = self._streams(self.sequences(fresh))
         # 1. Test: every model scores the batch before anything trains on it.
-        scores = {name: self.score(getattr(self, name), streams) for name in ("frozen", "candidate")}
-        scores["serving"] = scores["frozen"] if self.serving is self.frozen else self.score(self.serving, streams)
+        # A model under two names (serving is frozen until the first publish, then frozen
+        # is the parent on probation) is scored once.
+        models = {"frozen": self.frozen, "candidate": self.candidate, "serving": self.serving}
         if self.parent is not None:
-            scores["parent"] = self.score(self.parent, streams)
+            models["parent"] = self.parent
+        by_model: dict[int, np.ndarray] = {}
+        scores = {}
+        for name, model in models.items():
+            if id(model) not in by_model:
+                by_model[id(model)] = self.score(model, streams)
+            scores[name] = by_model[id(model)]
         self._record(users, labels, scores)
         # 2. Train.
         loss, skipped = self._train(streams, labels)
@@ -413,7 +420,11 @@ class NearlineTrainer:
         t0 = time.perf_counter()
         test = self.paired(users, labels, scores["candidate"], scores["serving"])
         info["paired"] = test.to_dict()
-        info["vs_frozen"] = self.paired(users, labels, scores["candidate"], scores["frozen"]).to_dict()
+        info["vs_frozen"] = (
+            info["paired"]  # the same test until the first publish
+            if self.serving is self.frozen
+            else self.paired(users, labels, scores["candidate"], scores["frozen"]).to_dict()
+        )
         info["stats_s"] = time.perf_counter() - t0  # both tests: the gate's cost per micro-batch
         info["rule"] = {"margin": cfg.margin, "min_improvement": cfg.min_improvement, "confidence": cfg.confidence}
         if math.isnan(test.diff) or math.isnan(test.lower):

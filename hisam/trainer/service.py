@@ -423,7 +423,7 @@ class TrainerService:
             for gauge, key in ((obs.TRAINER_AUC, "auc"), (obs.TRAINER_GAUC, "gauc")):
                 if isinstance(v, dict) and v.get(key) is not None and math.isfinite(v[key]):
                     gauge.labels(model=model).set(v[key])
-        self._observe_lag(records)
+        self._observe_lag()
         row = {
             "records": len(records),
             "trained": report.trained,
@@ -447,26 +447,18 @@ class TrainerService:
             summary(m),
         )
 
-    def _observe_lag(self, records: list) -> None:
-        """Consumer lag per partition after this batch: the end offset less the next offset to read."""
-        consumer = getattr(self, "_consumer", None)
-        if consumer is None or not records:
+    def _observe_lag(self) -> None:
+        """Consumer lag per partition: the end offset (the consumer's, from its last fetch
+        response: no broker round trip) less the next offset to read."""
+        if self._consumer is None:
             return
-        last: dict = {}
-        for r in records:
-            last[(r.topic, r.partition)] = r.offset
         from kafka import TopicPartition
-        from kafka.errors import KafkaError
 
-        try:
-            ends = consumer.end_offsets([TopicPartition(tp_, p) for tp_, p in last])
-        except KafkaError as e:  # metrics must never stop training
-            log.debug("consumer lag unavailable: %s", e)
-            return
-        for tp_, end in ends.items():
-            obs.TRAINER_CONSUMER_LAG.labels(topic=tp_.topic, partition=str(tp_.partition)).set(
-                max(0, end - last[(tp_.topic, tp_.partition)] - 1)
-            )
+        for key, next_offset in self.trainer.offsets.items():
+            topic, partition = key.rsplit(":", 1)
+            end = self._consumer.highwater(TopicPartition(topic, int(partition)))
+            if end is not None:
+                obs.TRAINER_CONSUMER_LAG.labels(topic=topic, partition=partition).set(max(0, end - next_offset))
 
     def step(self) -> None:
         """Finish an in-flight publish, probation verdict, external rollbacks, then the gate and a publish."""
