@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stream.testing import REPO_ROOT
+from stream.testing import REPO_ROOT, WaitTimeout, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.triton, pytest.mark.slow]
 
@@ -77,6 +77,14 @@ def _leftovers(ws: Path, name: str) -> list[str]:
     return [line for line in out.splitlines() if str(ws / name / "work") in line and "ps -eww" not in line]
 
 
+def _wait_gone(ws: Path, name: str, timeout_s: float = 15.0) -> None:
+    """A stopped child's process group is SIGKILLed last and may linger a moment in ps."""
+    try:
+        wait_until(lambda: not _leftovers(ws, name), timeout_s, 0.2, "the loop's processes gone")
+    except WaitTimeout:
+        pass  # the assertion that follows names them
+
+
 def test_the_whole_loop_runs_to_its_report(workspace) -> None:
     res = subprocess.run(
         _argv(workspace, "full", "--rate", "60", "--min-samples", "100", "--drain-timeout", "120"),
@@ -99,6 +107,7 @@ def test_the_whole_loop_runs_to_its_report(workspace) -> None:
         assert heading in report
     assert (workspace / "full" / "reports" / "run" / "timeline.png").stat().st_size > 10_000
     assert "report:" in res.stdout and "Rank p50" in res.stdout
+    _wait_gone(workspace, "full")
     assert _leftovers(workspace, "full") == []
     # Every process's last /metrics page agrees with the report (hisam/observability.py).
     prom = {
@@ -145,5 +154,5 @@ def test_ctrl_c_stops_everything_and_still_reports(workspace) -> None:
     assert code == 130, log.read_text()[-4000:]
     report = (workspace / "stopped" / "reports" / "run" / "report.md").read_text()
     assert "Interrupted" in report
-    time.sleep(1.0)
+    _wait_gone(workspace, "stopped")
     assert _leftovers(workspace, "stopped") == []

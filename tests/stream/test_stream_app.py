@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import pytest
 import redis
@@ -105,7 +107,9 @@ def test_pipeline_overlaps_processing_with_the_previous_outputs_and_keeps_their_
         sizes_at_finish.append(in_process.size)
         if k == 0:
             finishing.set()
+            deadline = time.monotonic() + 5
             while ("process", 1) not in events:
+                assert time.monotonic() < deadline, "batch 1 was not processed while batch 0's outputs were in flight"
                 await asyncio.sleep(0.001)
         await asyncio.sleep(0.01)
         events.append(("done", k))

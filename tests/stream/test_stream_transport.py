@@ -138,7 +138,7 @@ def test_the_fetch_loop_waits_for_room_beyond_max_records() -> None:
         waiter = asyncio.ensure_future(b.wait_room())
         await asyncio.sleep(0.01)
         assert not waiter.done()
-        await b.next()
+        await asyncio.wait_for(b.next(), 1)
         await asyncio.wait_for(waiter, 1)
         assert b.has_room()
 
@@ -165,7 +165,7 @@ def test_ack_marks_every_offset_in_fausts_bookkeeping_and_releases_the_rebalance
         consumer._commit_every = 6  # the app sets it to its batch size
         b.add(TP0, _records(0, range(100, 104)), generation=0)
         b.add(TP1, _records(1, range(10, 14)), generation=0)
-        batch = await b.next()
+        batch = await asyncio.wait_for(b.next(), 1)
         assert isinstance(batch, RecordBatch)
         assert len(consumer._unacked_messages) == 1  # a rebalance waits for this batch (wait_empty)
         await batch.ack()
@@ -176,7 +176,7 @@ def test_ack_marks_every_offset_in_fausts_bookkeeping_and_releases_the_rebalance
         await batch.ack()  # a second ack changes nothing
         assert len(commits) == 2
         b.add(TP0, _records(0, range(104, 109)), generation=0)
-        small = await b.next()
+        small = await asyncio.wait_for(b.next(), 1)
         await small.ack()  # 5 acks pending, fewer than commit_every: left for a later ack (or faust's timer)
         assert len(commits) == 2 and consumer._acked[TP0][-1] == 108 and consumer._committed_offset[TP0] == 104
 
