@@ -13,6 +13,8 @@ The broker is ``noida-db`` (installed from PyPI with the project); Redis is the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -42,6 +44,7 @@ class KafkaBroker:
     host: str
     port: int
     data_dir: Path
+    pid: int | None = None  # the broker process (None: not known)
 
     @property
     def bootstrap(self) -> str:
@@ -110,6 +113,14 @@ def _tail(path: Path, n: int = 2000) -> str:
         return ""
 
 
+def _noida_pid(data_dir: Path) -> int | None:
+    """The pid noida-db records in its control file (None if it has none we can read)."""
+    try:
+        return int(json.loads((data_dir / "noida.control.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @contextlib.contextmanager
 def kafka_broker(
     port: int | None = None, data_dir: Path | None = None, timeout_s: float = 20.0
@@ -137,6 +148,7 @@ def kafka_broker(
             wait_for_port(HOST, chosen, timeout_s)
         except ServiceError as e:
             raise ServiceError(f"{e}; broker log: {_tail(ddir / 'noida.log')}") from e
+        broker = dataclasses.replace(broker, pid=_noida_pid(ddir))
         log.info("kafka-compatible broker up on %s (data %s)", broker.bootstrap, ddir)
         yield broker
     finally:
