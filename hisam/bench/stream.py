@@ -23,6 +23,13 @@ What it measures, each on a fresh broker and a private Redis started here:
   them (produce -> visible through Feast, one Feast read included; the wait is polled
   with a cheap direct read, so that the measuring does not starve the worker of CPU). A
   probe not visible after 30 s counts as 30 s (``freshness_timeouts``).
+* ``samples_retention_ms`` (``--samples-retention-ms``, 0: keep all): the bench's brokers
+  keep the training-samples topic only that long (``stream.topics.retention_configs``).
+  Nothing reads the samples here after they are counted, and the embedded broker rewrites
+  everything it holds about once a second, at a CPU cost proportional to it (measured: 3,000
+  samples/s of 3.3 KB alone cost it 0.7 of a core and growing, 0.4 with a 1 s retention);
+  Apache Kafka appends to segment files and pays no such cost for what it retains. The
+  samples are most of what the broker holds (each carries the user's T-item history).
 * ``loadavg_1m``: the machine's 1-minute load average before the drain and after the
   freshness probes (other jobs on the machine take CPU from the worker: compare runs only
   at similar load).
@@ -62,6 +69,7 @@ log = logging.getLogger(__name__)
 
 N_CODES = 6
 PROBE_TIMEOUT_S = 30.0
+LOAD_PREBUILT_S = 60.0  # seconds of the freshness load serialised before it starts
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -83,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default="redis,sqlite")
     parser.add_argument("--batch-size", type=int, default=None, help="the worker's --batch-size (default: its own)")
     parser.add_argument("--seen-window", type=int, default=1024, help="W of the store and the worker")
+    parser.add_argument(
+        "--samples-retention-ms",
+        type=int,
+        default=5_000,
+        help="retention of the training-samples topic on the bench's brokers (0: the broker's default, keep all)",
+    )
     parser.add_argument(
         "--freshness-rate",
         type=float,
@@ -179,6 +193,37 @@ def _log_tail(logdir: Path, tag: str, n: int = 4000) -> str:
     """The end of a worker's log, for an error message (the log dir is temporary)."""
     path = logdir / f"worker-{tag}.log"
     return f"; worker log {path} ends:\n{path.read_text(errors='replace')[-n:]}" if path.exists() else ""
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a live process (Linux /proc; None where unreadable)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _CpuShares:
+    """Cores each named process used between ``start()`` and ``stop()``."""
+
+    def __init__(self, pids: dict[str, int | None]):
+        self.pids = pids
+
+    def start(self) -> None:
+        self.t0, self.c0 = time.perf_counter(), {k: _cpu_seconds(p) for k, p in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        span = time.perf_counter() - self.t0
+        out = {}
+        for k, p in self.pids.items():
+            c1 = _cpu_seconds(p)
+            if c1 is not None and self.c0[k] is not None:
+                out[k] = round((c1 - self.c0[k]) / span, 3)
+        return out
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -293,7 +338,7 @@ def bench_drain(cfg, bootstrap: str, args: argparse.Namespace, logdir: Path, ste
     kafka = _kafka()
     tag = f"{cfg.backend}-steady" if steady else cfg.backend
     user_base = STEADY_USER_BASE if steady else 0
-    tp.ensure_topics(bootstrap, tp.default_topics(4))
+    tp.ensure_topics(bootstrap, tp.default_topics(4, args.samples_retention_ms or None))
     store = open_stream_store(cfg)
     _seed_items(store, args.items)
     if steady:
@@ -352,13 +397,16 @@ def _redis_cpu(store) -> float | None:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
-def bench_freshness(cfg, fs, bootstrap: str, args: argparse.Namespace, logdir: Path, rate: float) -> dict:
+def bench_freshness(
+    cfg, fs, broker, args: argparse.Namespace, logdir: Path, rate: float, redis_pid: int | None = None
+) -> dict:
     """Produce -> visible through Feast, for probes sent while a worker is loaded at ``rate``.
 
     The load goes to the steady-state users (``bench_drain(steady=True)`` left them there),
     from another process. On a broker of its own: the embedded broker rewrites all it holds
     about once a second, at a CPU cost that grows with it (0.2 core with 80 MB, 0.7 with 160
-    MB), and the drain left ~80 MB of samples in the drain's broker.
+    MB), and the drain left ~80 MB of samples in the drain's broker. ``freshness_cpu_cores``:
+    what each process (worker, Redis, broker, load producer, this one's probes) used meanwhile.
     """
     from features.online import feast_read_streams, open_stream_store
     from stream import producer as prod
@@ -367,7 +415,8 @@ def bench_freshness(cfg, fs, bootstrap: str, args: argparse.Namespace, logdir: P
 
     tag = f"{cfg.backend}-fresh"
     user_base = STEADY_USER_BASE
-    tp.ensure_topics(bootstrap, tp.default_topics(4))
+    bootstrap = broker.bootstrap
+    tp.ensure_topics(bootstrap, tp.default_topics(4, args.samples_retention_ms or None))
     store = open_stream_store(cfg)
     probe_producer = prod.make_producer(bootstrap, linger_ms=0)
     worker = _start_worker(bootstrap, cfg, tag, args.within_ms, logdir, args.batch_size)
@@ -408,6 +457,11 @@ def bench_freshness(cfg, fs, bootstrap: str, args: argparse.Namespace, logdir: P
             raise RuntimeError("the load producer did not start")
         load_before = os.getloadavg()[0]
         time.sleep(1.0)  # reach steady state
+        pids = {"worker": worker.pid, "broker": broker.pid, "load_producer": loader.pid, "probes": os.getpid()}
+        if cfg.backend == "redis":
+            pids["redis"] = redis_pid
+        cpu = _CpuShares(pids)
+        cpu.start()
         lat = []
         for i in range(args.probes):
             lat.append(probe(i, PROBE_TIMEOUT_S))
@@ -420,6 +474,7 @@ def bench_freshness(cfg, fs, bootstrap: str, args: argparse.Namespace, logdir: P
                     break  # the worker does not keep up: the figures already say so
             time.sleep(0.05)
         load_after = os.getloadavg()[0]
+        cores = cpu.stop()
         stop.set()
         loader.join(30)
     finally:
@@ -437,6 +492,9 @@ def bench_freshness(cfg, fs, bootstrap: str, args: argparse.Namespace, logdir: P
         "freshness_timeouts": sum(x > PROBE_TIMEOUT_S * 1000 for x in lat),
         "freshness_load_actions_per_s": rate,
         "loadavg_1m_freshness": [load_before, load_after],
+        # Cores each process used while probing (2 in all here): the worker shares them.
+        "freshness_cpu_cores": cores,
+        "samples_retention_ms": args.samples_retention_ms or None,
     }
 
 
@@ -448,6 +506,8 @@ def _produce_load(
     aiokafka record batches, one per partition every ~5 ms (partitioned by murmur2 of the
     user key, as a keyed send would be): a few us of Python per action where a keyed send
     is ~16, CPU that the machine's two cores would otherwise take from the system measured.
+    The first ``LOAD_PREBUILT_S`` seconds of events are serialised before ``started`` is
+    set (building an event costs about as much again as sending it); later ones as they go.
     """
     import asyncio
 
@@ -469,6 +529,15 @@ def _produce_load(
             keys = [rec.user_key(user_base + u) for u in range(users)]
             part_of = [DefaultPartitioner()(k, parts, parts) for k in keys]
             rng = np.random.default_rng(1)
+
+            def event(k: int, u: int, i: int) -> bytes:
+                return rec.action_event(
+                    f"load-{tag}-{k}", user_base + u, i, 1 + k % 5, 1_800_000_000_000 + k
+                ).SerializeToString()
+
+            n_pre = int(rate * LOAD_PREBUILT_S)
+            pre_u, pre_i = rng.integers(users, size=n_pre).tolist(), rng.integers(items, size=n_pre).tolist()
+            prebuilt = [event(k, u, i) for k, (u, i) in enumerate(zip(pre_u, pre_i))]
             start, k, pending = time.perf_counter(), 0, []
             tick = max(1, int(rate * 0.005))  # send every ~5 ms: a send has a fixed cost
             started.set()
@@ -478,12 +547,13 @@ def _produce_load(
                     await asyncio.sleep(0.002)
                     continue
                 due = min(due, 2000)
-                us, its = rng.integers(users, size=due), rng.integers(items, size=due)
                 groups: dict[int, list] = {}
-                for u, i in zip(us.tolist(), its.tolist()):
-                    value = rec.action_event(
-                        f"load-{tag}-{k}", user_base + u, i, 1 + k % 5, 1_800_000_000_000 + k
-                    ).SerializeToString()
+                for _ in range(due):
+                    if k < n_pre:
+                        u, value = pre_u[k], prebuilt[k]
+                    else:
+                        u, i = int(rng.integers(users)), int(rng.integers(items))
+                        value = event(k, u, i)
                     group = groups.get(part_of[u])
                     if group is None:
                         group = groups[part_of[u]] = [producer.create_batch()]
@@ -583,7 +653,7 @@ def main(args: argparse.Namespace) -> int:
             if args.probes:
                 with kafka_broker() as broker:
                     rate = args.freshness_rate or row["actions_per_s"] / 2
-                    row.update(bench_freshness(cfg, stores[b], broker.bootstrap, args, tmp, rate))
+                    row.update(bench_freshness(cfg, stores[b], broker, args, tmp, rate, redis.pid))
             results[b] = row
         feast_fs = stores.get("redis") or open_feature_store(cfgs["redis"])
         n_feast = min(args.actions or args.steady_actions, 5_000)
