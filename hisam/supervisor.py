@@ -34,6 +34,28 @@ class ChildExited(RuntimeError):
 
 PARENT_ENV = "HISAM_SUPERVISOR_PID"
 
+# Set by ``import feast`` (feast.metrics) when absent: prometheus_client's multiprocess mode.
+_PROMETHEUS_MP_VARS = ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR")
+
+
+def child_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a child process, with ``extra`` added.
+
+    Without what ``import feast`` put there: Feast points prometheus_client at a temporary
+    multiprocess directory of its own, which a child would inherit, so that every metric
+    update in the child takes a global lock and writes to files in a directory its parent
+    deletes on exit (a metric first used after that fails). Variables the user set are kept.
+    """
+    env = dict(os.environ)
+    feast_metrics = sys.modules.get("feast.metrics")
+    feast_dir = getattr(feast_metrics, "_prometheus_mp_dir", None)
+    if feast_dir is not None and getattr(feast_metrics, "_owns_mp_dir", False):
+        for name in _PROMETHEUS_MP_VARS:
+            if env.get(name) == feast_dir:
+                del env[name]
+    env.update(extra or {})
+    return env
+
 
 def die_with_parent() -> None:
     """Linux: have this process SIGTERMed when its supervisor dies, even by SIGKILL.
@@ -86,7 +108,7 @@ class Child:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.env, PARENT_ENV: str(os.getpid())},
+                env=child_environ({**self.env, PARENT_ENV: str(os.getpid())}),
                 start_new_session=True,  # Ctrl-C goes to the supervisor, which stops us in order
             )
         finally:

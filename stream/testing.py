@@ -7,13 +7,14 @@ in the package so that tests and ``hisam bench stream`` share them.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
+
+from hisam.supervisor import child_environ
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ class WorkerProcess:
 
     def start(self, extra_env: dict[str, str] | None = None) -> None:
         """Start the worker; ``extra_env`` adds to its environment (e.g. fault injection)."""
-        env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning", **(extra_env or {})}
+        env = child_environ({"PYTHONWARNINGS": "ignore::DeprecationWarning", **(extra_env or {})})
         with open(self.log_path, "a") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hisam.jobs.stream_worker", *self.args],

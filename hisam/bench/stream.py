@@ -183,7 +183,9 @@ def _start_worker(
         args += ["--batch-size", str(batch_size)]
     if cfg.redis_url:
         args += ["--redis-url", cfg.redis_url]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    from hisam.supervisor import child_environ
+
+    env = child_environ({"PYTHONWARNINGS": "ignore::DeprecationWarning"})
     return subprocess.Popen(
         args, cwd=REPO_ROOT, env=env, stdout=open(logdir / f"worker-{tag}.log", "w"), stderr=subprocess.STDOUT
     )
