@@ -151,6 +151,7 @@ class BatchReport:
     users: np.ndarray
     labels: np.ndarray
     scores: dict[str, np.ndarray]
+    step_seconds: tuple[float, ...] = ()  # each optimiser step's time (the service's step-latency metric)
 
 
 def weights_finite(model: HMAT) -> bool:
@@ -197,7 +198,6 @@ class NearlineTrainer:
         self.probation_window: Window | None = None
         self.since_publish = 0
         self.steps = 0
-        self.step_seconds: list[float] = []  # per optimiser step, since the service last read them
         self.trained = 0
         self.counts: Counter[str] = Counter()
         self._seen: deque[str] = deque()
@@ -311,13 +311,22 @@ class NearlineTrainer:
             scores[name] = by_model[id(model)]
         self._record(users, labels, scores)
         # 2. Train.
-        loss, skipped = self._train(streams, labels)
+        loss, skipped, step_seconds = self._train(streams, labels)
         self._remember(fresh)
         self.trained += len(fresh)
         self.probe = list(fresh[-8:])
         dup = len(examples) - len(fresh)
         return BatchReport(
-            len(examples), len(fresh), dup, skipped, loss, time.perf_counter() - t0, users, labels, scores
+            len(examples),
+            len(fresh),
+            dup,
+            skipped,
+            loss,
+            time.perf_counter() - t0,
+            users,
+            labels,
+            scores,
+            tuple(step_seconds),
         )
 
     def _record(self, users: np.ndarray, labels: np.ndarray, scores: dict[str, np.ndarray]) -> None:
@@ -333,11 +342,11 @@ class NearlineTrainer:
         if self.probation_window is not None:
             self.probation_window.add(users, labels, {"published": safe["serving"], "parent": safe["parent"]})
 
-    def _train(self, streams: list[TokenStream], labels: np.ndarray) -> tuple[float, int]:
+    def _train(self, streams: list[TokenStream], labels: np.ndarray) -> tuple[float, int, list[float]]:
         self.learner.train()
         # The binary label is the action index, as in the history (serving.online.history_of).
         target = torch.as_tensor(labels, dtype=torch.long, device=self.device)
-        losses, skipped, start = [], 0, 0
+        losses, skipped, start, step_seconds = [], 0, 0, []
         for stream in streams:
             t_step = time.perf_counter()
             n = stream.tokens.shape[0]
@@ -369,9 +378,9 @@ class NearlineTrainer:
             self.steps += 1
             self._update_ema()
             losses.append(float(loss.detach()))
-            self.step_seconds.append(time.perf_counter() - t_step)  # drained by the service's metrics
+            step_seconds.append(time.perf_counter() - t_step)
         self.learner.eval()
-        return (float(np.mean(losses)) if losses else math.nan), skipped
+        return (float(np.mean(losses)) if losses else math.nan), skipped, step_seconds
 
     @torch.no_grad()
     def _update_ema(self) -> None:

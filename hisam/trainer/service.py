@@ -404,9 +404,8 @@ class TrainerService:
         report = t.process(examples)
         obs.TRAINER_SAMPLES_TRAINED.inc(report.trained)
         obs.TRAINER_SAMPLE_DUPLICATES.inc(report.duplicates)
-        for s in t.step_seconds:
+        for s in report.step_seconds:
             obs.TRAINER_STEP_LATENCY.observe(s)
-        t.step_seconds.clear()
         if self.score_log is not None and report.trained:
             self.score_log.append((report.users, report.labels, report.scores))
         for r in records:

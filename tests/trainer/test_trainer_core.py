@@ -45,6 +45,7 @@ def test_scores_are_computed_before_training_on_the_batch() -> None:
     np.testing.assert_allclose(report.scores["frozen"], want, atol=1e-6)  # warm start = candidate at first
     assert not same(weights(before), weights(t.candidate))  # and then it trained
     assert report.trained == 48 and len(t.window) == 48 and t.steps == 2
+    assert len(report.step_seconds) == 2 and all(s > 0 for s in report.step_seconds)  # one time per step
 
 
 def test_ema_candidate_is_the_moving_average_of_the_trained_weights() -> None:
