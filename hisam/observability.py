@@ -94,12 +94,14 @@ every ``extra={...}`` field of the call, and ``exc`` with the traceback when the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -281,6 +283,17 @@ def start_metrics_server(port: int, addr: str = "127.0.0.1") -> MetricsServer | 
     httpd, thread = start_http_server(port, addr)
     logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", addr, port)
     return MetricsServer(addr, port, httpd, thread)
+
+
+@contextlib.contextmanager
+def metrics_server(port: int, addr: str = "127.0.0.1") -> Iterator[MetricsServer | None]:
+    """``start_metrics_server`` for a ``with`` body, closed after it (None when port is 0)."""
+    server = start_metrics_server(port, addr)
+    try:
+        yield server
+    finally:
+        if server is not None:
+            server.close()
 
 
 def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:

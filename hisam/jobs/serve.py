@@ -25,7 +25,7 @@ import signal
 from pathlib import Path
 
 from hisam.jobs.stream_worker import add_store_arguments, store_config_from_args
-from hisam.observability import add_metrics_arguments, start_metrics_server
+from hisam.observability import add_metrics_arguments, metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,7 @@ def main(args: argparse.Namespace) -> int:
         publish_version(args.model_repo, args.checkpoint, instances=args.instances, threads=args.threads)
     profiles = load_profiles(args)
     with contextlib.ExitStack() as stack:
-        metrics = start_metrics_server(args.metrics_port, args.metrics_addr)
-        if metrics is not None:
-            stack.callback(metrics.close)
+        stack.enter_context(metrics_server(args.metrics_port, args.metrics_addr))
         url = args.triton_url
         if args.inference == "triton" and url is None:
             from serving.triton import supervised_triton_server

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from features.online import OnlineStoreConfig
-from hisam.observability import add_metrics_arguments, start_metrics_server
+from hisam.observability import add_metrics_arguments, metrics_server
 from stream.app import StreamSettings, run_worker
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,8 @@ def main(args: argparse.Namespace) -> int:
         instance_id=args.instance_id or None,
     )
     log.info("stream worker %s on %s, store %s", settings.app_id, settings.bootstrap, settings.store.backend)
-    metrics = start_metrics_server(args.metrics_port, args.metrics_addr)
-    try:
+    with metrics_server(args.metrics_port, args.metrics_addr):
         run_worker(settings, loglevel="debug" if getattr(args, "verbose", False) else "info")
-    finally:
-        if metrics is not None:
-            metrics.close()
     return 0
 
 

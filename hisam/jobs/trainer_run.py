@@ -142,18 +142,14 @@ def build_service(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    from hisam.observability import start_metrics_server
+    from hisam.observability import metrics_server
 
     service = build_service(args)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    metrics = start_metrics_server(args.metrics_port, args.metrics_addr)
-    try:
+    with metrics_server(args.metrics_port, args.metrics_addr):
         service.run(stop)
-    finally:
-        if metrics is not None:
-            metrics.close()
     return 0
 
 

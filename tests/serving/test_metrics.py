@@ -163,15 +163,15 @@ def test_metrics_server_serves_the_registry_and_port_zero_disables_it() -> None:
     from hisam import observability as obs
     from hisam.services import free_port
 
-    assert obs.start_metrics_server(0) is None
-    server = obs.start_metrics_server(free_port())
-    try:
+    with obs.metrics_server(0) as off:
+        assert off is None
+    with obs.metrics_server(free_port()) as server:
         obs.set_serving_model_version("hmat-test-a")
         obs.set_serving_model_version("hmat-test-b")
         with urllib.request.urlopen(server.url, timeout=10) as r:
             text = r.read().decode()
-    finally:
-        server.close()
+    with pytest.raises(OSError):  # closed with the block
+        urllib.request.urlopen(server.url, timeout=5)
     assert 'hisam_serving_model_version_info{model_version="hmat-test-b"} 1.0' in text
     assert "hmat-test-a" not in text  # the old version's series is gone, not left at 1
     assert "# HELP hisam_trainer_gate_decisions_total" in text and "# HELP hisam_stream_freshness_seconds" in text
