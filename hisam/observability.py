@@ -285,6 +285,20 @@ def start_metrics_server(port: int, addr: str = "127.0.0.1") -> MetricsServer | 
     return MetricsServer(addr, port, httpd, thread)
 
 
+MetricKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def parse_metrics(text: str) -> dict[MetricKey, float]:
+    """A Prometheus text page as {(sample name, sorted (label, value) pairs): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 @contextlib.contextmanager
 def metrics_server(port: int, addr: str = "127.0.0.1") -> Iterator[MetricsServer | None]:
     """``start_metrics_server`` for a ``with`` body, closed after it (None when port is 0)."""

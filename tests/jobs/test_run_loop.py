@@ -122,13 +122,9 @@ def test_the_whole_loop_runs_to_its_report(workspace) -> None:
 
 
 def _samples(path: Path) -> dict[tuple[str, tuple], float]:
-    from prometheus_client.parser import text_string_to_metric_families
+    from hisam.observability import parse_metrics
 
-    out = {}
-    for family in text_string_to_metric_families(path.read_text()):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
+    return parse_metrics(path.read_text())
 
 
 def test_ctrl_c_stops_everything_and_still_reports(workspace) -> None:

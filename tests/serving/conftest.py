@@ -233,15 +233,10 @@ def scrape_metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     """A /metrics page as {(sample name, sorted labels): value}."""
     import urllib.request
 
-    from prometheus_client.parser import text_string_to_metric_families
+    from hisam.observability import parse_metrics
 
     with urllib.request.urlopen(url, timeout=10) as r:
-        text = r.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
+        return parse_metrics(r.read().decode())
 
 
 @pytest.fixture(scope="session")

@@ -173,5 +173,7 @@ def test_metrics_server_serves_the_registry_and_port_zero_disables_it() -> None:
     with pytest.raises(OSError):  # closed with the block
         urllib.request.urlopen(server.url, timeout=5)
     assert 'hisam_serving_model_version_info{model_version="hmat-test-b"} 1.0' in text
+    page = obs.parse_metrics(text)
+    assert page[("hisam_serving_model_version_info", (("model_version", "hmat-test-b"),))] == 1.0
     assert "hmat-test-a" not in text  # the old version's series is gone, not left at 1
     assert "# HELP hisam_trainer_gate_decisions_total" in text and "# HELP hisam_stream_freshness_seconds" in text

@@ -13,9 +13,9 @@ import urllib.request
 import uuid
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from features.online import ItemSids, OnlineStoreConfig, open_stream_store
+from hisam.observability import parse_metrics
 from hisam.services import free_port, kafka_broker
 from stream import producer as prod
 from stream import records as rec
@@ -26,12 +26,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return parse_metrics(r.read().decode())
 
 
 def test_worker_metrics_count_exactly_what_it_did(tmp_path, redis_url) -> None:
