@@ -52,6 +52,7 @@ import time
 from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -89,8 +90,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
 
 
-def replay_examples(args: argparse.Namespace, max_items: int):
-    """(examples in time order, users the warm start saw, profiles, tokenizer version, codebook size, first row)."""
+class Replay(NamedTuple):
+    """The benchmark's replay: the events after the warm start's rows, as the stream would sample them."""
+
+    examples: list  # Examples in time order
+    known: set  # users the warm start saw
+    profiles: object
+    tokenizer_version: str
+    codebook_size: int
+    start: int  # first replayed row
+    trained_rows: int  # rows the warm start trained on (the train split for checkpoints without train_rows)
+
+
+def replay_examples(args: argparse.Namespace, max_items: int) -> Replay:
+    """The events from the checkpoint's ``train_rows`` (or ``--replay-from``) on, as Examples."""
     from hisam.data import load_dataset
     from hisam.ranker import load_inputs
     from hisam.ranker.profiles import ProfileVocab
@@ -133,7 +146,7 @@ def replay_examples(args: argparse.Namespace, max_items: int):
             )
         past.append(row)
     known = set(users[:trained_rows].tolist())
-    return examples, known, inputs.profiles, inputs.tokenizer_version, inputs.codebook_size, start
+    return Replay(examples, known, inputs.profiles, inputs.tokenizer_version, inputs.codebook_size, start, trained_rows)
 
 
 def prequential_figures(log_rows, segment_size: int, known_users: set[int]) -> dict:
@@ -226,12 +239,14 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     warm, ckpt = load_checkpoint(args.checkpoint)
-    examples, known, profiles, tok_version, k_size, start = replay_examples(args, warm.config.max_items)
+    replay = replay_examples(args, warm.config.max_items)
+    examples, known, start = replay.examples, replay.known, replay.start
+    profiles, tok_version, k_size = replay.profiles, replay.tokenizer_version, replay.codebook_size
     log.info("replaying %d events of %s from row %d", len(examples), args.dataset, start)
     results: dict = {
         "dataset": args.dataset,
         "checkpoint": str(args.checkpoint),
-        "warm_start_train_rows": int(ckpt.get("train_rows", start)),
+        "warm_start_train_rows": replay.trained_rows,
         "replay_rows": [start, start + len(examples)],
         "events": len(examples),
         "mode": "direct" if args.direct else ("kafka+triton" if args.triton else "kafka"),
