@@ -266,6 +266,14 @@ class TokenMap:
         return self.unmappable.get(old, UNKNOWN_SID)
 
 
+def _holders(items: Mapping[int, Sequence[int]]) -> dict[tuple[int, ...], list[int]]:
+    """An item table inverted: each SID -> the ids of the items that hold it, in table order."""
+    holders: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, t in items.items():
+        holders[tuple(int(x) for x in t)].append(int(i))
+    return holders
+
+
 def build_token_map(old_items: Mapping[int, Sequence[int]], new_items: Mapping[int, Sequence[int]]) -> TokenMap:
     """Invert the old item table (SIDs -> item ids) and compose with the new one.
 
@@ -273,11 +281,8 @@ def build_token_map(old_items: Mapping[int, Sequence[int]], new_items: Mapping[i
     still map when every holder re-encodes to the same new SIDs; otherwise they are
     ambiguous: nothing in the stream tells which item the event was.
     """
-    holders: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i, t in old_items.items():
-        holders[tuple(int(x) for x in t)].append(int(i))
     new_of, unmappable = {}, {}
-    for sid, items in holders.items():
+    for sid, items in _holders(old_items).items():
         targets = {tuple(int(x) for x in new_items[i]) for i in items if i in new_items}
         missing = any(i not in new_items for i in items)
         if len(targets) == 1 and not missing:
@@ -569,10 +574,7 @@ def _decode(tokens: np.ndarray, inverse: Mapping[tuple[int, ...], int]) -> list[
 
 def _unique_inverse(items: Mapping[int, Sequence[int]]) -> dict[tuple[int, ...], int]:
     """SIDs -> item id, for the SIDs exactly one item holds."""
-    holders: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i, t in items.items():
-        holders[tuple(int(x) for x in t)].append(int(i))
-    return {sid: its[0] for sid, its in holders.items() if len(its) == 1}
+    return {sid: its[0] for sid, its in _holders(items).items() if len(its) == 1}
 
 
 def verify_namespace(
