@@ -88,13 +88,27 @@ def namespaces(request, tmp_path, redis_url):
     return src, dst
 
 
-def _fill_source(cfg, tok, feats, present, n_users: int = 6, seed: int = 3):
+@pytest.fixture
+def open_store():
+    """``open_store(cfg)``: a stream store that is closed after the test, whether it passed or not."""
+    opened = []
+
+    def open_(cfg):
+        opened.append(open_stream_store(cfg))
+        return opened[-1]
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+def _fill_source(open_store, cfg, tok, feats, present, n_users: int = 6, seed: int = 3):
     """Item SIDs under A (collision-free, as a migration writes them) and streams by real appends.
 
     Returns (store, {event id: item id}); users append 3..14 actions (beyond T and W) and
     some redeliveries (duplicates, not appended).
     """
-    store = open_stream_store(cfg)
+    store = open_store(cfg)
     tokens = tok.encode_batch(feats, present, taken=[])
     store.put_item_sids([ItemSids(i, tuple(tokens[i].tolist()), tok.version, T0) for i in range(N_ITEMS)])
     rng = np.random.default_rng(seed)
@@ -132,11 +146,13 @@ def _catalogue(feats, present) -> ItemCatalogue:
     return catalogue_from_item_events(_item_event_bytes(feats, present, range(N_ITEMS)), TINY_MODALITIES)
 
 
-def test_streams_move_to_the_new_tokenizer_with_every_event_and_the_seen_window(namespaces, tokenizers, items) -> None:
+def test_streams_move_to_the_new_tokenizer_with_every_event_and_the_seen_window(
+    namespaces, tokenizers, items, open_store
+) -> None:
     src_cfg, dst_cfg = namespaces
     a, b, _ = tokenizers
     feats, present = items
-    src, item_of = _fill_source(src_cfg, a, feats, present)
+    src, item_of = _fill_source(open_store, src_cfg, a, feats, present)
     new_tokens = b.encode_batch(feats, present, taken=[])  # B's collision-free encoding, item-id order
     assert not np.array_equal(new_tokens, a.encode_batch(feats, present, taken=[]))
     users = src.entity_ids()
@@ -155,7 +171,7 @@ def test_streams_move_to_the_new_tokenizer_with_every_event_and_the_seen_window(
     assert report.old_tokenizer_versions == {a.version: N_ITEMS}
     assert _raw_snapshot(src_cfg, src) == before_raw  # the source namespace is untouched
 
-    dst = open_stream_store(dst_cfg)
+    dst = open_store(dst_cfg)
     assert np.array_equal(dst.entity_ids(), users)
     after = dst.read_user_states(users.tolist())
     for old, new in zip(before_states, after):
@@ -200,17 +216,17 @@ def test_streams_move_to_the_new_tokenizer_with_every_event_and_the_seen_window(
     np.testing.assert_array_equal(fresh.history_tokens, after[u - 1].stream.tokens)
     (s6,) = dst.read_user_states([u])
     assert s6.stream.event_ids == [*old.stream.event_ids[1:], "u6-new"] and s6.n_actions == old.n_actions + 1
-    dst.close()
-    src.close()
 
 
-def test_a_written_user_state_is_byte_for_byte_what_the_appends_wrote(namespaces, tokenizers, items) -> None:
+def test_a_written_user_state_is_byte_for_byte_what_the_appends_wrote(
+    namespaces, tokenizers, items, open_store
+) -> None:
     """write_user_states(read_user_states(...)) into another project reproduces the append's layout exactly."""
     src_cfg, dst_cfg = namespaces
     a, _, _ = tokenizers
     feats, present = items
-    src, _ = _fill_source(src_cfg, a, feats, present)
-    dst = open_stream_store(dst_cfg)
+    src, _ = _fill_source(open_store, src_cfg, a, feats, present)
+    dst = open_store(dst_cfg)
     users = src.entity_ids().tolist()
     dst.write_user_states(src.read_user_states(users))
     src_raw, dst_raw = _raw_snapshot(src_cfg, src), _raw_snapshot(dst_cfg, dst)
@@ -223,15 +239,15 @@ def test_a_written_user_state_is_byte_for_byte_what_the_appends_wrote(namespaces
         for view in (enc.USER_STREAM_FV, enc.USER_PROFILE_FV, "hisam_seen"):
             rows = src_raw[f"{src_cfg.project}_{view}"]
             assert rows and dst_raw[f"{dst_cfg.project}_{view}"] == rows
-    dst.close()
-    src.close()
 
 
-def test_unmappable_events_are_left_out_reported_and_still_remembered(namespaces, tokenizers, items) -> None:
+def test_unmappable_events_are_left_out_reported_and_still_remembered(
+    namespaces, tokenizers, items, open_store
+) -> None:
     src_cfg, dst_cfg = namespaces
     a, b, _ = tokenizers
     feats, present = items
-    src, item_of = _fill_source(src_cfg, a, feats, present, n_users=2)
+    src, item_of = _fill_source(open_store, src_cfg, a, feats, present, n_users=2)
     a_tokens = a.encode_batch(feats, present, taken=[])
     # Item 0 shares item 1's old SIDs (the live path does not resolve collisions): ambiguous.
     src.put_item_sids([ItemSids(0, tuple(a_tokens[1].tolist()), a.version, T0)])
@@ -267,7 +283,7 @@ def test_unmappable_events_are_left_out_reported_and_still_remembered(namespaces
     assert report.n_unmapped == len(seen) and report.events == report.events_mapped + len(seen)
     assert {u.reason for u in seen if u.event_id == "x-stale"} == {UNKNOWN_SID}
     assert report.unmapped_examples and report.unmapped_examples[0]["reason"] in report.unmapped
-    dst = open_stream_store(dst_cfg)
+    dst = open_store(dst_cfg)
     (s9,) = dst.read_user_states([9])
     assert s9.stream.event_ids == ["x-ok"]
     assert s9.seen_ids == ["x-ambiguous", "x-stale", "x-ok", "x-gone"] and s9.n_actions == 4
@@ -279,15 +295,15 @@ def test_unmappable_events_are_left_out_reported_and_still_remembered(namespaces
     (line,) = [x for x in table.splitlines() if x.startswith("unmapped ")]
     assert line.split()[1] == str(len(seen)) and AMBIGUOUS_SID in line
     json.loads(report.to_json())
-    dst.close()
-    src.close()
 
 
-def test_verification_fails_when_the_source_changed_and_reruns_need_overwrite(namespaces, tokenizers, items) -> None:
+def test_verification_fails_when_the_source_changed_and_reruns_need_overwrite(
+    namespaces, tokenizers, items, open_store
+) -> None:
     src_cfg, dst_cfg = namespaces
     a, b, _ = tokenizers
     feats, present = items
-    src, _ = _fill_source(src_cfg, a, feats, present, n_users=3)
+    src, _ = _fill_source(open_store, src_cfg, a, feats, present, n_users=3)
     cat = _catalogue(feats, present)
     assert migrate_namespace(src, dst_cfg, b, cat, progress=False).verified
     # A stream worker still writing to the source after the copy: the target no longer matches.
@@ -297,22 +313,20 @@ def test_verification_fails_when_the_source_changed_and_reruns_need_overwrite(na
 
     tmap = build_token_map({i: s.tokens for i, s in src.read_item_sids(range(N_ITEMS)).items()},
                            dict(enumerate(map(tuple, b.encode_batch(feats, present, taken=[]).tolist()))))  # fmt: skip
-    dst = open_stream_store(dst_cfg)
+    dst = open_store(dst_cfg)
     check = verify_namespace(src, dst, tmap, {}, src.entity_ids(), sample=0)
     assert check.users == 3 and len(check.failures) == 1 and check.failures[0].startswith("user 2:")
     with pytest.raises(MigrationError, match="already holds 3 user streams"):
         migrate_namespace(src, dst_cfg, b, cat, progress=False)
     again = migrate_namespace(src, dst_cfg, b, cat, progress=False, overwrite=True)
     assert again.verified and "late" in dst.read_streams([2])[0].event_ids
-    dst.close()
-    src.close()
 
 
-def test_dry_run_writes_nothing(namespaces, tokenizers, items) -> None:
+def test_dry_run_writes_nothing(namespaces, tokenizers, items, open_store) -> None:
     src_cfg, dst_cfg = namespaces
     a, b, _ = tokenizers
     feats, present = items
-    src, _ = _fill_source(src_cfg, a, feats, present, n_users=2)
+    src, _ = _fill_source(open_store, src_cfg, a, feats, present, n_users=2)
     report = migrate_namespace(src, dst_cfg, b, _catalogue(feats, present), progress=False, dry_run=True)
     assert report.verified is None and report.items_written == 0
     assert report.users == 2 and report.events > 0 and report.n_unmapped == 0
@@ -320,7 +334,6 @@ def test_dry_run_writes_nothing(namespaces, tokenizers, items) -> None:
         assert not dst_cfg.sqlite_db.exists()
     else:
         assert not list(src._client.scan_iter(match=b"*" + dst_cfg.project.encode()))
-    src.close()
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, tokenizers) -> None:
@@ -343,16 +356,14 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, tokenizers)
         encode_catalogue(b, text_only)
 
 
-def test_source_items_of_another_code_length_are_refused(namespaces, tokenizers, items) -> None:
+def test_source_items_of_another_code_length_are_refused(namespaces, tokenizers, items, open_store) -> None:
     src_cfg, dst_cfg = namespaces
     a, b, _ = tokenizers
     feats, present = items
-    src, _ = _fill_source(src_cfg, a, feats, present, n_users=1)
-    wrong = open_stream_store(replace(src_cfg, n_codes=4))
+    _fill_source(open_store, src_cfg, a, feats, present, n_users=1)  # the source the wrong config reads
+    wrong = open_store(replace(src_cfg, n_codes=4))
     with pytest.raises(MigrationError, match=r"items have \[6\] tokens each.*configured for 4"):
         migrate_namespace(wrong, dst_cfg, b, _catalogue(feats, present), progress=False)
-    wrong.close()
-    src.close()
 
 
 def test_catalogue_keeps_each_items_last_valid_event_and_matches_the_dataset(tokenizers, items) -> None:
@@ -410,7 +421,7 @@ def test_command_rejects_a_wrong_tokenizer_dir_and_an_in_place_target(tmp_path, 
 
 
 @pytest.mark.kafka
-def test_command_migrates_from_the_item_topic(tmp_path, kafka_bootstrap, tokenizers, items) -> None:
+def test_command_migrates_from_the_item_topic(tmp_path, kafka_bootstrap, tokenizers, items, open_store) -> None:
     """``hisam tokenizer migrate`` end to end: item modalities read back from a real topic."""
     from hisam.cli import main
     from stream import producer as prod
@@ -429,8 +440,8 @@ def test_command_migrates_from_the_item_topic(tmp_path, kafka_bootstrap, tokeniz
     finally:
         producer.close()
     src_cfg = OnlineStoreConfig(repo_dir=tmp_path / "src", project="hisam", stream_len=T, seen_window=W)
-    src, _ = _fill_source(src_cfg, a, feats, present, n_users=4)
-    src.close()
+    src, _ = _fill_source(open_store, src_cfg, a, feats, present, n_users=4)
+    src.close()  # the command opens the store itself
     report_path = tmp_path / "report.json"
     argv = [
         "tokenizer", "migrate", "--tokenizer", str(b_dir), "--bootstrap", kafka_bootstrap, "--item-topic", topic,
@@ -447,18 +458,17 @@ def test_command_migrates_from_the_item_topic(tmp_path, kafka_bootstrap, tokeniz
     dst_cfg = OnlineStoreConfig(repo_dir=tmp_path / f"src_{project}", project=project, stream_len=T, seen_window=W)
     assert report["target"] == f"sqlite:{dst_cfg.sqlite_db.resolve()}#{project}"
     assert json.loads((dst_cfg.repo_dir / "feature_store.yaml").read_text())["project"] == project
-    dst = open_stream_store(dst_cfg)
+    dst = open_store(dst_cfg)
     assert len(dst.entity_ids()) == 4
     dst.close()
     # Running it again refuses to overwrite the target that now holds streams.
     assert main(argv) == 2
 
 
-def test_an_empty_source_is_refused(namespaces, tokenizers, items) -> None:
+def test_an_empty_source_is_refused(namespaces, tokenizers, items, open_store) -> None:
     src_cfg, dst_cfg = namespaces
     _, b, _ = tokenizers
     feats, present = items
-    src = open_stream_store(src_cfg)
+    src = open_store(src_cfg)
     with pytest.raises(MigrationError, match="holds no items and no users"):
         migrate_namespace(src, dst_cfg, b, _catalogue(feats, present), progress=False)
-    src.close()
