@@ -109,11 +109,6 @@ class _SortedScores:
             return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
-def _point(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    one = np.ones((1, len(labels)))
-    return float(weighted_auc(labels, a, one)[0]), float(weighted_auc(labels, b, one)[0])
-
-
 def _undefined(method: str, unit: str, labels: np.ndarray, users: int, confidence: float) -> PairedTest:
     pos = int(labels.sum())
     nan = math.nan
@@ -140,14 +135,19 @@ def paired_bootstrap(
         raise ValueError(f"unit={unit!r} is not one of {UNITS}")
     if unit == "user" and users is None:
         raise ValueError("a user-level bootstrap needs the users of the events")
-    groups = np.unique(np.asarray(users), return_inverse=True)[1] if unit == "user" else np.arange(len(labels))
+    if unit == "user":
+        distinct, groups = np.unique(np.asarray(users), return_inverse=True)
+        n_users = len(distinct)
+    else:
+        groups = np.arange(len(labels))
+        n_users = len(np.unique(users)) if users is not None else 0
     n_groups = int(groups.max()) + 1 if len(groups) else 0
-    n_users = len(np.unique(users)) if users is not None else 0
     if labels.min(initial=1) == labels.max(initial=0) or n_groups < 2:  # no AUC, or no spread to resample
         return _undefined("bootstrap", unit, labels, n_users, confidence)
-    auc_a, auc_b = _point(labels, a, b)
+    sa, sb = _SortedScores(labels, a), _SortedScores(labels, b)  # each scorer sorted once, for all resamples
+    one = np.ones((1, len(labels)))
+    auc_a, auc_b = float(sa.auc(one)[0]), float(sb.auc(one)[0])
     rng = np.random.default_rng(seed)
-    sa, sb = _SortedScores(labels, a), _SortedScores(labels, b)
     diffs = []
     chunk = max(1, _BLOCK // max(1, len(labels)))  # resamples per vectorised block
     for start in range(0, resamples, chunk):
