@@ -276,15 +276,6 @@ class MetricsServer:
         self._thread.join(5)
 
 
-def start_metrics_server(port: int, addr: str = "127.0.0.1") -> MetricsServer | None:
-    """Serve ``/metrics`` on addr:port in a daemon thread; port 0 means disabled (returns None)."""
-    if not port:
-        return None
-    httpd, thread = start_http_server(port, addr)
-    logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", addr, port)
-    return MetricsServer(addr, port, httpd, thread)
-
-
 MetricKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
@@ -301,13 +292,20 @@ def parse_metrics(text: str) -> dict[MetricKey, float]:
 
 @contextlib.contextmanager
 def metrics_server(port: int, addr: str = "127.0.0.1") -> Iterator[MetricsServer | None]:
-    """``start_metrics_server`` for a ``with`` body, closed after it (None when port is 0)."""
-    server = start_metrics_server(port, addr)
+    """Serve ``/metrics`` on addr:port in a daemon thread for a ``with`` body, closed after it.
+
+    Port 0 means disabled: the body gets None.
+    """
+    if not port:
+        yield None
+        return
+    httpd, thread = start_http_server(port, addr)
+    logging.getLogger(__name__).info("metrics on http://%s:%d/metrics", addr, port)
+    server = MetricsServer(addr, port, httpd, thread)
     try:
         yield server
     finally:
-        if server is not None:
-            server.close()
+        server.close()
 
 
 def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:

@@ -197,6 +197,13 @@ def _log_tail(logdir: Path, tag: str, n: int = 4000) -> str:
     return f"; worker log {path} ends:\n{path.read_text(errors='replace')[-n:]}" if path.exists() else ""
 
 
+def _bench_topics(args: argparse.Namespace):
+    """The topics of a bench broker: hisam's own, training-samples kept ``--samples-retention-ms``."""
+    from stream import topics as tp
+
+    return tp.default_topics(4, args.samples_retention_ms or None)
+
+
 def _cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU seconds of a live process (Linux /proc; None where unreadable)."""
     if pid is None:
@@ -340,7 +347,7 @@ def bench_drain(cfg, bootstrap: str, args: argparse.Namespace, logdir: Path, ste
     kafka = _kafka()
     tag = f"{cfg.backend}-steady" if steady else cfg.backend
     user_base = STEADY_USER_BASE if steady else 0
-    tp.ensure_topics(bootstrap, tp.default_topics(4, args.samples_retention_ms or None))
+    tp.ensure_topics(bootstrap, _bench_topics(args))
     store = open_stream_store(cfg)
     _seed_items(store, args.items)
     if steady:
@@ -418,7 +425,7 @@ def bench_freshness(
     tag = f"{cfg.backend}-fresh"
     user_base = STEADY_USER_BASE
     bootstrap = broker.bootstrap
-    tp.ensure_topics(bootstrap, tp.default_topics(4, args.samples_retention_ms or None))
+    tp.ensure_topics(bootstrap, _bench_topics(args))
     store = open_stream_store(cfg)
     probe_producer = prod.make_producer(bootstrap, linger_ms=0)
     worker = _start_worker(bootstrap, cfg, tag, args.within_ms, logdir, args.batch_size)
