@@ -91,6 +91,16 @@ class StreamSettings:
     # stream.transport.hold_empty_fetches). Bounds the idle fetch rate; adds at most this
     # to freshness.
     idle_fetch_s: float = float(os.environ.get("HISAM_IDLE_FETCH_MS", "5")) / 1000
+    # The producer's record batch size (Kafka's batch.size, faust's producer_max_batch_size):
+    # the most sample bytes sent to one partition in one record batch. A sample carries
+    # the user's history (~3.9 KB at T=300), so the 16 KB default held 4 samples: a batch
+    # of 500 actions went out as ~125 record batches in ~30 produce requests, each encoded,
+    # sent and acknowledged in Python. One batch per partition per emit halved the worker's
+    # CPU per action in a steady-state drain (56-67 us instead of 98-132; broker 41-73
+    # instead of 55-95; 5,882-7,111 actions/s instead of 4,904-6,725, 3 interleaved pairs),
+    # and cut freshness p99 at 3,000 actions/s to 46-71 ms from 71-97 ms. Within the
+    # default message.max.bytes (1 MB) of an Apache Kafka broker and topic.
+    producer_batch_bytes: int = 512 * 1024
 
 
 class _Progress:
@@ -301,6 +311,7 @@ def create_app(settings: StreamSettings):
         broker_commit_every=settings.batch_size,
         stream_buffer_maxsize=max(4096, 4 * settings.batch_size),
         producer_acks=-1,
+        producer_max_batch_size=settings.producer_batch_bytes,
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=max(0.5, settings.session_timeout_s / 5),
         broker_rebalance_timeout=settings.session_timeout_s,

@@ -36,6 +36,9 @@ What it measures, each on a fresh broker and a private Redis started here:
 * ``redis_cpu_us_per_action`` (Redis): the Redis server's CPU time per action over the
   steady-state drain (its item reads and the append script); ``..._empty_streams`` for
   the other drain.
+* ``drain_cpu_us_per_action``: CPU time per action over the steady-state drain of the
+  worker, the broker and (Redis backend) Redis, from /proc: where the machine's cores go
+  at the rate reported.
 * ``store_appends_per_s``: the append alone (``append_batch`` of 500) in this process.
 * ``feast_baseline``: the same appends done the only way Feast offers, read-modify-write
   (``get_online_features`` then ``write_to_online_store``, batches of 500), in this
@@ -333,12 +336,16 @@ def _stop_worker(worker: subprocess.Popen) -> None:
         worker.wait()
 
 
-def bench_drain(cfg, bootstrap: str, args: argparse.Namespace, logdir: Path, steady: bool) -> dict:
+def bench_drain(
+    cfg, bootstrap: str, args: argparse.Namespace, logdir: Path, steady: bool, pids: dict[str, int | None] | None = None
+) -> dict:
     """The rate at which one worker drains a backlog, and a check that it appended it exactly once.
 
     ``steady``: the users start with full streams and seen windows (T items, W ids: the
     state every active user reaches), instead of none. The append script's work and the
     samples' size grow with the stream, so only that rate is one a worker sustains.
+    ``pids``: other processes (the broker, Redis) whose CPU per action over the drain to
+    report beside the worker's (``drain_cpu_us_per_action``).
     """
     from features.online import open_stream_store
     from stream import producer as prod
@@ -365,6 +372,7 @@ def bench_drain(cfg, bootstrap: str, args: argparse.Namespace, logdir: Path, ste
     load_before = os.getloadavg()[0]
     redis_before = _redis_cpu(store)
     worker = _start_worker(bootstrap, cfg, tag, args.within_ms, logdir, args.batch_size)
+    cpu = _CpuShares({"worker": worker.pid, **(pids or {})})
     try:
         t_first = None
         deadline = time.monotonic() + 300
@@ -373,8 +381,10 @@ def bench_drain(cfg, bootstrap: str, args: argparse.Namespace, logdir: Path, ste
             now = time.perf_counter()
             if done > 0 and t_first is None:
                 t_first, first_count = now, done
+                cpu.start()
             if done >= len(backlog):
                 t_last = now
+                cores = cpu.stop()
                 break
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker stopped or stalled at {done}/{len(backlog)}{_log_tail(logdir, tag)}")
@@ -389,7 +399,13 @@ def bench_drain(cfg, bootstrap: str, args: argparse.Namespace, logdir: Path, ste
         watcher.close()
         producer.close()
         store.close()
-    out = {"actions_per_s": rate, "loadavg_1m": [load_before, os.getloadavg()[0]]}
+    out = {
+        "actions_per_s": rate,
+        "loadavg_1m": [load_before, os.getloadavg()[0]],
+        # CPU time per action of each process over the drain (cores x time / actions): on a
+        # 2-core machine their sum bounds the rate (2 s of CPU per second in all).
+        "drain_cpu_us_per_action": {k: round(c / rate * 1e6, 1) for k, c in cores.items()},
+    }
     if redis_before is not None:
         # The Redis server's CPU per action over the drain (its item reads and the append
         # script): on this machine it shares the cores with the worker and the broker.
@@ -658,7 +674,8 @@ def main(args: argparse.Namespace) -> int:
                     row["redis_cpu_us_per_action_empty_streams"] = empty["redis_cpu_us_per_action"]
                 row["loadavg_1m_empty_streams"] = empty["loadavg_1m"]
             with kafka_broker() as broker:
-                row.update(bench_drain(cfg, broker.bootstrap, args, tmp, steady=True))
+                pids = {"broker": broker.pid, **({"redis": redis.pid} if b == "redis" else {})}
+                row.update(bench_drain(cfg, broker.bootstrap, args, tmp, steady=True, pids=pids))
             if args.probes:
                 with kafka_broker() as broker:
                     rate = args.freshness_rate or row["actions_per_s"] / 2
