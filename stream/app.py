@@ -23,9 +23,12 @@ take_events, per-record acks) 25 us and the processing thread 28 us; 9,000 actio
 With batch topics: 27 us of CPU and 25 us of GIL time per action, the event loop's share
 2 us (fetch loop, batch buffer, produce, ack), the processing thread's 20 us (decode, item
 lookup, the script's argument and reply, the samples); 18,400 actions/s. At the steady
-state (full streams: T items and W seen ids per user) the Redis server and the broker
-cost more per action than the worker (the append script's strings and the samples'
-histories grow with the stream); see ``hisam bench stream``.
+state (full streams: T items and W seen ids per user) the samples carry T-item histories
+(~3.9 KB), and faust's default record batch (16 KB) held 4 of them: the produce path
+(aiokafka's request encoding, per request) then cost the worker as much as everything
+else (``StreamSettings.producer_batch_bytes``). With one record batch per partition per
+emit the Redis server costs more per action than the worker (its Lua hashes every byte
+of the stream fields the append script reads and writes); see ``hisam bench stream``.
 
 Batches form while the agent is busy; an idle agent takes a partial batch once its oldest
 record has waited ``batch_within_s`` (so a record waits at most that, plus the batch in
