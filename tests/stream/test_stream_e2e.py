@@ -187,17 +187,32 @@ def test_a_worker_joining_and_leaving_the_group_neither_loses_nor_doubles_nor_re
     # An empty instance id: a dynamic member, which leaves the group when stopped (a static
     # member keeps its partitions until it comes back).
     second = WorkerProcess(env["worker_args"](""), env["repo"] / "worker2.log")
-    sender = threading.Thread(target=prod.produce_actions, args=(env["producer"], evs, 400.0))
+    # The stream is sent in three parts: before the second worker joins, while both work,
+    # and after it left, so that each rebalance happens mid-stream however long a join takes.
+    thirds = [evs[: len(evs) // 3], evs[len(evs) // 3 : 2 * len(evs) // 3], evs[2 * len(evs) // 3 :]]
+    joined, left = threading.Event(), threading.Event()
+
+    def send() -> None:
+        prod.produce_actions(env["producer"], thirds[0], 400.0)
+        joined.wait(90)
+        prod.produce_actions(env["producer"], thirds[1], 400.0)
+        left.wait(90)
+        prod.produce_actions(env["producer"], thirds[2], 400.0)
+
+    sender = threading.Thread(target=send)
     joins_before = env["worker"].log_tail(10**7).count("Joined group")
     second.start()
     sender.start()
     try:
         wait_until(lambda: "Joined group" in second.log_tail(10**6), 60, 0.05, "the second worker in the group")
+        joined.set()
         time.sleep(1.5)  # both work on the stream
         done_while_two = sum(n or 0 for n in _n_actions(env["fs"], users))
         second.stop()  # leaves: another rebalance gives its partitions back
         assert done_while_two < len(evs), "the stream ended before the second worker left"
     finally:
+        joined.set()
+        left.set()
         second.stop()
         sender.join()
     wait_until(lambda: sum(n or 0 for n in _n_actions(env["fs"], users)) >= len(evs), 90, 0.3, "all appends")
