@@ -242,11 +242,13 @@ FINISH_ON_STOP_S = 5.0
 class RecordSender:
     """Sends keyed records as one record batch per partition; ``send`` returns the delivery futures.
 
-    ``producer`` is faust's aiokafka Producer: the record batches are aiokafka's own
-    (``create_batch`` / ``send_batch``), partitioned by faust's ``key_partition`` (the
-    default murmur2 partitioner), so each key lands where a keyed send would put it.
-    aiokafka's murmur2 is pure Python (~2 us a key, the largest per-record cost of a send):
-    a key's partition is remembered, per topic and partition count.
+    ``producer`` returns the started aiokafka producer (for the worker, faust's
+    ``Producer._ensure_producer``: faust starts it after the app is built). The record
+    batches are aiokafka's own (``create_batch`` / ``send_batch``, up to the producer's
+    ``max_batch_size`` each), partitioned as aiokafka partitions a keyed send (the default
+    murmur2 partitioner, the Java client's), so each key lands where a keyed send would put
+    it. aiokafka's murmur2 is pure Python (~2 us a key, the largest per-record cost of a
+    send): a key's partition is remembered, per topic and partition count.
     """
 
     def __init__(self, producer, max_keys: int = 1 << 16):
@@ -257,8 +259,7 @@ class RecordSender:
     async def send(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> list[asyncio.Future]:
         if not records:
             return []
-        producer = self.producer
-        aio = producer._ensure_producer()  # the aiokafka producer faust started
+        aio = self.producer()
         n_partitions = len(aio._metadata.partitions_for_topic(topic) or ())
         cache = self._partition_of.setdefault((topic, n_partitions), {})
         if len(cache) >= self.max_keys:
@@ -267,7 +268,7 @@ class RecordSender:
         for key, value in records:
             partition = cache.get(key)
             if partition is None:
-                partition = cache[key] = producer.key_partition(topic, key).partition
+                partition = cache[key] = aio._partition(topic, None, None, None, key, None)
             group = batches.get(partition)
             if group is None:
                 group = batches[partition] = [aio.create_batch()]
@@ -332,7 +333,7 @@ def create_app(settings: StreamSettings):
     action_proc = ActionProcessor(store)
     action_pool = ThreadPoolExecutor(1, thread_name_prefix="hisam-actions")
 
-    sender = RecordSender(app.producer)
+    sender = RecordSender(app.producer._ensure_producer)
 
     async def emit(out: BatchOutput, n: int) -> None:
         # Record batches straight to the producer (not Topic.send, not one send per record):
@@ -372,19 +373,36 @@ def create_app(settings: StreamSettings):
                     max(0, end - offsets[-1] - 1)
                 )
 
+    def finisher(agent: str, progress: _Progress, pending_limit, count):
+        """An agent's ``finish`` for ``_pipeline``: produce the batch's outputs, await their
+        acknowledgements, ack the batch (committing once more than ``pending_limit()`` acks
+        are pending; None: faust's commit_every), then its progress log and metrics."""
+
+        async def finish(batch, out: BatchOutput, t0: float, t1: float) -> None:
+            t2 = time.perf_counter()
+            await emit(out, len(batch))
+            await batch.ack(pending_limit())
+            progress.add(len(batch), out, t1 - t0, time.perf_counter() - t2)
+            count(len(batch), out)
+            observe(agent, batch, out, t0)
+
+        return finish
+
     in_process = _InProcess()
 
-    async def finish_actions(batch, out: BatchOutput, t0: float, t1: float) -> None:
-        t2 = time.perf_counter()
-        await emit(out, len(batch))
-        # Commit unless what a crash may then redeliver stays within the seen window: the
-        # acks pending, the batch in process (a full one if none is yet) and the next one.
-        await batch.ack(settings.store.seen_window - (in_process.size or settings.batch_size) - settings.batch_size)
-        stats.add(len(batch), out, t1 - t0, time.perf_counter() - t2)
-        obs.STREAM_ACTIONS_CONSUMED.inc(len(batch))
+    def count_actions(n: int, out: BatchOutput) -> None:
+        obs.STREAM_ACTIONS_CONSUMED.inc(n)
         obs.STREAM_ACTIONS_APPENDED.inc(out.appended)
         obs.STREAM_ACTION_DUPLICATES.inc(out.duplicates)
-        observe("actions", batch, out, t0)
+
+    # Commit unless what a crash may then redeliver stays within the seen window: the acks
+    # pending, the batch in process (a full one if none is yet) and the next one.
+    finish_actions = finisher(
+        "actions",
+        stats,
+        lambda: settings.store.seen_window - (in_process.size or settings.batch_size) - settings.batch_size,
+        count_actions,
+    )
 
     def after_actions(out: BatchOutput) -> None:
         nonlocal appended
@@ -409,16 +427,12 @@ def create_app(settings: StreamSettings):
         item_pool = ThreadPoolExecutor(1, thread_name_prefix="hisam-items")
         log.info("item ingestion on, tokenizer %s", item_proc.tokenizer.version)
         items_topic = batch_topic(app, tp.ITEM_EVENTS, settings.batch_size, settings.batch_within_s)
-        item_stats = _Progress("items")
 
-        async def finish_items(batch, out: BatchOutput, t0: float, t1: float) -> None:
-            t2 = time.perf_counter()
-            await emit(out, len(batch))
-            await batch.ack()
-            item_stats.add(len(batch), out, t1 - t0, time.perf_counter() - t2)
-            obs.STREAM_ITEMS_CONSUMED.inc(len(batch))
+        def count_items(n: int, out: BatchOutput) -> None:
+            obs.STREAM_ITEMS_CONSUMED.inc(n)
             obs.STREAM_ITEMS_WRITTEN.inc(out.items_written)
-            observe("items", batch, out, t0)
+
+        finish_items = finisher("items", _Progress("items"), lambda: None, count_items)
 
         @app.agent(items_topic, name="hisam-items")
         async def ingest_items(batches) -> None:

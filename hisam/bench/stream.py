@@ -528,9 +528,10 @@ def _produce_load(
 ) -> None:  # pragma: no cover - runs in a child process
     """The freshness benchmark's background load: random users' actions at ``rate``/s until ``stop``.
 
-    aiokafka record batches, one per partition every ~5 ms (partitioned by murmur2 of the
-    user key, as a keyed send would be): a few us of Python per action where a keyed send
-    is ~16, CPU that the machine's two cores would otherwise take from the system measured.
+    Sent as the worker sends its samples (``stream.app.RecordSender``): aiokafka record
+    batches, one per partition every ~5 ms, each key on the partition a keyed send would
+    pick: a few us of Python per action where a keyed send is ~16, CPU that the machine's
+    two cores would otherwise take from the system measured.
     The first ``LOAD_PREBUILT_S`` seconds of events are serialised before ``started`` is
     set (building an event costs about as much again as sending it); later ones as they go.
     """
@@ -539,10 +540,10 @@ def _produce_load(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from aiokafka import AIOKafkaProducer
-        from aiokafka.partitioner import DefaultPartitioner
 
     from stream import records as rec
     from stream import topics as tp
+    from stream.app import RecordSender
 
     logging.disable(logging.INFO)
 
@@ -550,9 +551,9 @@ def _produce_load(
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
         await producer.start()
         try:
-            parts = sorted(await producer.partitions_for(tp.USER_ACTIONS))
+            await producer.partitions_for(tp.USER_ACTIONS)  # the topic's metadata, before the first send
+            sender = RecordSender(lambda: producer)
             keys = [rec.user_key(user_base + u) for u in range(users)]
-            part_of = [DefaultPartitioner()(k, parts, parts) for k in keys]
             rng = np.random.default_rng(1)
 
             def event(k: int, u: int, i: int) -> bytes:
@@ -572,23 +573,16 @@ def _produce_load(
                     await asyncio.sleep(0.002)
                     continue
                 due = min(due, 2000)
-                groups: dict[int, list] = {}
+                records = []
                 for _ in range(due):
                     if k < n_pre:
                         u, value = pre_u[k], prebuilt[k]
                     else:
                         u, i = int(rng.integers(users)), int(rng.integers(items))
                         value = event(k, u, i)
-                    group = groups.get(part_of[u])
-                    if group is None:
-                        group = groups[part_of[u]] = [producer.create_batch()]
-                    if group[-1].append(key=keys[u], value=value, timestamp=None) is None:  # full
-                        group.append(producer.create_batch())
-                        group[-1].append(key=keys[u], value=value, timestamp=None)
+                    records.append((keys[u], value))
                     k += 1
-                for p, group in groups.items():
-                    for b in group:
-                        pending.append(await producer.send_batch(b, tp.USER_ACTIONS, partition=p))
+                pending += await sender.send(tp.USER_ACTIONS, records)
                 if len(pending) > 1000:
                     await asyncio.gather(*pending)
                     pending.clear()

@@ -56,7 +56,7 @@ def test_a_batch_of_samples_goes_as_few_record_batches_each_on_its_keys_partitio
         assert app.conf.producer_max_batch_size == batch_bytes
         await app.producer.start()
         try:
-            futs = await RecordSender(app.producer).send(topic, records)
+            futs = await RecordSender(app.producer._ensure_producer).send(topic, records)
             await asyncio.gather(*futs)
             want = {key: app.producer.key_partition(topic, key).partition for key, _ in records}
         finally:
