@@ -33,12 +33,11 @@ What it measures, each on a fresh broker and a private Redis started here:
 * ``loadavg_1m``: the machine's 1-minute load average before the drain and after the
   freshness probes (other jobs on the machine take CPU from the worker: compare runs only
   at similar load).
-* ``redis_cpu_us_per_action`` (Redis): the Redis server's CPU time per action over the
-  steady-state drain (its item reads and the append script); ``..._empty_streams`` for
-  the other drain.
 * ``drain_cpu_us_per_action``: CPU time per action over the steady-state drain of the
   worker, the broker and (Redis backend) Redis, from /proc: where the machine's cores go
   at the rate reported.
+* ``redis_cpu_us_per_action`` (Redis): the Redis server's share of that (its item reads
+  and the append script); ``..._empty_streams`` for the other drain.
 * ``store_appends_per_s``: the append alone (``append_batch`` of 500) in this process.
 * ``feast_baseline``: the same appends done the only way Feast offers, read-modify-write
   (``get_online_features`` then ``write_to_online_store``, batches of 500), in this
@@ -337,15 +336,15 @@ def _stop_worker(worker: subprocess.Popen) -> None:
 
 
 def bench_drain(
-    cfg, bootstrap: str, args: argparse.Namespace, logdir: Path, steady: bool, pids: dict[str, int | None] | None = None
+    cfg, bootstrap: str, args: argparse.Namespace, logdir: Path, steady: bool, pids: dict[str, int | None]
 ) -> dict:
     """The rate at which one worker drains a backlog, and a check that it appended it exactly once.
 
     ``steady``: the users start with full streams and seen windows (T items, W ids: the
     state every active user reaches), instead of none. The append script's work and the
     samples' size grow with the stream, so only that rate is one a worker sustains.
-    ``pids``: other processes (the broker, Redis) whose CPU per action over the drain to
-    report beside the worker's (``drain_cpu_us_per_action``).
+    ``pids``: the processes beside the worker (``_service_pids``) whose CPU per action over
+    the drain is reported with the worker's (``drain_cpu_us_per_action``).
     """
     from features.online import open_stream_store
     from stream import producer as prod
@@ -370,9 +369,8 @@ def bench_drain(
         kafka.TopicPartition(tp.TRAINING_SAMPLES, p) for p in watcher.partitions_for_topic(tp.TRAINING_SAMPLES)
     ]
     load_before = os.getloadavg()[0]
-    redis_before = _redis_cpu(store)
     worker = _start_worker(bootstrap, cfg, tag, args.within_ms, logdir, args.batch_size)
-    cpu = _CpuShares({"worker": worker.pid, **(pids or {})})
+    cpu = _CpuShares({"worker": worker.pid, **pids})
     try:
         t_first = None
         deadline = time.monotonic() + 300
@@ -391,7 +389,6 @@ def bench_drain(
             time.sleep(0.01)
         rate = (len(backlog) - first_count) / max(t_last - t_first, 1e-9)
         log.info("%s: drained %d actions at %.0f/s", tag, len(backlog), rate)
-        redis_after = _redis_cpu(store)
         # Exactly-once check on the drained backlog (a benchmark that lost data would lie).
         _check_tails(store, backlog, cfg.stream_len)
     finally:
@@ -399,31 +396,27 @@ def bench_drain(
         watcher.close()
         producer.close()
         store.close()
+    # CPU time per action of each process over the drain (cores x time / actions): on a
+    # 2-core machine their sum bounds the rate (2 s of CPU per second in all).
+    per_action = {k: round(c / rate * 1e6, 1) for k, c in cores.items()}
     out = {
         "actions_per_s": rate,
         "loadavg_1m": [load_before, os.getloadavg()[0]],
-        # CPU time per action of each process over the drain (cores x time / actions): on a
-        # 2-core machine their sum bounds the rate (2 s of CPU per second in all).
-        "drain_cpu_us_per_action": {k: round(c / rate * 1e6, 1) for k, c in cores.items()},
+        "drain_cpu_us_per_action": per_action,
     }
-    if redis_before is not None:
-        # The Redis server's CPU per action over the drain (its item reads and the append
-        # script): on this machine it shares the cores with the worker and the broker.
-        out["redis_cpu_us_per_action"] = (redis_after - redis_before) / len(backlog) * 1e6
+    if "redis" in per_action:
+        out["redis_cpu_us_per_action"] = per_action["redis"]
     return out
 
 
-def _redis_cpu(store) -> float | None:
-    """CPU seconds the Redis server has used (None for another store)."""
-    client = getattr(store, "_client", None)
-    if client is None:
-        return None
-    info = client.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+def _service_pids(broker, redis, backend: str) -> dict[str, int | None]:
+    """The processes beside the worker whose CPU the bench reports: the broker, and Redis
+    when it is the worker's store."""
+    return {"broker": broker.pid, **({"redis": redis.pid} if backend == "redis" else {})}
 
 
 def bench_freshness(
-    cfg, fs, broker, args: argparse.Namespace, logdir: Path, rate: float, redis_pid: int | None = None
+    cfg, fs, bootstrap: str, args: argparse.Namespace, logdir: Path, rate: float, pids: dict[str, int | None]
 ) -> dict:
     """Produce -> visible through Feast, for probes sent while a worker is loaded at ``rate``.
 
@@ -431,7 +424,8 @@ def bench_freshness(
     from another process. On a broker of its own: the embedded broker rewrites all it holds
     about once a second, at a CPU cost that grows with it (0.2 core with 80 MB, 0.7 with 160
     MB), and the drain left ~80 MB of samples in the drain's broker. ``freshness_cpu_cores``:
-    what each process (worker, Redis, broker, load producer, this one's probes) used meanwhile.
+    what each process (worker, ``pids``: the broker and Redis, load producer, this one's
+    probes) used meanwhile.
     """
     from features.online import feast_read_streams, open_stream_store
     from stream import producer as prod
@@ -440,7 +434,6 @@ def bench_freshness(
 
     tag = f"{cfg.backend}-fresh"
     user_base = STEADY_USER_BASE
-    bootstrap = broker.bootstrap
     tp.ensure_topics(bootstrap, _bench_topics(args))
     store = open_stream_store(cfg)
     probe_producer = prod.make_producer(bootstrap, linger_ms=0)
@@ -482,10 +475,7 @@ def bench_freshness(
             raise RuntimeError("the load producer did not start")
         load_before = os.getloadavg()[0]
         time.sleep(1.0)  # reach steady state
-        pids = {"worker": worker.pid, "broker": broker.pid, "load_producer": loader.pid, "probes": os.getpid()}
-        if cfg.backend == "redis":
-            pids["redis"] = redis_pid
-        cpu = _CpuShares(pids)
+        cpu = _CpuShares({"worker": worker.pid, **pids, "load_producer": loader.pid, "probes": os.getpid()})
         cpu.start()
         lat = []
         for i in range(args.probes):
@@ -662,18 +652,18 @@ def main(args: argparse.Namespace) -> int:
             # A fresh broker per run: its worker drains only its own backlog.
             if args.actions:
                 with kafka_broker() as broker:
-                    empty = bench_drain(cfg, broker.bootstrap, args, tmp, steady=False)
+                    empty = bench_drain(cfg, broker.bootstrap, args, tmp, False, _service_pids(broker, redis, b))
                 row["actions_per_s_empty_streams"] = empty["actions_per_s"]
                 if "redis_cpu_us_per_action" in empty:
                     row["redis_cpu_us_per_action_empty_streams"] = empty["redis_cpu_us_per_action"]
                 row["loadavg_1m_empty_streams"] = empty["loadavg_1m"]
             with kafka_broker() as broker:
-                pids = {"broker": broker.pid, **({"redis": redis.pid} if b == "redis" else {})}
-                row.update(bench_drain(cfg, broker.bootstrap, args, tmp, steady=True, pids=pids))
+                row.update(bench_drain(cfg, broker.bootstrap, args, tmp, True, _service_pids(broker, redis, b)))
             if args.probes:
                 with kafka_broker() as broker:
                     rate = args.freshness_rate or row["actions_per_s"] / 2
-                    row.update(bench_freshness(cfg, stores[b], broker, args, tmp, rate, redis.pid))
+                    pids = _service_pids(broker, redis, b)
+                    row.update(bench_freshness(cfg, stores[b], broker.bootstrap, args, tmp, rate, pids))
             results[b] = row
         feast_fs = stores.get("redis") or open_feature_store(cfgs["redis"])
         n_feast = min(args.actions or args.steady_actions, 5_000)
