@@ -14,4 +14,4 @@ test: setup
 	bash scripts/test.sh
 
 clean:
-	rm -rf $(VENV) data artifacts reports runs
+	rm -rf $(VENV) datasets artifacts reports runs hisam_pb

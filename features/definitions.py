@@ -10,7 +10,7 @@ the project, the feature-view names and the feature names (see ``features.encodi
 renaming a feature view orphans its stored data.
 
 Lists are stored as epoch-int ``Array(Int64)`` rather than ``Array(UnixTimestamp)``
-(ENVIRONMENT.md: the latter is slow to convert). TTL is zero (never expire): replayed
+(docs/operations.md: the latter is slow to convert). TTL is zero (never expire): replayed
 datasets carry old event times, and a user's stream is bounded by length, not by age.
 """
 
@@ -41,24 +41,24 @@ user_entity = Entity(name="user", join_keys=[USER_ID_KEY], value_type=ValueType.
 item_entity = Entity(name="item", join_keys=[ITEM_ID_KEY], value_type=ValueType.INT64, description="a catalogue item")
 
 # A push-only view still needs a batch source; the file is never read (rows arrive by
-# push or by the direct appends in features.online), so it need not exist.
+# push or by the direct appends in features.store), so it need not exist.
 user_stream_batch_source = FileSource(
     name="user_stream_batch_source",
-    path="data/feast/user_stream.parquet",
+    path="datasets/feast/user_stream.parquet",
     timestamp_field="event_timestamp",
 )
 user_stream_push_source = PushSource(name="user_stream_push_source", batch_source=user_stream_batch_source)
 
 user_profile_batch_source = FileSource(
     name="user_profile_batch_source",
-    path="data/feast/user_profile.parquet",
+    path="datasets/feast/user_profile.parquet",
     timestamp_field="event_timestamp",
 )
 user_profile_push_source = PushSource(name="user_profile_push_source", batch_source=user_profile_batch_source)
 
 item_sid_batch_source = FileSource(
     name="item_sid_batch_source",
-    path="data/feast/item_sid.parquet",
+    path="datasets/feast/item_sid.parquet",
     timestamp_field="event_timestamp",
 )
 item_sid_push_source = PushSource(name="item_sid_push_source", batch_source=item_sid_batch_source)

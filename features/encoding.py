@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 import mmh3
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from hisam.pb.v1.online_value_pb2 import OnlineInt64List, OnlineStringList, OnlineValue
+from hisam_pb.v1.online_value_pb2 import OnlineInt64List, OnlineStringList, OnlineValue
 
 DEFAULT_PROJECT = "hisam"
 USER_ID_KEY = "user_id"
@@ -143,7 +143,7 @@ def sqlite_timestamp(event_time_ms: int) -> int:
 def varint(n: int) -> bytes:
     """One protobuf varint (``varints`` of one value, faster); a negative int64 is written as
     its 64-bit two's complement, as protobuf writes it. Shared by the hot paths that build
-    protobuf bytes by hand (features/online.py, stream/records.py)."""
+    protobuf bytes by hand (features/store/, stream/records.py)."""
     if n < 0:
         n += 1 << 64
     if n < 0x80:

@@ -1,7 +1,7 @@
 """``hisam``: one entry point for every job.
 
 Each command lives in its own module and is imported only when it runs, so that light
-commands stay light (``import feast`` alone costs seconds; see ../shared/ENVIRONMENT.md).
+commands stay light (``import feast`` alone costs seconds; see docs/operations.md).
 A command module exposes ``add_arguments(parser)`` and ``main(args) -> int``.
 """
 
@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import NoReturn
 
-from hisam.observability import add_logging_arguments, configure_logging
+from infra.observability import add_logging_arguments, configure_logging
 
 # (command path, module, help). Nested commands are written "group sub".
 COMMANDS: list[tuple[str, str, str]] = [
@@ -87,7 +87,7 @@ def run_standalone(prog: str, doc: str | None, add_arguments, main) -> NoReturn:
     add_arguments(parser)
     args = parser.parse_args()
     configure_logging(args.verbose, args.log_format)
-    from hisam.supervisor import die_with_parent
+    from infra.supervisor import die_with_parent
 
     die_with_parent()
     sys.exit(int(main(args) or 0))

@@ -1,7 +1,11 @@
 """Generate Python code from the .proto files under proto/ (never hand-edited, never committed).
 
-The files live at proto/hisam/pb/v1/*.proto with proto package ``hisam.pb.v1``, so the
-generated modules land in ``hisam/pb/v1/`` and import each other as ``hisam.pb.v1.*``.
+The files live at proto/hisam_pb/v1/*.proto, so the generated modules land in the top-level
+package ``hisam_pb/v1/`` and import each other as ``hisam_pb.v1.*``. The proto package (the
+wire names, e.g. ``hisam.pb.v1.RankingService``) stays ``hisam.pb.v1``; the Python package is
+named apart from the application package ``hisam`` so that the layers below it (features,
+stream, serving) can import the messages without importing the application
+(docs/design.md, "Layout").
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ def generate(out_root: Path = REPO_ROOT) -> list[Path]:
     if rc != 0:
         raise RuntimeError(f"protoc failed with exit code {rc} on {len(protos)} files")
     for p in protos:
-        pkg_dir = out_root / p.parent.relative_to(PROTO_ROOT)
-        (pkg_dir / "__init__.py").touch()
+        rel = p.parent.relative_to(PROTO_ROOT)
+        for depth in range(1, len(rel.parts) + 1):  # hisam_pb/ and hisam_pb/v1/ are packages
+            (out_root.joinpath(*rel.parts[:depth]) / "__init__.py").touch()
     log.info("generated code for %d proto files", len(protos))
     return protos

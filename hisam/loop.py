@@ -8,7 +8,7 @@ Stages, each reused when its output is already there and still valid:
    preset, short history (``--max-items``), so it takes minutes on a laptop;
 4. services: the Kafka-compatible broker, Redis when ``--backend redis``, Triton on a fresh
    model repository holding the initial ranker as version 1, then the stream worker, the
-   Rank server and the near-line trainer as supervised processes (hisam/supervisor.py);
+   Rank server and the near-line trainer as supervised processes (infra/supervisor.py);
 5. backfill: every item and the training period's actions go through the stream, so every
    user has a history in the online store; the trainer's consumer group is then placed at
    the end of training-samples (those samples trained the initial ranker already);
@@ -35,13 +35,15 @@ import math
 import random
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from data import default_data_dir
+from infra.kafka import Offsets, commit_at_end
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class LoopOptions:
     """What ``hisam run`` takes (hisam/jobs/run_all.py maps the command line onto it)."""
 
     dataset: str = "ml-100k"
-    data_dir: Path = Path("data")
+    data_dir: Path = field(default_factory=default_data_dir)
     artifacts: Path = Path("artifacts")
     reports: Path = Path("reports")
     work_dir: Path | None = None  # default: runs/loop/<time>
@@ -77,64 +79,6 @@ class LoopOptions:
 
 
 # --- Kafka helpers (kafka-python) --------------------------------------------------------------
-
-
-def _kafka():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import kafka
-
-    return kafka
-
-
-class Offsets:
-    """End offsets of topics and committed offsets of groups, over one admin client and one consumer."""
-
-    def __init__(self, bootstrap: str) -> None:
-        kafka = _kafka()
-        from kafka.admin import KafkaAdminClient
-
-        self._tp = kafka.TopicPartition
-        self.admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="hisam-loop-admin")
-        self.consumer = kafka.KafkaConsumer(
-            bootstrap_servers=bootstrap, client_id="hisam-loop", enable_auto_commit=False
-        )
-
-    def end(self, topic: str) -> dict[int, int]:
-        parts = sorted(self.consumer.partitions_for_topic(topic) or ())
-        got = self.consumer.end_offsets([self._tp(topic, p) for p in parts])
-        return {tp.partition: off for tp, off in got.items()}
-
-    def committed(self, group: str, topic: str) -> dict[int, int]:
-        got = self.admin.list_group_offsets({group: None}).get(group, {})
-        return {tp.partition: om.offset for tp, om in got.items() if tp.topic == topic and om.offset >= 0}
-
-    def position(self, group: str, topic: str) -> tuple[int, int]:
-        """(records committed, lag) of a consumer group on a topic, summed over partitions."""
-        ends = self.end(topic)
-        done = self.committed(group, topic)
-        consumed = sum(done.get(p, 0) for p in ends)
-        return consumed, sum(ends.values()) - consumed
-
-    def close(self) -> None:
-        self.consumer.close()
-        self.admin.close()
-
-
-def commit_at_end(offsets: Offsets, bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    """Commit ``group``'s offsets at the topic's current end: it starts with what comes next."""
-    kafka = _kafka()
-    from kafka.structs import OffsetAndMetadata
-
-    ends = offsets.end(topic)
-    c = kafka.KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        tps = {kafka.TopicPartition(topic, p): off for p, off in ends.items()}
-        c.assign(list(tps))
-        c.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in tps.items()})
-    finally:
-        c.close()
-    return ends
 
 
 # --- measurements during the replay -----------------------------------------------------------
@@ -206,7 +150,7 @@ class RankSampler:
     def call(self, stub, user: int, items: list[int], timeout_s: float = 10.0) -> dict:
         import grpc
 
-        from hisam.pb.v1 import rank_pb2
+        from hisam_pb.v1 import rank_pb2
 
         t0 = time.perf_counter()
         row: dict = {"t": time.time(), "user": user}
@@ -228,7 +172,7 @@ class RankSampler:
     def _run(self) -> None:
         import grpc
 
-        from hisam.pb.v1 import rank_pb2_grpc
+        from hisam_pb.v1 import rank_pb2_grpc
 
         with grpc.insecure_channel(self.address) as channel:
             stub = rank_pb2_grpc.RankingServiceStub(channel)
@@ -249,7 +193,8 @@ class RankSampler:
 
 def ensure_tokenizer(opts: LoopOptions, ds) -> Path:
     """The frozen DST tokenizer: reused when its artifact loads, trained otherwise (~1-5 min)."""
-    from models.tokenizer import FrozenTokenizer, TrainConfig
+    from models.tokenizer import FrozenTokenizer
+    from recipes.tokenizer.train import TrainConfig
 
     path = opts.artifacts / "tokenizers" / "dst"
     with contextlib.suppress(FileNotFoundError, ValueError, OSError, KeyError):
@@ -258,7 +203,7 @@ def ensure_tokenizer(opts: LoopOptions, ds) -> Path:
         return path
     import torch
 
-    from hisam.tokenizers import DEFAULT_LR, VARIANTS, train_variant
+    from recipes.tokenizer.variants import DEFAULT_LR, VARIANTS, train_variant
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = TrainConfig(lr=DEFAULT_LR[VARIANTS["dst"][0]], seed=opts.seed, device=device, progress=opts.progress)
@@ -270,7 +215,7 @@ def ensure_tokenizer(opts: LoopOptions, ds) -> Path:
 def ensure_ranker(opts: LoopOptions, tokenizer: Path) -> Path:
     """The initial ranker (PT -> SFT on the training period); reused when it matches the tokenizer."""
     from hisam.cli import main as cli
-    from models.hmat.train import read_checkpoint_config
+    from models.hmat.checkpoint import read_checkpoint_config
     from models.tokenizer import FrozenTokenizer
 
     out = opts.artifacts / "ranker"
@@ -423,12 +368,13 @@ def run_loop(opts: LoopOptions) -> Run:
 def _run_stages(run: Run) -> None:
     import torch
 
-    from features.online import OnlineStoreConfig, open_stream_store
-    from hisam.data import load_dataset
-    from hisam.services import free_port, kafka_broker, redis_server
-    from hisam.supervisor import Supervisor
+    from data import load_dataset
+    from features.store import OnlineStoreConfig, open_stream_store
+    from infra.ports import free_port
+    from infra.services import kafka_broker, redis_server
+    from infra.supervisor import Supervisor
+    from infra.triton import triton_server
     from serving.repository import publish_version
-    from serving.triton import triton_server
     from stream import producer as prod
     from stream import topics as tp
 
@@ -456,7 +402,7 @@ def _run_stages(run: Run) -> None:
             publish_version(repo, checkpoint)
             triton = stack.enter_context(triton_server(repo, poll_s=1.0, log_dir=work / "logs"))
             sup = stack.enter_context(Supervisor(work / "logs", env={"PYTHONUNBUFFERED": "1"}))
-            # Each process serves Prometheus /metrics (hisam/observability.py) while the loop runs.
+            # Each process serves Prometheus /metrics (infra/observability.py) while the loop runs.
             metrics_ports = {name: free_port() for name in ("stream-worker", "rank-server", "trainer")}
             run.facts["metrics"] = {n: f"http://127.0.0.1:{p}/metrics" for n, p in metrics_ports.items()}
             store_args = ["--backend", opts.backend, "--repo-dir", feature_repo]
@@ -481,7 +427,7 @@ def _run_stages(run: Run) -> None:
 
         producer = prod.make_producer(broker.bootstrap)
         stack.callback(producer.close)
-        offsets = Offsets(broker.bootstrap)
+        offsets = Offsets(broker.bootstrap, client_id="hisam-loop")
         stack.callback(offsets.close)
         with run.stage("backfill", 5):
             st = prod.produce_items(producer, prod.item_events(ds.items, int(time.time() * 1000)))
@@ -601,7 +547,7 @@ def _sample_calls(sampler: RankSampler, test, items: np.ndarray, k: int) -> list
     """Three Rank calls for users of the replay: what a new user sees the system answer."""
     import grpc
 
-    from hisam.pb.v1 import rank_pb2_grpc
+    from hisam_pb.v1 import rank_pb2_grpc
 
     users = list(dict.fromkeys(int(u) for u in test["user_idx"].to_numpy()[::-1]))[:3]
     out = []

@@ -8,12 +8,12 @@
 # numpy 2. So:
 #   .triton/pytriton-VERSION/   nvidia-pytriton unpacked with --no-deps (only its binaries are used)
 #   .triton/stub-site/          what the stub imports: numpy<2 and the venv's onnxruntime, --no-deps
-# serving/triton.py starts the server with the stub pointed at stub-site
+# infra/triton.py starts the server with the stub pointed at stub-site
 # (HISAM_TRITON_PYTHONPATH) and this interpreter's libpython first on LD_LIBRARY_PATH.
 # Idempotent: a second run only checks.
 #
 #   scripts/install_triton.sh             # install if missing
-#   HISAM_TRITON_HOME=DIR scripts/...     # elsewhere (serving/triton.py reads the same variable)
+#   HISAM_TRITON_HOME=DIR scripts/...     # elsewhere (infra/triton.py reads the same variable)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${HISAM_VENV:-.venv}

@@ -15,11 +15,11 @@ CMD=${1:-}
 DIR=${2:-${HISAM_SERVICES_DIR:-${TMPDIR:-/tmp}/hisam-services}}
 
 free_port() {
-  "$VENV/bin/python" -c 'from hisam.services import free_port; print(free_port())'
+  "$VENV/bin/python" -c 'from infra.services import free_port; print(free_port())'
 }
 
 wait_port() {  # host port seconds
-  "$VENV/bin/python" -c "import sys; from hisam.services import wait_for_port; wait_for_port('$1', $2, $3)"
+  "$VENV/bin/python" -c "import sys; from infra.services import wait_for_port; wait_for_port('$1', $2, $3)"
 }
 
 install_redis() {

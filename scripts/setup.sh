@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install hisam with everything it needs, on a fresh machine.
 # Idempotent: a second run only checks. Torch goes in first, pinned, so that pip never
-# pulls a multi-GB CUDA build where there is no GPU (see ../shared/ENVIRONMENT.md).
+# pulls a multi-GB CUDA build where there is no GPU (see docs/operations.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

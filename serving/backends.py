@@ -1,7 +1,7 @@
 """Where the HMAT graphs run for Rank: Triton over gRPC, or ONNX Runtime in-process.
 
 Both backends offer the same three async calls, one per serving graph of
-``models.hmat.export`` (feeds and outputs as export.py documents them), and return the
+``export.graphs`` (feeds and outputs as export/graphs.py documents them), and return the
 content version of the model that computed the result:
 
 - ``rank(feed) -> (scores (B, N), version)``: full one-pass ranking;
@@ -20,7 +20,7 @@ capped at ``RECONNECT_MAX_MS`` (gRPC's default grows to two minutes, which would
 failing long after a restarted Triton is back); calls succeed again as soon as Triton
 serves its models, with no restart of the Rank server.
 
-Metrics (hisam/observability.py): every call's latency when it succeeds, and its failures by
+Metrics (infra/observability.py): every call's latency when it succeeds, and its failures by
 kind, per backend and graph.
 """
 
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hisam import observability as obs
+from infra import observability as obs
 from serving.repository import GRAPH_MODELS, MODEL_FILE, VERSION_OUTPUT, published_versions
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ outcome is kept: latencies of the answered calls, error counts by gRPC status co
 the first few malformed answers with what was wrong. ``hisam bench rank`` reports its
 percentiles; tests/serving/test_rank_load.py asserts it saw no error and no malformed answer.
 
-The contract an answer is checked against (rank.proto, DESIGN.md "Contracts"): every
+The contract an answer is checked against (rank.proto, docs/design.md "Contracts"): every
 candidate comes back exactly once; scored items first, by score descending and item id
 ascending on ties, every score finite; then the unscored ones (unknown item, tokenizer
 mismatch) in request order with score 0; the model version is set when anything was
@@ -121,7 +121,7 @@ async def rank_load(
     """
     import grpc
 
-    from hisam.pb.v1 import rank_pb2, rank_pb2_grpc
+    from hisam_pb.v1 import rank_pb2, rank_pb2_grpc
 
     out = LoadResult(clients, seconds, answered_per_client=[0] * clients)
 
@@ -202,7 +202,7 @@ def wait_health(address: str, want: str, timeout_s: float, proc: subprocess.Pope
 @contextlib.contextmanager
 def serve_process(args: Sequence[str], log_path: Path, timeout_s: float = 180.0) -> Iterator[ServeProcess]:
     """``python -m hisam.jobs.serve --port <free> ARGS`` until the ``with`` body ends (module docstring)."""
-    from hisam.services import free_port
+    from infra.ports import free_port
 
     port = free_port()
     cmd = [sys.executable, "-m", "hisam.jobs.serve", "--port", str(port), *args]
@@ -238,7 +238,7 @@ class RankProbe:
 
         import grpc
 
-        from hisam.pb.v1 import rank_pb2, rank_pb2_grpc
+        from hisam_pb.v1 import rank_pb2, rank_pb2_grpc
 
         self.channel = grpc.insecure_channel(address)
         self.stub = rank_pb2_grpc.RankingServiceStub(self.channel)

@@ -1,6 +1,6 @@
 """What Rank reads from the online store: the user's stream and the candidates' semantic IDs.
 
-Reads go through ``features.online``'s direct store (``StreamStore.read_streams`` /
+Reads go through ``features.store``'s direct store (``StreamStore.read_streams`` /
 ``read_item_sids``: the same bytes Feast reads, without Feast's protobuf-to-Python
 conversion and without importing feast in the server; tests check parity with
 ``feast_read_streams``). The store is synchronous (redis-py, sqlite3), so each read runs in a
@@ -20,12 +20,12 @@ Store failures (Redis down, SQLite locked or missing) raise ``StoreUnavailable``
 cause; the next request tries again (redis-py reconnects by itself), so the server recovers
 when the store returns.
 
-Metrics (hisam/observability.py): each read's latency and failures (``read``: user_stream,
+Metrics (infra/observability.py): each read's latency and failures (``read``: user_stream,
 item_sids, ping), and the item-ID cache's hits and misses, one per candidate.
 
 Conversions. The stream stores global token ids (``layer * K + code``, the tokenizer's
 layout) and ``ActionType`` values; HMAT takes local codes in [0, K) and the binary action
-label it was trained on (``stream.records.label_of``, the same rule the training samples use).
+label it was trained on (``features.actions.label_of``, the same rule the training samples use).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
-from features.online import ItemSids, StreamStore, UserStream
-from hisam import observability as obs
-from stream.records import label_of
+from features.actions import label_of
+from features.store import ItemSids, StreamStore, UserStream
+from infra import observability as obs
 
 log = logging.getLogger(__name__)
 

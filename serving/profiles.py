@@ -1,4 +1,4 @@
-"""Profile tokens for Rank: the P tokens that open every user's stream (hisam/ranker/profiles.py).
+"""Profile tokens for Rank: the P tokens that open every user's stream (features/profiles.py).
 
 The online store keeps behaviour (the SID stream), not user attributes, so the profile
 table is loaded at start: from a ranker checkpoint's saved ``ProfileVocab`` applied to a
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hisam.ranker.profiles import UNKNOWN, ProfileVocab
+from features.profiles import UNKNOWN, ProfileVocab
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
-"""Rank: from (user, candidate item ids) to sorted scores (METHOD.md §4; DESIGN.md "Rank").
+"""Rank: from (user, candidate item ids) to sorted scores (docs/method.md §4; docs/design.md "Rank").
 
 Request assembly reuses the model's own functions: ``sequence.build_stream`` for the token
-stream and export.py's ``stream_feed`` / ``ranking_feed`` / ``cache_from_outputs`` /
+stream and export/graphs.py's ``stream_feed`` / ``ranking_feed`` / ``cache_from_outputs`` /
 ``cache_feed`` for the graph inputs, so serving cannot build a stream the model was not
 trained on.
 
@@ -30,7 +30,7 @@ Errors raised to the servicer: ``InvalidRequest`` (bad input, INVALID_ARGUMENT),
 whose caller set no deadline gets ``default_timeout_s``, so a backend that hangs (a frozen
 Triton, a black-holed network) cannot hold a request, or its client, forever.
 
-Metrics (hisam/observability.py): anchor-cache hits and misses (one per scored request) and
+Metrics (infra/observability.py): anchor-cache hits and misses (one per scored request) and
 the cache's size.
 """
 
@@ -49,9 +49,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from features.online import ItemSids
-from hisam import observability as obs
-from models.hmat.export import cache_feed, cache_from_outputs, ranking_feed, stream_feed
+from export.graphs import cache_feed, cache_from_outputs, ranking_feed, stream_feed
+from features.store import ItemSids
+from infra import observability as obs
 from models.hmat.sequence import StreamLayout, UserSequence, build_stream
 from serving.backends import BackendDeadline, BackendError, BackendUnavailable
 from serving.online import History, OnlineReader, StoreUnavailable, history_of, to_codes

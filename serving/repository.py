@@ -1,7 +1,7 @@
 """The Triton model repository: versioned HMAT models with explicit ``config.pbtxt`` files.
 
 Layout (Triton's standard repository; one Triton model per serving graph of
-``models.hmat.export``)::
+``export.graphs``)::
 
     <repo>/hmat_ranking/config.pbtxt            full one-pass ranking (stream + anchor index -> scores)
     <repo>/hmat_ranking/<n>/model.onnx
@@ -11,7 +11,7 @@ Layout (Triton's standard repository; one Triton model per serving graph of
 
 ``<n>`` is Triton's integer version, one more than the newest already there; one
 ``publish_version`` writes the same ``<n>`` for the three models. The content version
-(``hmat-<hash>``, export.py's ``model_version``) is stamped into every graph as an extra
+(``hmat-<hash>``, export/graphs.py's ``model_version``) is stamped into every graph as an extra
 string output ``model_version``, so each response names the model that computed it. That
 is how the Rank server notices a version roll between ``encode_history`` and
 ``score_with_cache`` (Triton loads the three models independently) and keeps its anchor
@@ -31,7 +31,7 @@ Two targets, chosen per repository:
 - ``gpu`` (deployment): ``platform: "onnxruntime_onnx"`` on ``KIND_GPU`` with ONNX Runtime's
   TensorRT execution provider as accelerator. ONNX Runtime inlines the
   ``hisam.AnchorAttention`` function body when it loads the graph, so TensorRT sees
-  standard ops (route 1 of export.py's "TensorRT route"); subgraphs TensorRT rejects stay
+  standard ops (route 1 of export/graphs.py's "TensorRT route"); subgraphs TensorRT rejects stay
   on the CUDA provider. FP16 is off by default: the parity tolerances in the tests are for
   fp32. Needs Triton's container; here these files are only validated (tests/serving).
 
@@ -126,7 +126,7 @@ def _load_graphs(source: object) -> dict[str, onnx.ModelProto]:
         if all((src / f"{g}.onnx").is_file() for g in GRAPH_MODELS):
             return {g: onnx.load(str(src / f"{g}.onnx")) for g in GRAPH_MODELS}
         if (src / "config.json").is_file():
-            from models.hmat.export import export_checkpoint
+            from export.graphs import export_checkpoint
 
             with tempfile.TemporaryDirectory(prefix="hisam-export-") as tmp:
                 paths = export_checkpoint(src, tmp)
@@ -137,7 +137,7 @@ def _load_graphs(source: object) -> dict[str, onnx.ModelProto]:
     from models.hmat.model import HMAT
 
     if isinstance(source, HMAT):
-        from models.hmat.export import export_graph
+        from export.graphs import export_graph
 
         return {g: export_graph(source.eval(), g, tokenizer_version=None) for g in GRAPH_MODELS}
     raise RepositoryError(f"cannot publish a {type(source).__name__}: pass an HMAT, a checkpoint or an export dir")
@@ -226,7 +226,7 @@ def publish_version(
     """Publish a model as a new version of the three Triton models of ``repo`` (module docstring).
 
     ``source``: an ``HMAT`` (exported here), a training checkpoint directory, a directory
-    with ``ranking.onnx``, ``encode_history.onnx`` and ``score_with_cache.onnx`` (export.py's
+    with ``ranking.onnx``, ``encode_history.onnx`` and ``score_with_cache.onnx`` (export/graphs.py's
     ``export_all``), or a mapping graph -> ModelProto or path. ``version``: Triton's integer
     version (default: one more than the newest). ``instances``: model instances per model;
     ``threads``: ONNX Runtime intra-op threads per instance (CPU target).

@@ -1,4 +1,4 @@
-"""The gRPC ``RankingService`` (proto/hisam/pb/v1/rank.proto): async server, health, reflection.
+"""The gRPC ``RankingService`` (proto/hisam_pb/v1/rank.proto): async server, health, reflection.
 
 The servicer only translates between protobuf and ``serving.ranking`` and maps its errors
 to status codes (INVALID_ARGUMENT, UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL); the call's
@@ -29,7 +29,7 @@ When Triton stops (crash, restart, rollout), Rank fails fast and recovers by its
   (they are keyed by the model version, which Triton reports with every answer).
 - The online store down is the same story with ``online store (...) unavailable``.
 
-Metrics (hisam/observability.py): Rank calls and latency by status code, calls in flight,
+Metrics (infra/observability.py): Rank calls and latency by status code, calls in flight,
 candidates per request, answered items by status, the model version that answered, and
 each dependency's health.
 
@@ -54,8 +54,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from hisam import observability as obs
-from hisam.pb.v1 import rank_pb2, rank_pb2_grpc
+from hisam_pb.v1 import rank_pb2, rank_pb2_grpc
+from infra import observability as obs
 from serving.ranking import DeadlineExceeded, InvalidRequest, ModelError, Ranker, RankResult, Unavailable
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ Copied by serving/repository.py into every version directory as ``model.py``; it
 Triton's Python backend stub, not in the project's interpreter, so it imports only the
 standard library, numpy, onnxruntime and Triton's ``triton_python_backend_utils``. The stub
 runs in isolated mode (PYTHONPATH is ignored): ``HISAM_TRITON_PYTHONPATH``, set by
-serving/triton.py, names the directories holding numpy<2 and onnxruntime for it
+infra/triton.py, names the directories holding numpy<2 and onnxruntime for it
 (scripts/install_triton.sh explains why numpy<2).
 
 Inputs and outputs are whatever the graph declares (config.pbtxt is generated from the same

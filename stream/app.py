@@ -33,7 +33,7 @@ of the stream fields the append script reads and writes); see ``hisam bench stre
 Batches form while the agent is busy; an idle agent takes a partial batch once its oldest
 record has waited ``batch_within_s`` (so a record waits at most that, plus the batch in
 progress). Idempotency covers a redelivery only within the store's seen window of W event
-ids per user (features/online.py): what a crash redelivers after its store write is the
+ids per user (features/store/): what a crash redelivers after its store write is the
 batch being processed, the one whose outputs and ack are in flight, and the acked ones
 whose offsets are not committed yet. A batch's ack commits whenever that could otherwise
 exceed W (``_pipeline``): at full load every batch, at a moderate one (small batches)
@@ -57,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from features.online import OnlineStoreConfig, open_stream_store
+from features.store import OnlineStoreConfig, open_stream_store
 from stream import records as rec
 from stream import topics as tp
 from stream.processing import ActionProcessor, BatchOutput, ItemProcessor
@@ -321,7 +321,7 @@ def create_app(settings: StreamSettings):
         broker_rebalance_timeout=settings.session_timeout_s,
         consumer_group_instance_id=settings.instance_id,
     )
-    from hisam import observability as obs
+    from infra import observability as obs
     from stream.transport import batch_topic, fast_transport
 
     # Before the first topic asks for a transport.
@@ -356,7 +356,7 @@ def create_app(settings: StreamSettings):
     appended = 0
 
     def observe(agent: str, batch, out: BatchOutput, t0: float) -> None:
-        """Metrics of one acknowledged batch (hisam/observability.py)."""
+        """Metrics of one acknowledged batch (infra/observability.py)."""
         obs.STREAM_BATCH_LATENCY.labels(agent=agent).observe(time.perf_counter() - t0)
         obs.STREAM_SAMPLES_PRODUCED.inc(len(out.samples))
         # Freshness: the record's produce time (its Kafka timestamp) -> visible in the store.

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from features.online import ItemSids, SidClaim, StreamAction, StreamStore
-from hisam.observability import STREAM_DEAD_LETTERS
+from features.store import ItemSids, SidClaim, StreamAction, StreamStore
+from infra.observability import STREAM_DEAD_LETTERS
 from stream import records as rec
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ class ItemProcessor:
     Items are encoded as one batch; should the tokenizer still refuse the batch, items are
     encoded one by one so that only the offending ones are dead-lettered.
 
-    Two items never share one full ID (METHOD.md, codebook hygiene): each item claims its
+    Two items never share one full ID (docs/method.md, codebook hygiene): each item claims its
     ID in the store's index (``StreamStore.claim_item_sids``, atomic across workers), its
     natural ID first, else the nearest free last code by the last codebook's distances,
     the rule of ``models.tokenizer.collisions`` applied in arrival order. An item keeps

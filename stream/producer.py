@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from hisam.pb.v1 import events_pb2 as pb
+from hisam_pb.v1 import events_pb2 as pb
 from stream import records as rec
 from stream import topics as tp
 
@@ -42,9 +41,7 @@ def make_producer(bootstrap: str, linger_ms: int = 5, idempotent: bool = True):
     after which the idempotent client fails its in-flight batches (OutOfOrderSequenceNumber)
     and later batches can overtake them when re-sent. Apache Kafka keeps that state.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from kafka import KafkaProducer
+    from infra.kafka import KafkaProducer
 
     ordering = {"enable_idempotence": True} if idempotent else {
         "enable_idempotence": False, "max_in_flight_requests_per_connection": 1,

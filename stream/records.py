@@ -8,15 +8,16 @@ tested without a broker. Validation raises ``EventRejected`` with a machine-read
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from features import encoding as enc
-from hisam.pb.v1 import events_pb2 as pb
+from features.actions import label_of
+from hisam_pb.v1 import events_pb2 as pb
 
 # Reasons carried by DeadLetter.reason (stable strings: dashboards and replays key on them).
 DECODE_ERROR = "decode_error"
@@ -30,9 +31,6 @@ TOKENIZER_INPUT = "tokenizer_input"
 # Every ID the collision rule may give the item (its prefix, any last code) is taken.
 SID_SPACE_FULL = "sid_space_full"
 
-# Positive feedback for the near-line trainer's label; impressions, dislikes and skips
-# are negatives (METHOD.md's binary label; the dataset replay maps ratings the same way).
-POSITIVE_ACTIONS = frozenset({pb.ACTION_TYPE_CLICK, pb.ACTION_TYPE_LIKE, pb.ACTION_TYPE_PURCHASE})
 _ACTION_TYPES = frozenset(pb.ActionType.values())  # the enum builds a new list on every call
 
 
@@ -72,18 +70,27 @@ class RawMessage:
     value: bytes | None
 
 
-def label_of(action: int) -> float:
-    return 1.0 if action in POSITIVE_ACTIONS else 0.0
+M = TypeVar("M", bound=Message)
+
+
+def parse_message(
+    message_type: type[M], raw: bytes | None, rejected: Callable[[str, str], Exception] | None = None
+) -> M:
+    """``message_type`` parsed from ``raw``; an empty or undecodable payload raises
+    ``rejected(DECODE_ERROR, detail)`` (``EventRejected`` unless the caller names its own)."""
+    rejected = rejected or EventRejected
+    if not raw:
+        raise rejected(DECODE_ERROR, "empty message")
+    try:
+        return message_type.FromString(raw)
+    except DecodeError as e:
+        name = message_type.DESCRIPTOR.name
+        raise rejected(DECODE_ERROR, f"not {'an' if name[0] in 'AEIOU' else 'a'} {name}: {e}") from e
 
 
 def decode_action(raw: bytes | None) -> pb.ActionEvent:
     """Parse and validate an ActionEvent; raises EventRejected."""
-    if not raw:
-        raise EventRejected(DECODE_ERROR, "empty message")
-    try:
-        ev = pb.ActionEvent.FromString(raw)
-    except DecodeError as e:
-        raise EventRejected(DECODE_ERROR, f"not an ActionEvent: {e}") from e
+    ev = parse_message(pb.ActionEvent, raw)
     if not ev.event_id or "\x00" in ev.event_id:
         raise EventRejected(INVALID_FIELD, "event_id must be a non-empty string without NUL")
     if ev.user_id < 0 or ev.item_id < 0:
@@ -105,12 +112,7 @@ class ItemFeatures:
 
 def decode_item(raw: bytes | None, modalities: Mapping[str, int]) -> ItemFeatures:
     """Parse and validate an ItemEvent against the tokenizer's modalities; raises EventRejected."""
-    if not raw:
-        raise EventRejected(DECODE_ERROR, "empty message")
-    try:
-        ev = pb.ItemEvent.FromString(raw)
-    except DecodeError as e:
-        raise EventRejected(DECODE_ERROR, f"not an ItemEvent: {e}") from e
+    ev = parse_message(pb.ItemEvent, raw)
     if ev.item_id < 0:
         raise EventRejected(INVALID_FIELD, f"negative item_id {ev.item_id}")
     feats: dict[str, np.ndarray] = {}

@@ -1,6 +1,6 @@
 """Helpers for tests and benchmarks that drive a real stream worker process.
 
-Like ``models.tokenizer.testing``: small, real pieces (a worker subprocess that can be
+Like ``recipes.tokenizer.testing``: small, real pieces (a worker subprocess that can be
 killed with SIGKILL, polling with a deadline, reading a topic from the beginning), kept
 in the package so that tests and ``hisam bench stream`` share them.
 """
@@ -11,10 +11,9 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
-from hisam.supervisor import child_environ
+from infra.supervisor import child_environ
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,9 +81,7 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.1, what: str =
 
 def consume_all(bootstrap: str, topic: str, stop, timeout_s: float = 30.0) -> list:
     """Read ``topic`` from the beginning (no group) until ``stop(records)`` is true."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from kafka import KafkaConsumer, TopicPartition
+    from infra.kafka import KafkaConsumer, TopicPartition
 
     c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=500)
     try:

@@ -9,7 +9,6 @@ that partition counts are a decision, not an accident; a topic may carry broker 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -60,9 +59,7 @@ def default_topics(partitions: int = 4, samples_retention_ms: int | None = None)
 
 def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], timeout_s: float = 30.0) -> list[str]:
     """Create the topics that do not exist yet; returns the names created."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # kafka-python warns on import
-        from kafka.admin import KafkaAdminClient
+    from infra.kafka import KafkaAdminClient
 
     admin = KafkaAdminClient(
         bootstrap_servers=bootstrap, client_id="hisam-admin", request_timeout_ms=int(timeout_s * 1000)

@@ -1,9 +1,10 @@
-"""Shared fixtures: determinism first (STYLE.md: a seed fixture makes tests deterministic)."""
+"""Shared fixtures: determinism first (docs/design.md: a seed fixture makes tests deterministic)."""
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -33,7 +34,20 @@ def seed() -> int:
     return s
 
 
-# --- Services (the real broker and a private Redis; see hisam/services.py) -----------------
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a whole test module (``pytest.mark.usefixtures("one_thread")``).
+
+    The session runs on one thread already (``pytest_configure``); this restores it around a
+    module that runs after something else changed it (a job's ``--threads``).
+    """
+    from models.device import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
+# --- Services (the real broker and a private Redis; see infra/services.py) -----------------
 # Started once per session on free 127.0.0.1 ports with data in temporary directories.
 # When scripts/services.sh already started them (HISAM_KAFKA_BOOTSTRAP / HISAM_REDIS_URL
 # set), the tests use those instead. Never mocked, never skipped.
@@ -42,7 +56,7 @@ def seed() -> int:
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> str:
     """Bootstrap address of a running Kafka-compatible broker."""
-    from hisam.services import kafka_broker
+    from infra.services import kafka_broker
 
     if os.environ.get("HISAM_KAFKA_BOOTSTRAP"):
         yield os.environ["HISAM_KAFKA_BOOTSTRAP"]
@@ -54,7 +68,7 @@ def kafka_bootstrap() -> str:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     """redis:// URL of a private Redis (never the system one on 6379)."""
-    from hisam.services import redis_server
+    from infra.services import redis_server
 
     if os.environ.get("HISAM_REDIS_URL"):
         yield os.environ["HISAM_REDIS_URL"]

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -66,14 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _export(work_dir: Path, seed: int) -> Path:
     import torch
 
-    from models.hmat.export import export_all
+    from export.graphs import export_all, graph_key
     from models.hmat.model import HMAT, hmat_cpu
 
     config = hmat_cpu()
-    key = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode() + str(seed).encode())
-    for name in ("export.py", "model.py", "onnx_ops.py"):
-        key.update((Path(__file__).resolve().parents[2] / "models" / "hmat" / name).read_bytes())
-    out = work_dir / f"export-{key.hexdigest()[:12]}"
+    out = work_dir / f"export-{graph_key(config, str(seed))}"
     if not (out / "score_with_cache.onnx").is_file():
         torch.manual_seed(seed)
         log.info("exporting the CPU-preset HMAT to %s (a minute or two)", out)
@@ -83,7 +78,7 @@ def _export(work_dir: Path, seed: int) -> Path:
 
 
 def _fill_store(cfg, args, rng: np.random.Generator, k: int, codebook: int) -> None:
-    from features.online import ItemSids, StreamAction, open_stream_store
+    from features.store import ItemSids, StreamAction, open_stream_store
 
     store = open_stream_store(cfg)
     tokens = rng.integers(codebook, size=(args.items, k)) + np.arange(k) * codebook
@@ -108,7 +103,7 @@ def _requests(args, rng: np.random.Generator, n: int) -> list[tuple[int, list[in
 async def _each_once(address: str, requests) -> None:
     import grpc
 
-    from hisam.pb.v1 import rank_pb2, rank_pb2_grpc
+    from hisam_pb.v1 import rank_pb2, rank_pb2_grpc
 
     async with grpc.aio.insecure_channel(address) as channel:
         stub = rank_pb2_grpc.RankingServiceStub(channel)
@@ -127,8 +122,8 @@ async def _model_calls(args, repo: Path, store_cfg, triton_url: str, reqs, reps:
     """Per-call latency (ms) of the graphs for the same requests: ORT in-process and Triton direct."""
     import torch
 
-    from features.online import open_stream_store
-    from models.hmat.export import cache_feed, cache_from_outputs, ranking_feed, stream_feed
+    from export.graphs import cache_feed, cache_from_outputs, ranking_feed, stream_feed
+    from features.store import open_stream_store
     from models.hmat.sequence import build_stream
     from serving.backends import ENCODE_OUTPUTS, OrtBackend, TritonBackend
     from serving.online import OnlineReader, history_of
@@ -172,10 +167,10 @@ async def _model_calls(args, repo: Path, store_cfg, triton_url: str, reqs, reps:
 
 
 def main(args: argparse.Namespace) -> int:
-    from features.online import OnlineStoreConfig
+    from features.store import OnlineStoreConfig
+    from infra.triton import triton_server
     from serving.load import rank_load, serve_process
     from serving.repository import publish_version
-    from serving.triton import triton_server
 
     rng = np.random.default_rng(args.seed)
     export_dir = _export(args.work_dir, args.seed)

@@ -67,6 +67,8 @@ from pathlib import Path
 
 import numpy as np
 
+from infra.kafka import KafkaConsumer, TopicPartition
+
 log = logging.getLogger(__name__)
 
 N_CODES = 6
@@ -110,19 +112,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---- helpers -----------------------------------------------------------------------------
 
 
-def _kafka():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import kafka
-    return kafka
-
-
 def _samples_end(consumer, tps) -> int:
     return int(sum(consumer.end_offsets(tps).values()))
 
 
 def _seed_items(store, n_items: int) -> None:
-    from features.online import ItemSids
+    from features.store import ItemSids
 
     store.put_item_sids(
         [ItemSids(i, tuple(i * N_CODES + j for j in range(N_CODES)), "bench", 0) for i in range(n_items)]
@@ -139,7 +134,7 @@ def _actions(n: int, users: int, items: int, tag: str, t0_ms: int = 1_700_000_00
 
 def _fill_streams(store, cfg, user_ids: list[int], items: int) -> None:
     """Give each user a full stream (T items) and a full seen window (W ids): the steady state."""
-    from features.online import UserState, UserStream
+    from features.store import UserState, UserStream
 
     T, W = cfg.stream_len, cfg.seen_window
     k = np.arange(T)
@@ -185,7 +180,7 @@ def _start_worker(
         args += ["--batch-size", str(batch_size)]
     if cfg.redis_url:
         args += ["--redis-url", cfg.redis_url]
-    from hisam.supervisor import child_environ
+    from infra.supervisor import child_environ
 
     env = child_environ({"PYTHONWARNINGS": "ignore::DeprecationWarning"})
     return subprocess.Popen(
@@ -246,7 +241,7 @@ def _percentile(xs: list[float], q: float) -> float:
 
 def bench_store_appends(cfg, n: int, users: int, items: int) -> float:
     """Appends/s of ``append_batch`` (500 per call) in this process."""
-    from features.online import StreamAction, open_stream_store
+    from features.store import StreamAction, open_stream_store
 
     store = open_stream_store(cfg)
     evs = _actions(n, users, items, tag=f"store-{cfg.backend}")
@@ -297,7 +292,7 @@ def bench_feast_rmw(fs, n: int, users: int, items: int) -> float:
 
 def bench_reads(cfg, fs, n_users: int = 64, reps: int = 20) -> dict:
     """Latency of reading 64 full streams: Feast ``get_online_features`` vs the direct path."""
-    from features.online import StreamAction, feast_read_streams, open_stream_store
+    from features.store import StreamAction, feast_read_streams, open_stream_store
 
     store = open_stream_store(cfg)
     base = 30_000_000
@@ -346,11 +341,10 @@ def bench_drain(
     ``pids``: the processes beside the worker (``_service_pids``) whose CPU per action over
     the drain is reported with the worker's (``drain_cpu_us_per_action``).
     """
-    from features.online import open_stream_store
+    from features.store import open_stream_store
     from stream import producer as prod
     from stream import topics as tp
 
-    kafka = _kafka()
     tag = f"{cfg.backend}-steady" if steady else cfg.backend
     user_base = STEADY_USER_BASE if steady else 0
     tp.ensure_topics(bootstrap, _bench_topics(args))
@@ -364,10 +358,8 @@ def bench_drain(
     prod.produce_actions(producer, backlog)
     log.info("%s: %d actions queued; starting the worker", tag, len(backlog))
 
-    watcher = kafka.KafkaConsumer(bootstrap_servers=bootstrap)
-    sample_tps = [
-        kafka.TopicPartition(tp.TRAINING_SAMPLES, p) for p in watcher.partitions_for_topic(tp.TRAINING_SAMPLES)
-    ]
+    watcher = KafkaConsumer(bootstrap_servers=bootstrap)
+    sample_tps = [TopicPartition(tp.TRAINING_SAMPLES, p) for p in watcher.partitions_for_topic(tp.TRAINING_SAMPLES)]
     load_before = os.getloadavg()[0]
     worker = _start_worker(bootstrap, cfg, tag, args.within_ms, logdir, args.batch_size)
     cpu = _CpuShares({"worker": worker.pid, **pids})
@@ -427,7 +419,7 @@ def bench_freshness(
     what each process (worker, ``pids``: the broker and Redis, load producer, this one's
     probes) used meanwhile.
     """
-    from features.online import feast_read_streams, open_stream_store
+    from features.store import feast_read_streams, open_stream_store
     from stream import producer as prod
     from stream import records as rec
     from stream import topics as tp
@@ -588,9 +580,9 @@ def bench_items(cfg, tokenizer_dir: Path, n: int = 2_000) -> float:
     """Items/s through ItemProcessor (decode, frozen tokenizer, store write), batches of 500."""
     import torch
 
-    from features.online import open_stream_store
+    from features.store import open_stream_store
     from models.tokenizer import FrozenTokenizer
-    from models.tokenizer.testing import synthetic_items
+    from recipes.tokenizer.testing import synthetic_items
     from stream import records as rec
     from stream.processing import ItemProcessor
 
@@ -621,8 +613,8 @@ def bench_items(cfg, tokenizer_dir: Path, n: int = 2_000) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
-    from features.online import OnlineStoreConfig, open_feature_store
-    from hisam.services import kafka_broker, redis_server
+    from features.store import OnlineStoreConfig, open_feature_store
+    from infra.services import kafka_broker, redis_server
 
     # SIGTERM must unwind the ExitStack below, or the broker and Redis outlive us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -678,7 +670,7 @@ def main(args: argparse.Namespace) -> int:
         if tok_dir is None:
             import torch
 
-            from models.tokenizer.testing import tiny_tokenizer
+            from recipes.tokenizer.testing import tiny_tokenizer
 
             tok_dir = tmp / "tokenizer"
             log.info("training a tiny tokenizer for the item benchmark (pass --tokenizer to use yours)")

@@ -1,6 +1,6 @@
 """``hisam bench tokenizer``: tokenizer quality on the real catalogue and frozen-encode speed.
 
-Trains every variant of hisam.tokenizers.VARIANTS with the same budget (or reuses artifacts
+Trains every variant of recipes.tokenizer.variants.VARIANTS with the same budget (or reuses artifacts
 with --reuse), evaluates them, times DST's frozen encoder on one thread, prints a table and,
 as the last line, one JSON object (the form every ``hisam bench`` follows).
 """
@@ -13,12 +13,13 @@ import os
 import platform
 from pathlib import Path
 
-from models.tokenizer import TrainConfig
+from data import default_data_dir
+from recipes.tokenizer.train import TrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--data-dir", default=os.environ.get("HISAM_DATA_DIR", "data"))
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--tokenizers-dir", default="artifacts/bench/tokenizers")
     parser.add_argument("--report", default="reports/bench-tokenizer")
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
@@ -29,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from hisam.data import load_dataset
-    from hisam.tokenizer_report import markdown_table, write_report
-    from hisam.tokenizers import compare_variants
+    from data import load_dataset
+    from recipes.tokenizer.report import markdown_table, write_report
+    from recipes.tokenizer.variants import compare_variants
 
     ds = load_dataset(args.dataset, args.data_dir, progress=False)
     reports, latency = compare_variants(ds, Path(args.tokenizers_dir), args.epochs, seed=args.seed, reuse=args.reuse)

@@ -25,7 +25,7 @@ Figures (a table, then one JSON object as the last line):
 * ``prequential``: AUC / GAUC over the whole replay of the near-line candidate, of the
   version Triton served at each moment, and of the same model frozen at the warm start,
   every event scored before any model trained on it; D = AUC(near-line) - AUC(frozen) on
-  the same events with a user-level paired bootstrap (hisam/trainer/paired.py); the same
+  the same events with a user-level paired bootstrap (trainer/paired.py); the same
   per chronological segment of ``--segment-size`` events, with the share of events by
   users the warm start never saw;
 * ``samples_per_s``: the model work of a micro-batch (the prequential scorings + SFT
@@ -56,6 +56,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from data import default_data_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -63,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="warm-start ranker checkpoint")
     parser.add_argument("--tokenizer", type=Path, default=Path("artifacts/tokenizers/dst"))
     parser.add_argument("--dataset", default="ml-100k")
-    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument(
         "--replay-from", type=int, default=None, help="first replayed row (default: the checkpoint's train_rows)"
     )
@@ -104,11 +106,11 @@ class Replay(NamedTuple):
 
 def replay_examples(args: argparse.Namespace, max_items: int) -> Replay:
     """The events from the checkpoint's ``train_rows`` (or ``--replay-from``) on, as Examples."""
-    from hisam.data import load_dataset
-    from hisam.ranker import load_inputs
-    from hisam.ranker.profiles import ProfileVocab
-    from hisam.trainer.samples import Example
-    from models.hmat.train import read_checkpoint_config
+    from data import load_dataset
+    from features.profiles import ProfileVocab
+    from models.hmat.checkpoint import read_checkpoint_config
+    from recipes.ranker import load_inputs
+    from trainer.samples import Example
 
     ckpt = read_checkpoint_config(args.checkpoint)
     vocab = ProfileVocab.from_dict(ckpt["profile_vocab"])
@@ -151,8 +153,8 @@ def replay_examples(args: argparse.Namespace, max_items: int) -> Replay:
 
 def prequential_figures(log_rows, segment_size: int, known_users: set[int]) -> dict:
     """Whole-replay and per-segment AUC / GAUC per model, and the paired near-line - frozen difference."""
-    from hisam.trainer.paired import paired_bootstrap
-    from hisam.trainer.prequential import metrics_of
+    from trainer.paired import paired_bootstrap
+    from trainer.prequential import metrics_of
 
     users = np.concatenate([u for u, _, _ in log_rows])
     labels = np.concatenate([y for _, y, _ in log_rows])
@@ -233,8 +235,8 @@ def run_direct(trainer, examples, max_records: int) -> tuple[list, list[dict]]:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from hisam.trainer.core import NearlineTrainer
-    from models.hmat.train import load_checkpoint
+    from models.hmat.checkpoint import load_checkpoint
+    from trainer.core import NearlineTrainer
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
@@ -299,13 +301,13 @@ def main(args: argparse.Namespace) -> int:
 
 def run_service(args, trainer, warm, examples, tok_version: str, k_size: int, results: dict):
     """The replay through a fresh broker into the trainer service (and Triton): (service, score log, batch rows)."""
-    from hisam.services import kafka_broker
-    from hisam.trainer.onnx_export import Template
-    from hisam.trainer.samples import sample_bytes
-    from hisam.trainer.service import ServiceConfig, TrainerService
+    from export.template import Template
+    from infra.services import kafka_broker
     from serving.repository import publish_version
     from stream import topics as tp
     from stream.producer import make_producer
+    from trainer.samples import sample_bytes
+    from trainer.service import ServiceConfig, TrainerService
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="hisam-bench-trainer-"))
     state_dir, repo, templates = work / "state", work / "repo", work / "onnx_templates"
@@ -331,7 +333,7 @@ def run_service(args, trainer, warm, examples, tok_version: str, k_size: int, re
         template = Template.load_or_build(warm.config, templates)  # the trace is not part of any latency
         publish_version(repo, template.render(warm, tok_version))  # version 1: the warm start, served
         if args.triton:
-            from serving.triton import triton_server
+            from infra.triton import triton_server
 
             triton_url = stack.enter_context(triton_server(repo, poll_s=1.0)).url
         cfg = ServiceConfig(

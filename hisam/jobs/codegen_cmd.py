@@ -1,4 +1,4 @@
-"""``hisam codegen``: compile proto/ into hisam/pb/ (see hisam.codegen)."""
+"""``hisam codegen``: compile proto/ into hisam_pb/ (see hisam.codegen)."""
 
 from __future__ import annotations
 

@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 
-from hisam.data import Dataset, DatasetError, DatasetFetchError, load_dataset
+from data import Dataset, DatasetError, DatasetFetchError, default_data_dir, load_dataset
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dataset", default="ml-100k", help="'ml-100k' or a dataset directory (see hisam/data/FORMAT.md)"
-    )
+    parser.add_argument("--dataset", default="ml-100k", help="'ml-100k' or a dataset directory (see data/FORMAT.md)")
     parser.add_argument(
         "--data-dir",
-        default=os.environ.get("HISAM_DATA_DIR", "data"),
-        help="where datasets and their caches live (default: $HISAM_DATA_DIR, else data)",
+        default=default_data_dir(),
+        help="where datasets and their caches live (default: $HISAM_DATA_DIR, else datasets)",
     )
     parser.add_argument("--text-device", default="cpu", help="device for the sentence encoder on a cache miss")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -11,12 +11,14 @@ import logging
 import os
 import time
 
+from data import default_data_dir
+
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="ml-100k", help="dataset name or directory (hisam.data.load_dataset)")
-    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--dataset", default="ml-100k", help="dataset name or directory (data.load_dataset)")
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--bootstrap", default=os.environ.get("HISAM_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
     parser.add_argument("--rate", type=float, default=1000.0, help="actions per second (0: unthrottled)")
     parser.add_argument("--limit", type=int, default=0, help="replay at most this many interactions (0: all)")
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hisam.data import load_dataset
+    from data import load_dataset
     from stream import producer as prod
     from stream import topics as tp
 

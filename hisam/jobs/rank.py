@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import grpc
 
-    from hisam.pb.v1 import rank_pb2, rank_pb2_grpc
+    from hisam_pb.v1 import rank_pb2, rank_pb2_grpc
 
     request = rank_pb2.RankRequest(user_id=args.user, item_ids=args.items, request_id=args.request_id)
     with grpc.insecure_channel(args.address) as channel:

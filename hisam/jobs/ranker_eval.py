@@ -2,8 +2,8 @@
 
 For each ``<out>/<variant>/seed<k>/finetune`` checkpoint: rebuild its inputs (item codes
 from the same tokenizer version, profiles from the vocabulary saved with it), score every
-test interaction with one-pass ranking under the chosen protocol (hisam/ranker/sequences.py),
-compute AUC, GAUC, cold-user AUC / GAUC and cold-item AUC (models/hmat/evaluate.py), then
+test interaction with one-pass ranking under the chosen protocol (recipes/ranker/sequences.py),
+compute AUC, GAUC, cold-user AUC / GAUC and cold-item AUC (recipes/ranker/evaluate.py), then
 write ``report.md`` (mean ± std over seeds, Hi-SAM Table 2 layout), ``metrics.json`` and
 training-curve plots to ``--report-dir``.
 """
@@ -15,12 +15,13 @@ import json
 import logging
 from pathlib import Path
 
-from hisam.jobs.ranker_common import add_data_arguments, apply_threads, dataset_or_none, saved_vocab
-from hisam.ranker import PROTOCOLS, EvalSet, RankerInputs, eval_set, load_inputs, select_users, write_report
+from models.device import pick_device
 from models.hmat.baselines import VARIANTS, uses_item_ids
-from models.hmat.evaluate import ranking_metrics, score_examples, score_timelines
-from models.hmat.train import load_checkpoint, load_history, pick_device
+from models.hmat.checkpoint import load_checkpoint, load_history
 from models.tokenizer import FrozenTokenizer
+from recipes.ranker import PROTOCOLS, EvalSet, RankerInputs, eval_set, load_inputs, select_users, write_report
+from recipes.ranker.evaluate import ranking_metrics, score_examples, score_timelines
+from recipes.ranker.runs import add_data_arguments, apply_threads, dataset_or_none, saved_vocab
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``hisam ranker finetune``: SFT, the action NLL at every anchor (METHOD.md §3 "Losses").
+"""``hisam ranker finetune``: SFT, the action NLL at every anchor (docs/method.md §3 "Losses").
 
 ``--init pretrain`` starts from the run's own PT checkpoint (``hisam ranker pretrain``),
 which is the progressive PT -> SFT schedule; ``--init PATH`` from any checkpoint with the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hisam.jobs.ranker_common import add_train_arguments, train_runs
+from recipes.ranker.runs import add_train_arguments, train_runs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

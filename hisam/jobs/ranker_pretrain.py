@@ -1,4 +1,4 @@
-"""``hisam ranker pretrain``: PT, next-token prediction over the whole stream (METHOD.md §3 "Losses").
+"""``hisam ranker pretrain``: PT, next-token prediction over the whole stream (docs/method.md §3 "Losses").
 
 Writes ``<out>/<variant>/seed<k>/pretrain``; ``hisam ranker finetune --init pretrain``
 then starts SFT from it (progressive PT -> SFT, the best setting of Hi-SAM Table 2).
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from hisam.jobs.ranker_common import add_train_arguments, train_runs
+from recipes.ranker.runs import add_train_arguments, train_runs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import time
 from pathlib import Path
 
-from models.tokenizer import TrainConfig
+from data import default_data_dir
+from recipes.tokenizer.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = LoopOptions()
     parser.add_argument("--dataset", default=d.dataset)
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("HISAM_DATA_DIR", "data")))
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir())
     parser.add_argument("--artifacts", type=Path, default=d.artifacts, help="tokenizer and ranker are kept here")
     parser.add_argument("--reports", type=Path, default=d.reports, help="reports are written here")
     parser.add_argument(
@@ -55,9 +55,9 @@ def tokenizer_report(args: argparse.Namespace) -> None:
     """The tokenizer comparison (DST vs baselines) with its report: reports/tokenizer/report.md."""
     import torch
 
-    from hisam.data import load_dataset
-    from hisam.tokenizer_report import markdown_table, write_report
-    from hisam.tokenizers import VARIANTS, compare_variants
+    from data import load_dataset
+    from recipes.tokenizer.report import markdown_table, write_report
+    from recipes.tokenizer.variants import VARIANTS, compare_variants
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ds = load_dataset(args.dataset, str(args.data_dir))

@@ -7,11 +7,11 @@ version of the repository (a version already there is not published twice). The 
 streams and item IDs are read from the online store the stream worker writes (same store
 options). Runs until SIGTERM / Ctrl-C, then drains in-flight calls.
 
-``--metrics-port`` serves Prometheus ``/metrics`` (hisam/observability.py: Rank calls and
+``--metrics-port`` serves Prometheus ``/metrics`` (infra/observability.py: Rank calls and
 latency by status, Triton latency, caches, the model version answering, dependency health).
 When Triton stops, Rank answers UNAVAILABLE and health NOT_SERVING until it is back, with no
 restart of this server (serving/server.py); the embedded Triton is restarted by this
-process when it exits (serving/triton.py ``supervised_triton_server``).
+process when it exits (infra/triton.py ``supervised_triton_server``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import os
 import signal
 from pathlib import Path
 
+from data import default_data_dir
 from hisam.jobs.stream_worker import add_store_arguments, store_config_from_args
-from hisam.observability import add_metrics_arguments, metrics_server
+from infra.observability import add_metrics_arguments, metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repo", type=Path, default=Path("artifacts/model_repo"), help="Triton model repository")
     parser.add_argument("--checkpoint", type=Path, default=None, help="ranker checkpoint to publish before serving")
     parser.add_argument("--dataset", default=None, help="users table for profile tokens (with --checkpoint's vocab)")
-    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--inference", choices=["triton", "ort"], default="triton", help="Triton, or in-process ORT")
     parser.add_argument(
         "--triton-url", default=os.environ.get("HISAM_TRITON_URL"), help="host:port of a running Triton"
@@ -61,15 +62,15 @@ def load_profiles(args: argparse.Namespace):
 
     if args.checkpoint is None:
         return Profiles.empty()
-    from hisam.ranker.profiles import ProfileVocab
-    from models.hmat.train import read_checkpoint_config
+    from features.profiles import ProfileVocab
+    from models.hmat.checkpoint import read_checkpoint_config
 
     cfg = read_checkpoint_config(args.checkpoint)
     if "profile_vocab" not in cfg:
         return Profiles.empty()
     users = None
     if args.dataset:
-        from hisam.data import load_dataset
+        from data import load_dataset
 
         users = load_dataset(args.dataset, args.data_dir, progress=False).users
     return Profiles.from_vocab(ProfileVocab.from_dict(cfg["profile_vocab"]), users)
@@ -77,7 +78,7 @@ def load_profiles(args: argparse.Namespace):
 
 def make_ranker(args: argparse.Namespace, triton_url: str | None, profiles):
     """The Ranker for these options; call it on the serving event loop."""
-    from features.online import open_stream_store
+    from features.store import open_stream_store
     from serving.backends import OrtBackend, TritonBackend
     from serving.online import OnlineReader
     from serving.ranking import Ranker, model_info
@@ -122,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
         stack.enter_context(metrics_server(args.metrics_port, args.metrics_addr))
         url = args.triton_url
         if args.inference == "triton" and url is None:
-            from serving.triton import supervised_triton_server
+            from infra.triton import supervised_triton_server
 
             url = stack.enter_context(supervised_triton_server(args.model_repo)).url
         asyncio.run(_serve(args, url, profiles))

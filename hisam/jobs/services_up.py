@@ -14,7 +14,7 @@ import threading
 from contextlib import ExitStack
 from pathlib import Path
 
-from hisam.services import kafka_broker, redis_server
+from infra.services import kafka_broker, redis_server
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import os
 import socket
 from pathlib import Path
 
-from features.online import OnlineStoreConfig
-from hisam.observability import add_metrics_arguments, metrics_server
+from features.store import OnlineStoreConfig
+from infra.observability import add_metrics_arguments, metrics_server
 from stream.app import StreamSettings, run_worker
 
 log = logging.getLogger(__name__)

@@ -22,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hisam.data import load_dataset
-    from hisam.tokenizers import encode_catalogue
+    from data import load_dataset
     from models.tokenizer import FrozenTokenizer
+    from recipes.tokenizer.variants import encode_catalogue
 
     tok = FrozenTokenizer.load(Path(args.tokenizers_dir) / args.variant)
     ds = load_dataset(args.dataset, args.data_dir, progress=False)

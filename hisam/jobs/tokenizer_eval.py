@@ -18,9 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from hisam.data import load_dataset
-    from hisam.tokenizer_report import markdown_table, write_report
-    from hisam.tokenizers import evaluate_tokenizer
+    from data import load_dataset
+    from recipes.tokenizer.report import markdown_table, write_report
+    from recipes.tokenizer.variants import evaluate_tokenizer
 
     root = Path(args.tokenizers_dir)
     names = (

@@ -1,9 +1,9 @@
 """``hisam tokenizer migrate``: controlled re-tokenisation of items and user streams (blue/green).
 
-A new tokenizer version (METHOD.md §1 lifecycle: DST monthly, PT weekly, SFT daily or
+A new tokenizer version (docs/method.md §1 lifecycle: DST monthly, PT weekly, SFT daily or
 faster) changes every item's semantic IDs, and the user streams hold only those IDs.
 This command copies the current online-store namespace into a new one under the new
-tokenizer (features/retokenize.py has the steps and the checks); it never writes in
+tokenizer (stream/retokenize.py has the steps and the checks); it never writes in
 place, so serving keeps reading the old namespace until the cut-over.
 
 The procedure:
@@ -43,12 +43,12 @@ import logging
 import os
 import sqlite3
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from features.online import OnlineStoreConfig
+from data import default_data_dir
+from features.store import OnlineStoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", default=os.environ.get("HISAM_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
     parser.add_argument("--item-topic", default="item-events")
     parser.add_argument("--topic-timeout", type=float, default=300.0, help="seconds to read the item topic to its end")
-    parser.add_argument("--dataset", default="ml-100k", help="with --items-from dataset (hisam.data.load_dataset)")
-    parser.add_argument("--data-dir", default=os.environ.get("HISAM_DATA_DIR", "data"))
+    parser.add_argument("--dataset", default="ml-100k", help="with --items-from dataset (data.load_dataset)")
+    parser.add_argument("--data-dir", default=default_data_dir())
 
     src = parser.add_argument_group("source namespace (read only)")
     src.add_argument(
@@ -104,11 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_topic_to_end(bootstrap: str, topic: str, timeout_s: float) -> Iterator[bytes | None]:
     """Every record value of ``topic`` from the beginning up to its end offsets at the start (no group)."""
-    from features.retokenize import MigrationError
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # kafka-python warns on import
-        from kafka import KafkaConsumer, TopicPartition
+    from infra.kafka import KafkaConsumer, TopicPartition
+    from stream.retokenize import MigrationError
 
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, client_id="hisam-migrate"
@@ -139,7 +136,7 @@ def read_topic_to_end(bootstrap: str, topic: str, timeout_s: float) -> Iterator[
 
 
 def _configs(args: argparse.Namespace, tokenizer) -> tuple[OnlineStoreConfig, OnlineStoreConfig]:
-    from features.retokenize import default_project
+    from stream.retokenize import default_project
 
     source = OnlineStoreConfig(
         backend=args.from_backend,
@@ -167,7 +164,7 @@ def _configs(args: argparse.Namespace, tokenizer) -> tuple[OnlineStoreConfig, On
 def _check_source(config: OnlineStoreConfig) -> None:
     """The source must exist: opening a missing SQLite namespace would create it empty."""
     from features import encoding as enc
-    from features.retokenize import MigrationError
+    from stream.retokenize import MigrationError
 
     if config.backend == "sqlite":
         db = config.sqlite_db
@@ -188,15 +185,15 @@ def _check_source(config: OnlineStoreConfig) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from features.online import open_feature_store, open_stream_store
-    from features.retokenize import (
+    from features.store import open_feature_store, open_stream_store
+    from models.tokenizer import FrozenTokenizer
+    from stream.retokenize import (
         MigrationError,
         catalogue_from_dataset,
         catalogue_from_item_events,
         check_namespaces,
         migrate_namespace,
     )
-    from models.tokenizer import FrozenTokenizer
 
     try:
         tokenizer = FrozenTokenizer.load(args.tokenizer)
@@ -211,7 +208,7 @@ def main(args: argparse.Namespace) -> int:
             values = read_topic_to_end(args.bootstrap, args.item_topic, args.topic_timeout)
             catalogue = catalogue_from_item_events(values, tokenizer.modalities)
         else:
-            from hisam.data import load_dataset
+            from data import load_dataset
 
             ds = load_dataset(args.dataset, args.data_dir, progress=not args.no_progress)
             catalogue = catalogue_from_dataset(ds.items, int(time.time() * 1000))

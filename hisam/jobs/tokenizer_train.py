@@ -5,30 +5,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 
-from models.tokenizer import TrainConfig
+from data import default_data_dir
+from recipes.tokenizer.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--dataset", default="ml-100k", help="'ml-100k' or a directory in the custom format (hisam/data/FORMAT.md)"
+        "--dataset", default="ml-100k", help="'ml-100k' or a directory in the custom format (data/FORMAT.md)"
     )
-    parser.add_argument("--data-dir", default=os.environ.get("HISAM_DATA_DIR", "data"))
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--tokenizers-dir", default="artifacts/tokenizers", help="where tokenizer artifacts live")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hisam.tokenizers import VARIANTS
+    from recipes.tokenizer.variants import VARIANTS
 
     add_common(parser)
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="repeatable; default: dst")
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--lr", type=float, default=None, help="default: per kind (hisam.tokenizers.DEFAULT_LR)")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="default: per kind (recipes.tokenizer.variants.DEFAULT_LR)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument(
@@ -57,8 +59,8 @@ def parse_overrides(items: list[str]) -> dict:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from hisam.data import load_dataset
-    from hisam.tokenizers import DEFAULT_LR, VARIANTS, train_variant
+    from data import load_dataset
+    from recipes.tokenizer.variants import DEFAULT_LR, VARIANTS, train_variant
 
     ds = load_dataset(args.dataset, args.data_dir, progress=not args.no_progress)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

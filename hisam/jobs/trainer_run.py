@@ -1,4 +1,4 @@
-"""``hisam trainer run``: the near-line trainer service (hisam/trainer/service.py).
+"""``hisam trainer run``: the near-line trainer service (trainer/service.py).
 
 Consumes training-samples with its own consumer group, fine-tunes the candidate near-line,
 and publishes gated versions into the Triton model repository. The first start needs
@@ -8,7 +8,7 @@ repository, adopted when the repository already serves it); later starts resume 
 before it becomes the serving model; the wait runs beside the training loop
 (``--foreground-publish``: on it). The gate is a paired test of the candidate against the
 serving model on the same recent events (``--confidence``, ``--margin``,
-``--min-improvement``, ``--gate-method``; hisam/trainer/paired.py).
+``--min-improvement``, ``--gate-method``; trainer/paired.py).
 Profiles come from the checkpoint's vocabulary and ``--dataset``'s users table, as
 ``hisam serve`` builds them, so training and serving open every stream with the same tokens.
 Runs until SIGTERM / Ctrl-C (the current micro-batch finishes and is committed).
@@ -22,6 +22,8 @@ import os
 import signal
 import threading
 from pathlib import Path
+
+from data import default_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model configs published: cpu (Python backend running ONNX Runtime) or gpu (onnxruntime + TensorRT)",
     )
     parser.add_argument("--dataset", default=None, help="users table for profile tokens (as hisam serve)")
-    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--max-records", type=int, default=256, help="micro-batch size")
     parser.add_argument("--max-wait", type=float, default=2.0, help="seconds a micro-batch may wait to fill")
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (core.py: how it was chosen)")
@@ -73,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
     parser.add_argument("--max-samples", type=int, default=None, help="exit after training this many samples")
-    from hisam.observability import add_metrics_arguments
+    from infra.observability import add_metrics_arguments
 
     add_metrics_arguments(parser)
 
@@ -87,7 +89,7 @@ def trainer_config(args: argparse.Namespace, **override):
     (``trainer run`` has all of them; ``bench trainer`` a subset, the rest keep their defaults)."""
     from dataclasses import fields
 
-    from hisam.trainer.core import TrainerConfig
+    from trainer.core import TrainerConfig
 
     values = {
         f.name: getattr(args, _OPTION_OF.get(f.name, f.name))
@@ -101,9 +103,9 @@ def build_service(args: argparse.Namespace):
     import torch
 
     from hisam.jobs.serve import load_profiles
-    from hisam.trainer.core import NearlineTrainer
-    from hisam.trainer.service import ServiceConfig, TrainerService
-    from hisam.trainer.state import StateDir
+    from trainer.core import NearlineTrainer
+    from trainer.service import ServiceConfig, TrainerService
+    from trainer.state import StateDir
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,7 +144,7 @@ def build_service(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    from hisam.observability import metrics_server
+    from infra.observability import metrics_server
 
     service = build_service(args)
     stop = threading.Event()

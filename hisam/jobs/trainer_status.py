@@ -20,9 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def status(state_dir: Path, repo: Path, n_lineage: int = 10) -> dict:
-    from hisam.trainer.prequential import Window
-    from hisam.trainer.state import STATE_JSON, StateDir
     from serving.repository import published_versions
+    from trainer.prequential import Window
+    from trainer.state import STATE_JSON, StateDir
 
     sd = StateDir(state_dir)
     snap = sd.current()

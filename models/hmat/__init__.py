@@ -1,5 +1,5 @@
 """HMAT ranker: model (model.py), token stream (sequence.py), MA-Attn mask (mask.py),
-objectives (losses.py) and cached / one-pass inference (inference.py). METHOD.md §3-§4."""
+objectives (losses.py) and cached / one-pass inference (inference.py). docs/method.md §3-§4."""
 
 from models.hmat.inference import AnchorKVCache, append_history, encode_history, rank_candidates, score_with_cache
 from models.hmat.losses import pt_loss, sft_loss

@@ -1,4 +1,4 @@
-"""Baselines and ablations of HMAT as configurations of the same model (METHOD.md §5; Hi-SAM Table 2).
+"""Baselines and ablations of HMAT as configurations of the same model (docs/method.md §5; Hi-SAM Table 2).
 
 Every variant is ``HMAT`` with some flags changed, so trunk, width, depth, optimiser and
 training budget are identical by construction and only the named difference is tested:

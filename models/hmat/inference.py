@@ -1,4 +1,4 @@
-"""Ranking with HMAT: one-pass parallel ranking and the anchor KV cache (METHOD.md §4; Hi-SAM §3.4.2).
+"""Ranking with HMAT: one-pass parallel ranking and the anchor KV cache (docs/method.md §4; Hi-SAM §3.4.2).
 
 Letters: B users, S stream tokens, M cached slots, N candidates, k semantic IDs per item,
 G key/value heads, D head dim, C hidden width, P profile tokens, T history items.

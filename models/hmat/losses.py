@@ -1,4 +1,4 @@
-"""HMAT training objectives (METHOD.md §3 "Losses"; Hi-SAM §3.4.1).
+"""HMAT training objectives (docs/method.md §3 "Losses"; Hi-SAM §3.4.1).
 
 Letters: B batch, S stream tokens, C hidden width, A action types, V vocabulary.
 

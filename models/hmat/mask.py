@@ -1,4 +1,4 @@
-"""The MA-Attn mask (METHOD.md §3, §4; Hi-SAM §3.3.2, §3.4.2) as one pure function.
+"""The MA-Attn mask (docs/method.md §3, §4; Hi-SAM §3.3.2, §3.4.2) as one pure function.
 
 Letters: B batch, Sq query tokens, Sk key tokens.
 """
@@ -25,12 +25,12 @@ def attention_mask(
     - causal in logical order: ``key.order <= query.order``;
     - padding keys are never visible;
     - candidates are block-diagonal: a candidate token is visible only to tokens of its own
-      block, so no candidate sees another (METHOD.md §4, one-pass ranking).
+      block, so no candidate sees another (docs/method.md §4, one-pass ranking).
 
-    ``memory_anchor=True`` (MA-Attn, METHOD.md §3) additionally allows only:
+    ``memory_anchor=True`` (MA-Attn, docs/method.md §3) additionally allows only:
     (1) profile tokens; (2) tokens of the query's own segment (same history item, or same
     candidate block); (3) memory tokens of history items: the anchor, and the action if
-    ``action_is_memory`` (our reading of the open question, METHOD.md §3). Raw semantic-ID
+    ``action_is_memory`` (our reading of the open question, docs/method.md §3). Raw semantic-ID
     tokens of other items are never visible. ``memory_anchor=False`` is the plain causal
     mask used by PT and by the ``ma_attn=False`` ablation.
 

@@ -1,14 +1,14 @@
-"""HMAT, the Hierarchical Memory-Anchor Transformer (METHOD.md §3; Hi-SAM §3.3), top to bottom.
+"""HMAT, the Hierarchical Memory-Anchor Transformer (docs/method.md §3; Hi-SAM §3.3), top to bottom.
 
 Letters: B batch, S tokens of the stream being run, Sk keys (cached slots + S), C hidden
 width, H query heads, G key/value heads (GQA), D head dim, V vocabulary, A action types.
-(T is kept for history items, as in METHOD.md.)
+(T is kept for history items, as in docs/method.md.)
 
 Reading order: config and presets, RMSNorm, H-RoPE, attention (reference oracle and SDPA
 fast path), SwiGLU MLP, pre-norm block, the model with its two heads:
 - ``action_head``: logits over the A action types, read at anchor positions; the score of
-  an item is P(positive action | its anchor) (METHOD.md §3 SFT, §4 ranking);
-- ``lm_head``: logits over the token vocabulary for PT next-token prediction (METHOD.md §3).
+  an item is P(positive action | its anchor) (docs/method.md §3 SFT, §4 ranking);
+- ``lm_head``: logits over the token vocabulary for PT next-token prediction (docs/method.md §3).
 
 The stream itself (tokens, coordinates, metadata) is built in sequence.py and the mask in
 mask.py; ``HMAT.forward`` takes plain tensors so that the cache (inference.py) can run any
@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.hmat.anchor_op import anchor_attention
 from models.hmat.mask import CachedBlocks, attention_mask
 from models.hmat.sequence import StreamLayout, TokenStream
 
-# "custom_op": torch.ops.hisam.anchor_attention (registered by models/hmat/onnx_ops.py), the
+# "custom_op": torch.ops.hisam.anchor_attention (registered by models/hmat/anchor_op.py), the
 # path ONNX export takes so that attention becomes one custom-domain node; inference only.
 AttnImpl = Literal["reference", "sdpa", "custom_op"]
 RopeKind = Literal["hrope", "rope1d"]
@@ -37,15 +38,15 @@ LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, G, S, D) each, 
 
 @dataclass
 class HMATConfig:
-    """HMAT hyper-parameters; defaults are Hi-SAM-Small (METHOD.md §3, paper App. B.2)."""
+    """HMAT hyper-parameters; defaults are Hi-SAM-Small (docs/method.md §3, paper App. B.2)."""
 
     # Vocabulary (sequence.StreamLayout): k semantic IDs per item from codebooks of size K.
     n_sid: int = 6
     codebook_size: int = 256
     profile_vocab_size: int = 1024
-    n_actions: int = 2  # 0 negative, 1 positive (METHOD.md §5: rating > 3 is positive)
+    n_actions: int = 2  # 0 negative, 1 positive (docs/method.md §5: rating > 3 is positive)
     positive_action: int = 1
-    max_items: int = 300  # max history T (METHOD.md §3)
+    max_items: int = 300  # max history T (docs/method.md §3)
     max_profile_len: int = 32
     # Trunk.
     n_layer: int = 4
@@ -56,12 +57,12 @@ class HMATConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = True  # lm_head shares the token embedding (nanoGPT)
-    # Positions (METHOD.md §3 H-RoPE; "rope1d" is the 1-D RoPE ablation of §5).
+    # Positions (docs/method.md §3 H-RoPE; "rope1d" is the 1-D RoPE ablation of §5).
     rope: RopeKind = "hrope"
     rope_inter_fraction: float = 0.5  # share of each head's rotary dims given to i (lost in the paper)
     rope_base_inter: float = 10000.0
     rope_base_intra: float = 100.0
-    # Attention (METHOD.md §3 MA-Attn; ma_attn=False is the "w/o MA-Attn" ablation).
+    # Attention (docs/method.md §3 MA-Attn; ma_attn=False is the "w/o MA-Attn" ablation).
     ma_attn: bool = True
     action_is_memory: bool = True  # an earlier item's anchor AND action are its memory
     attn_impl: AttnImpl = "sdpa"
@@ -149,7 +150,7 @@ def apply_hrope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inter_dim
     subspace: dims [0, inter_dims) rotate by i, dims [inter_dims, D) by j, and inside each
     subspace dim m pairs with dim m + half. Since every pair rotates by its own coordinate,
     a query-key score depends only on (i_q - i_k, j_q - j_k) and splits into an inter-item
-    and an intra-item term (METHOD.md §3; paper App. A.3). Computed in fp32.
+    and an intra-item term (docs/method.md §3; paper App. A.3). Computed in fp32.
     """
     xf = x.float()
     rotated = torch.cat([rotate_half(xf[..., :inter_dims]), rotate_half(xf[..., inter_dims:])], dim=-1)
@@ -296,9 +297,7 @@ class Attention(nn.Module):
         if attn_impl == "custom_op":  # GQA handled inside the op: K/V stay at G heads
             if self.training:
                 raise ValueError("attn_impl='custom_op' is for inference: it has no dropout and no autograd formula")
-            import models.hmat.onnx_ops  # noqa: F401  registers torch.ops.hisam.anchor_attention (no-op once loaded)
-
-            y = torch.ops.hisam.anchor_attention(q, k_all, v_all, mask)  # (B, H, S, D)
+            y = anchor_attention(q, k_all, v_all, mask)  # (B, H, S, D)
             y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # (B, S, H * D)
             return self.o_proj(y), (k, v)
         n_rep = self.n_head // self.n_kv_head
@@ -362,7 +361,7 @@ def check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
 
 
 class HMAT(nn.Module):
-    """Decoder-only ranker over semantic-ID streams (METHOD.md §3)."""
+    """Decoder-only ranker over semantic-ID streams (docs/method.md §3)."""
 
     def __init__(self, config: HMATConfig) -> None:
         super().__init__()

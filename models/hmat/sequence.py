@@ -2,9 +2,9 @@
 
 Letters: B users in a batch, S tokens in a (padded) stream, T history items of one user,
 N candidates, P profile tokens, k = n_sid semantic IDs per item. (T names items here, as
-in METHOD.md, so tokens get S.)
+in docs/method.md, so tokens get S.)
 
-One user's stream (METHOD.md §3, §4)::
+One user's stream (docs/method.md §3, §4)::
 
     u_1 .. u_P | s_11 .. s_1k ANCHOR_1 ACTION_1 | ... | s_T1 .. s_Tk ANCHOR_T ACTION_T |
     c_11 .. c_1k ANCHOR_c1 | ... | c_N1 .. c_Nk ANCHOR_cN
@@ -20,7 +20,7 @@ Every token carries, besides its vocabulary id:
   candidates keep their concatenated order, the block-diagonal mask makes it irrelevant);
 - ``pos_i``, ``pos_j``: H-RoPE coordinates. Profile: i = 0, j = 0..P-1. Item t: i = t,
   j = 0..k+1 through its semantic IDs, anchor and action. Every candidate: i = T + 1,
-  j = 0..k (input-side position re-alignment, METHOD.md §4);
+  j = 0..k (input-side position re-alignment, docs/method.md §4);
 - ``pos_flat``: the 1-D RoPE position for the ``rope1d`` ablation: ``order`` for profile
   and history, and (number of tokens before the first candidate) + j for candidates, so
   the flat variant is re-aligned the same way.
@@ -267,7 +267,7 @@ def _user_rows(
             emit(layout.sid_token(c, code), TokenType.SID, i, -1, i, c)
         emit(layout.anchor_id, TokenType.ANCHOR, i, -1, i, layout.n_sid)
         emit(layout.action_token(action), TokenType.ACTION, i, -1, i, layout.n_sid + 1)
-    # Re-alignment (METHOD.md §4): every candidate at i = T + 1, flat position = first candidate's.
+    # Re-alignment (docs/method.md §4): every candidate at i = T + 1, flat position = first candidate's.
     i_cand, flat_cand = first_item + len(sids), first_order + len(rows)
     for n, codes in enumerate(candidates):
         for c, code in enumerate(codes):

@@ -10,7 +10,6 @@ from models.tokenizer.artifact import (
 from models.tokenizer.baselines import RQVAE, MACRec, MACRecConfig, RQVAEConfig
 from models.tokenizer.collisions import CollisionError, collision_rate, resolve_collisions
 from models.tokenizer.dst import DST, DSTConfig
-from models.tokenizer.train import TrainConfig, encode_all, train_tokenizer
 
 __all__ = [
     "DST",
@@ -22,12 +21,9 @@ __all__ = [
     "MACRecConfig",
     "RQVAEConfig",
     "TokenizerInputError",
-    "TrainConfig",
     "build_model",
     "collision_rate",
-    "encode_all",
     "load_tokenizer",
     "resolve_collisions",
     "save_tokenizer",
-    "train_tokenizer",
 ]

@@ -3,10 +3,10 @@
 An artifact is a directory: ``model.safetensors`` (weights and buffers), ``config.json``
 (kind, model config, training config and summary, tokenizer version). The version is
 ``<kind>-<12 hex>`` of a SHA-256 over the config and the weights, so the same weights always
-carry the same version and any change in either gives a new one (DESIGN.md contracts).
+carry the same version and any change in either gives a new one (docs/design.md contracts).
 
 Global token ids: code c of layer l becomes ``l * K + c``, so the vocabularies of different
-codebooks never overlap (DESIGN.md contracts); ``FrozenTokenizer.vocab_size == L * K``.
+codebooks never overlap (docs/design.md contracts); ``FrozenTokenizer.vocab_size == L * K``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Collision rate and collision resolution of full semantic IDs (METHOD.md §1b, codebook hygiene).
+"""Collision rate and collision resolution of full semantic IDs (docs/method.md §1b, codebook hygiene).
 
 Letters: N items, L code length, K codebook size.
 

@@ -1,4 +1,4 @@
-"""DST, the Disentangled Semantic Tokenizer of Hi-SAM (§3.2; METHOD.md §1).
+"""DST, the Disentangled Semantic Tokenizer of Hi-SAM (§3.2; docs/method.md §1).
 
 Letters: B batch, M modalities, D aligned width (256), K codebook size, L_s shared RQ layers,
 N_h PSGR subspaces.
@@ -8,7 +8,7 @@ Reading order: config -> CGA projection heads (x_m -> e_m on the unit sphere) ->
 decoders) -> losses (reconstruction, commitment, GRAM alignment, vCLUB).
 
 Codes per item: [shared_1 .. shared_{L_s}, specific_{m_1} .. specific_{m_M}], so with three
-modalities 6 codes (METHOD.md §1b).
+modalities 6 codes (docs/method.md §1b).
 
 Missing modality (documented fallback, ``missing="impute"``): CGA puts every modality on one
 hypersphere, so a missing modality's aligned vector is replaced by the normalised mean of the
@@ -16,8 +16,8 @@ item's present aligned vectors. Its specific code is then what PSGR recovers wit
 At least one modality must be present. ``missing="error"`` refuses such items instead.
 
 Two readings the paper leaves open, both config fields, and why our defaults differ from the
-first reading in METHOD.md (measured on a synthetic catalogue with known shared and private
-factors, models/tokenizer/testing.py; the figures are in the issue note and the tokenizer
+first reading in docs/method.md (measured on a synthetic catalogue with known shared and private
+factors, recipes/tokenizer/testing.py; the figures are in the issue note and the tokenizer
 report's ablation table):
 - ``recon_target``: reconstructing the *aligned* e_m cannot keep modality-private detail,
   because CGA's contrastive volume loss makes e_m of one item agree across modalities, i.e.
@@ -49,12 +49,12 @@ from models.tokenizer.quantize import ResidualQuantizer, VectorQuantizer
 @dataclass
 class DSTConfig:
     modalities: dict[str, int] = field(default_factory=lambda: {"text": 384, "behaviour": 64, "metadata": 32})
-    anchor: str = "text"  # CGA anchor modality (METHOD.md §1a)
+    anchor: str = "text"  # CGA anchor modality (docs/method.md §1a)
     dim: int = 256  # aligned width d
     hidden: int = 512  # projection-head / decoder hidden width
-    codebook_size: int = 256  # K (lost in the paper; METHOD.md default)
+    codebook_size: int = 256  # K (lost in the paper; docs/method.md default)
     shared_layers: int = 3  # L_s
-    n_subspaces: int = 4  # N_h (lost; METHOD.md default)
+    n_subspaces: int = 4  # N_h (lost; docs/method.md default)
     aggregate: Literal["mean", "concat"] = "mean"  # z = mean(e_m), or a linear map of their concatenation
     # What PSGR unfolds: the shared branch's final residual r = z - z_hat_s (the paper's text),
     # or each modality's own residual r_m = e_m - z_hat_s ("modal residual"). See the module
@@ -94,7 +94,7 @@ class DST(nn.Module):
         self.config = c = config
         self.names = list(c.modalities)
         self.normalizer = InputNormalizer(c.modalities)
-        # CGA: per-modality projection head g_m (METHOD.md §1a).
+        # CGA: per-modality projection head g_m (docs/method.md §1a).
         self.heads = nn.ModuleDict({m: mlp(w, c.hidden, c.dim) for m, w in c.modalities.items()})
         if c.aggregate == "concat":
             self.aggregate = nn.Linear(c.dim * len(self.names), c.dim)

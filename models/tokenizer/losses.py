@@ -27,7 +27,7 @@ def small_det(g: torch.Tensor) -> torch.Tensor:
 
 
 def gram_volume(vectors: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Volume of the parallelotope spanned by M vectors: sqrt(det G), G = A A^T (METHOD.md §1a).
+    """Volume of the parallelotope spanned by M vectors: sqrt(det G), G = A A^T (docs/method.md §1a).
 
     ``vectors``: (..., M, D). Returns (...). ``eps`` keeps sqrt differentiable at a volume of
     zero (identical vectors), where the gradient of sqrt would be infinite.
@@ -58,7 +58,7 @@ def pairwise_anchor_volumes(anchor: torch.Tensor, data: torch.Tensor) -> torch.T
 
 
 def gram_alignment_loss(anchor: torch.Tensor, data: torch.Tensor, tau: float) -> torch.Tensor:
-    """Symmetric InfoNCE on negative volumes (GRAM, Cicchetti et al. 2025; METHOD.md §1a).
+    """Symmetric InfoNCE on negative volumes (GRAM, Cicchetti et al. 2025; docs/method.md §1a).
 
     L_D2A: for anchor i, the positive is its own data j = i among all j;
     L_A2D: for data i, the positive is its own anchor among all anchors.
@@ -87,7 +87,7 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, positive: torch.Tensor, ta
 
 
 class VCLUB(nn.Module):
-    """vCLUB upper bound on I(x; y) (Cheng et al. 2020; METHOD.md §1b).
+    """vCLUB upper bound on I(x; y) (Cheng et al. 2020; docs/method.md §1b).
 
     q(y|x) = N(mu(x), diag sigma^2(x)). Two uses, alternated by the trainer:
     - ``learning_loss`` (x, y detached) trains q to fit the positive pairs;

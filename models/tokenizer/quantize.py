@@ -2,7 +2,7 @@
 
 Letters: B batch, D code width, K codebook size, L quantiser layers.
 
-What METHOD.md §1b asks beyond the paper, and where it lives here:
+What docs/method.md §1b asks beyond the paper, and where it lives here:
 - k-means initialisation from the first batch(es): ``VectorQuantizer.init_from`` (k-means++
   seeding, Lloyd iterations), called layer by layer by ``ResidualQuantizer.init_from`` on
   the residuals the earlier layers leave.
@@ -139,7 +139,7 @@ class ResidualOutput:
 
 
 class ResidualQuantizer(nn.Module):
-    """RQ: r_0 = z; c_l = argmin_k ||r_{l-1} - C_l[k]||; r_l = r_{l-1} - C_l[c_l] (METHOD.md §1b).
+    """RQ: r_0 = z; c_l = argmin_k ||r_{l-1} - C_l[k]||; r_l = r_{l-1} - C_l[c_l] (docs/method.md §1b).
 
     ``commitment``: "per_layer" commits every layer's input to its codeword, which pulls z
     towards the *first* codeword too and so drains the residual the deeper layers need (on

@@ -6,14 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hisam.data.behaviour import (
-    Item2VecConfig,
-    cooccurrence,
-    item2vec,
-    item2vec_cached,
-    ppmi,
-)
-from hisam.data.dataset import prepare_interactions, split_chronological
+from data.behaviour import Item2VecConfig, cooccurrence, item2vec, item2vec_cached, ppmi
+from data.dataset import prepare_interactions, split_chronological
 
 
 def _train(users: list[int], items: list[int]) -> pd.DataFrame:
@@ -130,7 +124,7 @@ def test_item2vec_cache_returns_identical_arrays(tmp_path, monkeypatch: pytest.M
     def fail(*args, **kwargs):
         raise AssertionError("cache miss")
 
-    monkeypatch.setattr("hisam.data.behaviour.item2vec", fail)
+    monkeypatch.setattr("data.behaviour.item2vec", fail)
     b, pb = item2vec_cached(train, 20, tmp_path)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(pa, pb)

@@ -1,4 +1,4 @@
-"""The bring-your-own format (hisam/data/FORMAT.md): round trip and every error case."""
+"""The bring-your-own format (data/FORMAT.md): round trip and every error case."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hisam.data import DatasetError, load_dataset
+from data import DatasetError, load_dataset
 
 Writer = Callable[..., Path]
 

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hisam.data import DatasetFetchError, load_dataset
-from hisam.data.behaviour import item2vec
-from hisam.data.movielens import build_ml100k, fetch_raw
-from hisam.data.text import TEXT_DIM
+from data import DatasetFetchError, load_dataset
+from data.behaviour import item2vec
+from data.movielens import build_ml100k, fetch_raw
+from data.text import TEXT_DIM
 
 ITEM_LINES = [
     "1\tToy Story\t1995\tAnimation Children's Comedy",
@@ -98,7 +98,7 @@ def test_fetch_failure_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monk
         assert cmd[1:4] == ["-m", "pip", "download"]
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found")
 
-    monkeypatch.setattr("hisam.data.movielens.subprocess.run", failing_pip)
+    monkeypatch.setattr("data.movielens.subprocess.run", failing_pip)
     with pytest.raises(DatasetFetchError, match=r"(?s)recbole==1\.2\.1.*pip exited 1.*No matching distribution"):
         fetch_raw(tmp_path / "ml-100k")
     assert not (tmp_path / "ml-100k" / "raw").exists()
@@ -122,7 +122,7 @@ def test_real_ml100k(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     np.testing.assert_allclose(ds.items.features["behaviour"], emb, atol=1e-6)
 
     # a second load is served from the caches: the encoder is never loaded
-    monkeypatch.setattr("hisam.data.text._load_encoder", lambda device: pytest.fail("text cache miss"))
+    monkeypatch.setattr("data.text._load_encoder", lambda device: pytest.fail("text cache miss"))
     t0 = time.perf_counter()
     again = load_dataset("ml-100k", data_dir, progress=False)
     assert time.perf_counter() - t0 < 30  # generous: only guards against a silent rebuild

@@ -1,4 +1,4 @@
-"""The evaluation protocol of METHOD.md §5: chronological 90/10 split, labels, cold sets."""
+"""The evaluation protocol of docs/method.md §5: chronological 90/10 split, labels, cold sets."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hisam.data import DatasetError, ItemTable
-from hisam.data.dataset import (
+from data import DatasetError, ItemTable
+from data.dataset import (
     assemble,
     find_cold_items,
     find_cold_users,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hisam.data.metadata import metadata_features
-from hisam.data.text import TEXT_DIM, embed_texts, model_name, text_cache_key
+from data.metadata import metadata_features
+from data.text import TEXT_DIM, embed_texts, model_name, text_cache_key
 
 TEXTS = ["Toy Story. Genres: Animation, Children's, Comedy.", "GoldenEye. Genres: Action, Adventure, Thriller."]
 
@@ -28,7 +28,7 @@ def test_text_embeddings_are_the_encoders_and_cached(tmp_path, monkeypatch: pyte
     def no_encoder(device: str):
         raise AssertionError("encoder loaded on what should be a cache hit")
 
-    monkeypatch.setattr("hisam.data.text._load_encoder", no_encoder)
+    monkeypatch.setattr("data.text._load_encoder", no_encoder)
     again = embed_texts(TEXTS, tmp_path, progress=False)
     np.testing.assert_array_equal(again, first)
     assert len(list(tmp_path.glob("text-*.npy"))) == 1

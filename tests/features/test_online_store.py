@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from features.online import (
+from features.store import (
     ItemSids,
     OnlineStoreConfig,
     SidClaim,
@@ -201,7 +201,7 @@ def test_feast_reads_ignore_the_seen_window_and_cluster_keys_share_the_users_slo
 def _bucket_records(cfg, store, user: int) -> list[tuple[str, int]]:
     """Redis: every (event id, seq) record of the user's seen-window buckets, by seq."""
     from features import encoding as enc
-    from features.online import _seen_records
+    from features.store import _seen_records
 
     key = enc.redis_key(cfg.project, enc.USER_ID_KEY, user)
     fields = store._client.hgetall(key)

@@ -1,4 +1,4 @@
-"""Baselines and ablations as HMAT configurations (models/hmat/baselines.py, METHOD.md §5)."""
+"""Baselines and ablations as HMAT configurations (models/hmat/baselines.py, docs/method.md §5)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,7 @@ from models.hmat.sequence import UserSequence, build_stream
 N_ITEMS = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread hand-off dominates, and on a shared CPU extra threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base() -> HMATConfig:

@@ -1,4 +1,4 @@
-"""One-pass ranking and the anchor KV cache (models/hmat/inference.py, METHOD.md §4).
+"""One-pass ranking and the anchor KV cache (models/hmat/inference.py, docs/method.md §4).
 
 The oracle is the full forward pass over the whole stream; tolerances are 1e-5 in fp32
 because cached and full runs sum the same terms in a different order.

@@ -1,4 +1,4 @@
-"""SFT and PT objectives (models/hmat/losses.py, METHOD.md §3 "Losses")."""
+"""SFT and PT objectives (models/hmat/losses.py, docs/method.md §3 "Losses")."""
 
 from __future__ import annotations
 

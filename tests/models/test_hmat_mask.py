@@ -1,4 +1,4 @@
-"""MA-Attn mask (models/hmat/mask.py) against hand-drawn matrices (METHOD.md §3, §4)."""
+"""MA-Attn mask (models/hmat/mask.py) against hand-drawn matrices (docs/method.md §3, §4)."""
 
 from __future__ import annotations
 

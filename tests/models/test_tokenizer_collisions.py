@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from models.tokenizer.collisions import CollisionError, collision_rate, resolve_collisions
-from models.tokenizer.metrics import code_modality_association, perplexity, utilisation
+from recipes.tokenizer.metrics import code_modality_association, perplexity, utilisation
 
 
 def test_collision_rate_counts_items_sharing_a_full_id():

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from models.tokenizer.losses import gram_alignment_loss, gram_volume, info_nce, pairwise_anchor_volumes, small_det
-from models.tokenizer.metrics import estimate_mi
 from models.tokenizer.quantize import ResidualQuantizer, VectorQuantizer, kmeans
+from recipes.tokenizer.metrics import estimate_mi
 
 
 def test_gram_volume_of_known_vectors():

@@ -8,19 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.tokenizer import (
-    FrozenTokenizer,
-    TokenizerInputError,
-    TrainConfig,
-    build_model,
-    collision_rate,
-    encode_all,
-    save_tokenizer,
-    train_tokenizer,
-)
-from models.tokenizer.metrics import utilisation
-from models.tokenizer.testing import TINY_MODALITIES, synthetic_items, tiny_config, tiny_tokenizer
-from models.tokenizer.train import to_tensors
+from models.tokenizer import FrozenTokenizer, TokenizerInputError, build_model, collision_rate, save_tokenizer
+from recipes.tokenizer.metrics import utilisation
+from recipes.tokenizer.testing import TINY_MODALITIES, synthetic_items, tiny_config, tiny_tokenizer
+from recipes.tokenizer.train import TrainConfig, encode_all, to_tensors, train_tokenizer
 
 LR = {"dst": 3e-3, "macrec": 1e-3, "rqvae": 1e-3}
 

@@ -7,15 +7,13 @@ exported files are kept in pytest's cache directory (``.pytest_cache``), keyed b
 the model's and the exporter's source files, the config, the seed and the torch version:
 any change to them exports again. The weights are stored with the graphs, so the PyTorch
 reference always runs the exact weights the graphs were exported from. The export itself
-is tested in tests/models/test_hmat_export.py.
+is tested in tests/export/test_hmat_export.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +21,10 @@ import onnx
 import pytest
 import torch
 
-from models.hmat import export as ex
+from export import graphs as ex
 from models.hmat.model import HMAT, HMATConfig, hmat_cpu
 from models.hmat.testing import scrambled
 
-MODEL_SOURCES = ("export.py", "model.py", "onnx_ops.py", "sequence.py", "mask.py", "inference.py")
 SEED = 20260522
 N_CODES = 6  # the tiny tokenizer's codes per item (3 shared + 1 per modality)
 CODEBOOK = 16  # the tiny tokenizer's codebook size
@@ -45,15 +42,6 @@ def scrambled_model(config: HMATConfig, seed: int) -> HMAT:
     return scrambled(HMAT(config))
 
 
-def _export_key(config: HMATConfig, seed: int) -> str:
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
-    src = Path(ex.__file__).parent
-    for name in MODEL_SOURCES:
-        h.update((src / name).read_bytes())
-    h.update(f"{seed}|{torch.__version__}|{onnx.__version__}".encode())
-    return h.hexdigest()[:16]
-
-
 @dataclasses.dataclass
 class TinyExport:
     model: HMAT
@@ -63,7 +51,7 @@ class TinyExport:
 @pytest.fixture(scope="session")
 def tiny_export(build_cache) -> TinyExport:
     config = tiny_config()
-    cache = build_cache("hisam-serving-onnx") / _export_key(config, SEED)
+    cache = build_cache("hisam-serving-onnx") / ex.graph_key(config, str(SEED))
     if not all((cache / f"{g}.onnx").is_file() for g in ex.GRAPHS) or not (cache / "weights.pt").is_file():
         model = scrambled_model(config, SEED)
         tmp = cache.with_name(cache.name + ".tmp")
@@ -108,7 +96,7 @@ N_ITEMS = 200
 class StoreData:
     """A filled online store: its config, ``hisam serve`` options for it, and Rank requests on it."""
 
-    cfg: object  # features.online.OnlineStoreConfig
+    cfg: object  # features.store.OnlineStoreConfig
     args: list[str]
     users: list[int]
     items: list[int]
@@ -117,7 +105,7 @@ class StoreData:
 
 def fill_store(cfg, seed: int = 0, n_requests: int = 64) -> StoreData:
     """Items 0..N_ITEMS-1 with random codes; users 0..N_USERS-1 with 3..30 actions (the store keeps T)."""
-    from features.online import ItemSids, StreamAction, open_stream_store
+    from features.store import ItemSids, StreamAction, open_stream_store
 
     rng = np.random.default_rng(seed)
     tokens = rng.integers(CODEBOOK, size=(N_ITEMS, N_CODES)) + np.arange(N_CODES) * CODEBOOK
@@ -154,7 +142,7 @@ def model_repo(tiny_export, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sqlite_store(tmp_path_factory) -> StoreData:
-    from features.online import OnlineStoreConfig
+    from features.store import OnlineStoreConfig
 
     work = tmp_path_factory.mktemp("sqlite_store")
     cfg = OnlineStoreConfig(backend="sqlite", repo_dir=work, stream_len=STREAM_LEN, n_codes=N_CODES)
@@ -165,7 +153,7 @@ class RestartableTriton:
     """A Triton on ``repo`` that a test stops and starts again on the same ports (outage tests)."""
 
     def __init__(self, repo: Path, log_dir: Path | None = None) -> None:
-        from serving.triton import triton_server
+        from infra.triton import triton_server
 
         self.repo, self.log_dir, self._triton_server = repo, log_dir, triton_server
         self.stack = contextlib.ExitStack()
@@ -208,10 +196,11 @@ class RankService:
 @pytest.fixture(scope="session")
 def rank_service(model_repo, tmp_path_factory) -> RankService:
     """Triton + a private Redis store + ``hisam serve`` (JSON logs, /metrics on), shared by the load and metrics tests."""
-    from features.online import OnlineStoreConfig
-    from hisam.services import free_port, redis_server
+    from features.store import OnlineStoreConfig
+    from infra.ports import free_port
+    from infra.services import redis_server
+    from infra.triton import triton_server
     from serving.load import serve_process
-    from serving.triton import triton_server
 
     work = tmp_path_factory.mktemp("rank_service")
     with redis_server() as redis, triton_server(model_repo, log_dir=work / "triton") as triton:
@@ -233,7 +222,7 @@ def scrape_metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     """A /metrics page as {(sample name, sorted labels): value}."""
     import urllib.request
 
-    from hisam.observability import parse_metrics
+    from infra.observability import parse_metrics
 
     with urllib.request.urlopen(url, timeout=10) as r:
         return parse_metrics(r.read().decode())

@@ -5,7 +5,7 @@ Redis, ``--metrics-port``, ``--log-format json``); the metrics are scraped over 
 after a known set of calls, and every delta is predicted from those calls alone. Users
 whose streams this test writes, and whom no other test ranks, keep the anchor-cache and
 inference counts exact: a user's first request encodes its history (a miss: encode_history
-+ score_with_cache), a repeat with the same stream reuses it (a hit: score_with_cache only). hisam/observability.py's helpers
++ score_with_cache), a repeat with the same stream reuses it (a hit: score_with_cache only). infra/observability.py's helpers
 (JSON formatter, metrics endpoint, ``--log-format`` on the CLI) are tested directly below.
 """
 
@@ -19,7 +19,7 @@ import urllib.request
 import grpc
 import pytest
 
-from hisam.pb.v1 import rank_pb2, rank_pb2_grpc
+from hisam_pb.v1 import rank_pb2, rank_pb2_grpc
 
 FRESH_USERS = (900_001, 900_002)  # streams written here, never ranked by another test
 UNKNOWN = 10**7  # no such item
@@ -36,7 +36,7 @@ def _delta(before: dict, after: dict, name: str, **labels: str) -> float:
 @pytest.mark.triton
 @pytest.mark.slow
 def test_rank_metrics_move_by_exactly_the_calls_made(rank_service, scrape) -> None:
-    from features.online import StreamAction, open_stream_store
+    from features.store import StreamAction, open_stream_store
 
     items = rank_service.data.items
     store = open_stream_store(rank_service.data.cfg)
@@ -108,11 +108,11 @@ def test_serve_logs_one_json_object_per_line(rank_service) -> None:
     assert records and all({"ts", "level", "logger", "msg"} <= r.keys() for r in records)
     health = [r for r in records if r["logger"] == "serving.server" and r.get("health") == "SERVING"]
     assert health and health[0]["level"] == "INFO" and health[0]["msg"].startswith("health: SERVING")
-    assert any(r["logger"] == "hisam.observability" and "metrics on http" in r["msg"] for r in records)
+    assert any(r["logger"] == "infra.observability" and "metrics on http" in r["msg"] for r in records)
 
 
 def test_json_formatter_writes_extra_fields_and_the_exception() -> None:
-    from hisam.observability import JsonFormatter
+    from infra.observability import JsonFormatter
 
     out = io.StringIO()
     handler = logging.StreamHandler(out)
@@ -137,7 +137,7 @@ def test_json_formatter_writes_extra_fields_and_the_exception() -> None:
 
 def test_log_format_comes_from_the_option_or_the_environment(monkeypatch) -> None:
     from hisam.cli import _match, build_parser
-    from hisam.observability import JsonFormatter, configure_logging
+    from infra.observability import JsonFormatter, configure_logging
 
     # "--log-format json" before the command: the command is still found and parsed.
     argv = ["--log-format", "json", "rank", "7", "1", "2"]
@@ -160,8 +160,8 @@ def test_log_format_comes_from_the_option_or_the_environment(monkeypatch) -> Non
 
 
 def test_metrics_server_serves_the_registry_and_port_zero_disables_it() -> None:
-    from hisam import observability as obs
-    from hisam.services import free_port
+    from infra import observability as obs
+    from infra.ports import free_port
 
     with obs.metrics_server(0) as off:
         assert off is None

@@ -8,7 +8,7 @@ talking real gRPC on a TCP port) reads that store and scores on a real ``tritons
 Reference: PyTorch's ``rank_candidates`` on the same weights, with the history rebuilt from
 the events this test produced (items, actions via ``label_of``) and the items' codes as the
 stream stored them. Tolerance: 1e-4 absolute (Triton runs ONNX Runtime, so this is the ONNX
-vs PyTorch tolerance of tests/models/test_hmat_export.py, whose docstring explains it);
+vs PyTorch tolerance of tests/export/test_hmat_export.py, whose docstring explains it);
 cached vs full recompute through Triton: 1e-5 (the same ONNX Runtime, summation order only).
 Request order: exactly equal (serving sorts candidates before building the stream).
 """
@@ -28,9 +28,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from features.online import ItemSids, OnlineStoreConfig, StreamAction, open_stream_store
-from hisam.pb.v1 import rank_pb2, rank_pb2_grpc
-from hisam.services import redis_server
+from features.actions import label_of
+from features.store import ItemSids, OnlineStoreConfig, StreamAction, open_stream_store
+from hisam_pb.v1 import rank_pb2, rank_pb2_grpc
+from infra.services import redis_server
 from models.hmat.inference import rank_candidates
 from models.hmat.sequence import UserSequence, build_stream
 from serving.backends import TritonBackend
@@ -60,7 +61,7 @@ COLD_USER = BASE + 99
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from models.tokenizer.testing import tiny_tokenizer
+    from recipes.tokenizer.testing import tiny_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     tiny_tokenizer(out, n_items=128, epochs=2)
@@ -70,7 +71,7 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def env(kafka_bootstrap, redis_url, tokenizer_dir, tiny_export, restamp, restartable_triton, tmp_path_factory):
     from models.tokenizer import FrozenTokenizer
-    from models.tokenizer.testing import synthetic_items
+    from recipes.tokenizer.testing import synthetic_items
 
     tok = FrozenTokenizer.load(tokenizer_dir)
     assert tok.codebook_size == tiny_export.model.config.codebook_size and tok.n_codes == 6
@@ -158,7 +159,7 @@ def _reference(env, user: int, item_ids, history_events=None) -> dict[int, float
     """PyTorch scores of ``item_ids`` for ``user`` from the events the test produced."""
     evs = (env["events"].get(user, []) if history_events is None else history_events)[-T:]
     hist = _codes(env, [e.item_id for e in evs]) if evs else np.zeros((0, 6), np.int64)
-    actions = [int(rec.label_of(e.action)) for e in evs]
+    actions = [int(label_of(e.action)) for e in evs]
     seq = UserSequence(
         list(PROFILE),
         torch.from_numpy(hist),

@@ -6,7 +6,7 @@ channel, back to back. What is asserted is correctness under concurrency, not sp
 error, every answer well-formed (``serving.load.check_answer``: each candidate once, sorted,
 finite scores, the model version), and every answer's scores equal to the same request
 ranked in this process by ONNX Runtime on the same graphs and store (1e-4: the tolerance of
-ONNX Runtime in Triton's stub against the venv's, tests/models/test_hmat_export.py), and the
+ONNX Runtime in Triton's stub against the venv's, tests/export/test_hmat_export.py), and the
 server's own request counter moved by exactly the calls made. The p50/p99 are printed and
 written to ``rank_load.json`` in the test's tmp dir with the load average: on a shared CI
 machine they are a record, not a threshold.
@@ -34,7 +34,7 @@ ATOL = 1e-4
 
 def _reference(service) -> tuple[dict[int, dict[int, float]], str]:
     """Scores of every request by an in-process ONNX Runtime ranker on the same repository and store."""
-    from features.online import open_stream_store
+    from features.store import open_stream_store
     from serving.backends import OrtBackend
     from serving.online import OnlineReader
     from serving.profiles import Profiles

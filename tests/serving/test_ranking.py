@@ -1,6 +1,6 @@
 """Rank in-process (the embedded ONNX Runtime option) on a SQLite store, and the anchor-cache LRU.
 
-Tolerance 1e-4 against PyTorch: see tests/models/test_hmat_export.py.
+Tolerance 1e-4 against PyTorch: see tests/export/test_hmat_export.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import asyncio
 import numpy as np
 import torch
 
-from features.online import ItemSids, OnlineStoreConfig, StreamAction, open_stream_store
+from features.actions import label_of
+from features.store import ItemSids, OnlineStoreConfig, StreamAction, open_stream_store
 from models.hmat.inference import rank_candidates
 from models.hmat.sequence import UserSequence, build_stream
 from serving.backends import OrtBackend
@@ -18,7 +19,6 @@ from serving.online import OnlineReader
 from serving.profiles import Profiles
 from serving.ranking import AnchorCacheStore, ItemStatus, Ranker, _CacheEntry, model_info
 from serving.repository import publish_version
-from stream.records import label_of
 
 
 def test_in_process_onnx_runtime_ranker_matches_pytorch(tiny_export, tmp_path) -> None:

@@ -27,8 +27,8 @@ import numpy as np
 import psutil
 import pytest
 
-from hisam.pb.v1 import rank_pb2, rank_pb2_grpc
-from hisam.services import free_port
+from hisam_pb.v1 import rank_pb2, rank_pb2_grpc
+from infra.ports import free_port
 from serving.load import check_answer, health_status, serve_process, wait_health
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]

@@ -77,7 +77,7 @@ def test_version_output_is_returned_by_onnx_runtime(tiny_export) -> None:
     proto = repo_mod.with_version_output(tiny_export.graphs["ranking"], "hmat-abc")
     onnx.checker.check_model(proto, full_check=True)
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    from models.hmat.export import _example_stream, ranking_feed
+    from export.graphs import _example_stream, ranking_feed
 
     feed = ranking_feed(_example_stream(tiny_export.model), tiny_export.model.config.rope)
     scores, version = sess.run(["scores", VERSION_OUTPUT], feed)
@@ -94,6 +94,6 @@ def test_gpu_deployment_configs_are_valid_triton_configs(tiny_export, tmp_path) 
         assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP32"
         assert sorted(p.name for p in (tmp_path / name / "1").iterdir()) == ["MODEL_VERSION", "model.onnx"]
         _check_config_matches_graph(cfg, onnx.load(str(tmp_path / name / "1" / "model.onnx")))
-        # What the TensorRT parser would get (export.py's route 1): standard ops only.
+        # What the TensorRT parser would get (export/graphs.py's route 1): standard ops only.
         inlined = onnx.inliner.inline_local_functions(onnx.load(str(tmp_path / name / "1" / "model.onnx")))
         assert all(n.domain in ("", "ai.onnx") for n in inlined.graph.node)

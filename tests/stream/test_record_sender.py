@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-import warnings
 from collections import Counter
 
 import pytest
 
-from features.online import OnlineStoreConfig
+from features.store import OnlineStoreConfig
 from stream import topics as tp
 from stream.app import RecordSender, StreamSettings, create_app
 
@@ -20,11 +19,9 @@ SAMPLE_BYTES = 3_900  # about a TrainingSample with a T=300 history
 
 
 def _read_all(bootstrap: str, topic: str, n: int) -> list:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import kafka
+    from infra.kafka import KafkaConsumer
 
-    consumer = kafka.KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     got: list = []
     try:
         for _ in range(100):

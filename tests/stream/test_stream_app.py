@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import redis
 
-from hisam.pb.v1 import events_pb2 as pb
+from hisam_pb.v1 import events_pb2 as pb
 from stream import producer as prod
 from stream.app import _process_with_retry
 from stream.processing import BatchOutput

@@ -15,14 +15,9 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from features.online import (
-    ItemSids,
-    OnlineStoreConfig,
-    feast_read_streams,
-    open_feature_store,
-    open_stream_store,
-)
-from hisam.pb.v1 import events_pb2 as pb
+from features.actions import label_of
+from features.store import ItemSids, OnlineStoreConfig, feast_read_streams, open_feature_store, open_stream_store
+from hisam_pb.v1 import events_pb2 as pb
 from stream import producer as prod
 from stream import records as rec
 from stream import topics as tp
@@ -132,7 +127,7 @@ def test_replay_appends_every_action_once_in_order_bounded_and_emits_samples(env
         assert list(s.history_actions) == [p.action for p in prev]
         assert list(s.history_tokens)[::N_CODES] == [BASE + (p.item_id - BASE) * 10 for p in prev]
         assert s.target_item_id == e.item_id and s.target_tokens[0] == BASE + (e.item_id - BASE) * 10
-        assert s.label == rec.label_of(e.action) and s.tokenizer_version == "test-v"
+        assert s.label == label_of(e.action) and s.tokenizer_version == "test-v"
         by_user[e.user_id].append(e)
 
 
@@ -284,9 +279,9 @@ def test_bad_events_land_in_dead_letters_with_their_reason(env, tiny_tokenizer_d
 
 
 def test_new_item_is_readable_through_feast_right_after_its_event(env, tiny_tokenizer_dir) -> None:
-    from features.online import feast_read_item_sids
+    from features.store import feast_read_item_sids
     from models.tokenizer import FrozenTokenizer
-    from models.tokenizer.testing import synthetic_items
+    from recipes.tokenizer.testing import synthetic_items
 
     tok = FrozenTokenizer.load(tiny_tokenizer_dir)
     feats, _, _ = synthetic_items(3, tok.modalities, seed=7)

@@ -14,9 +14,10 @@ import uuid
 
 import pytest
 
-from features.online import ItemSids, OnlineStoreConfig, open_stream_store
-from hisam.observability import parse_metrics
-from hisam.services import free_port, kafka_broker
+from features.store import ItemSids, OnlineStoreConfig, open_stream_store
+from infra.observability import parse_metrics
+from infra.ports import free_port
+from infra.services import kafka_broker
 from stream import producer as prod
 from stream import records as rec
 from stream import topics as tp

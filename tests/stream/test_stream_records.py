@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from features.online import ItemSids, OnlineStoreConfig, open_stream_store
-from hisam.pb.v1 import events_pb2 as pb
+from features.actions import label_of
+from features.store import ItemSids, OnlineStoreConfig, open_stream_store
+from hisam_pb.v1 import events_pb2 as pb
 from stream import records as rec
 from stream.processing import ActionProcessor, ItemProcessor
 
@@ -37,7 +38,7 @@ def test_decode_action_rejects_with_reason(event: bytes, reason: str) -> None:
 def test_decode_action_accepts_valid() -> None:
     ev = rec.decode_action(rec.action_event("e1", 3, 4, pb.ACTION_TYPE_CLICK, 7).SerializeToString())
     assert (ev.event_id, ev.user_id, ev.item_id, ev.action, ev.event_time_ms) == ("e1", 3, 4, pb.ACTION_TYPE_CLICK, 7)
-    assert rec.label_of(pb.ACTION_TYPE_CLICK) == 1.0 and rec.label_of(pb.ACTION_TYPE_SKIP) == 0.0
+    assert label_of(pb.ACTION_TYPE_CLICK) == 1.0 and label_of(pb.ACTION_TYPE_SKIP) == 0.0
 
 
 MODS = {"text": 4, "image": 2}
@@ -130,7 +131,7 @@ def test_action_processor_appends_emits_samples_and_dead_letters(sqlite_store) -
 
 def test_item_processor_tokenizes_and_dead_letters(sqlite_store, tiny_tokenizer_dir) -> None:
     from models.tokenizer import FrozenTokenizer
-    from models.tokenizer.testing import synthetic_items
+    from recipes.tokenizer.testing import synthetic_items
 
     tok = FrozenTokenizer.load(tiny_tokenizer_dir)
     feats, _, _ = synthetic_items(4, tok.modalities, seed=3)
@@ -154,7 +155,7 @@ def test_item_processor_gives_items_with_one_natural_id_distinct_ids(sqlite_stor
     """Identical items (the same film listed twice): the first keeps its natural ID, the later
     ones take the nearest free last code, in arrival order; an item sent again keeps its ID."""
     from models.tokenizer import FrozenTokenizer
-    from models.tokenizer.testing import synthetic_items
+    from recipes.tokenizer.testing import synthetic_items
 
     tok = FrozenTokenizer.load(tiny_tokenizer_dir)
     feats, _, _ = synthetic_items(2, tok.modalities, seed=5)

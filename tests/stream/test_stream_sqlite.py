@@ -7,13 +7,7 @@ from collections import defaultdict
 
 import pytest
 
-from features.online import (
-    ItemSids,
-    OnlineStoreConfig,
-    feast_read_streams,
-    open_feature_store,
-    open_stream_store,
-)
+from features.store import ItemSids, OnlineStoreConfig, feast_read_streams, open_feature_store, open_stream_store
 from stream import producer as prod
 from stream import records as rec
 from stream import topics as tp

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-import warnings
 
 import pytest
 
@@ -13,9 +12,7 @@ pytestmark = pytest.mark.kafka
 
 
 def _describe(bootstrap: str, names: list[str]) -> dict[str, dict[str, str]]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+    from infra.kafka import ConfigResource, ConfigResourceType, KafkaAdminClient
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
@@ -57,7 +54,7 @@ def test_default_topics_bound_only_the_samples_when_asked() -> None:
 
 def test_the_broker_reports_its_process() -> None:
     from hisam.bench.stream import _cpu_seconds
-    from hisam.services import kafka_broker
+    from infra.services import kafka_broker
 
     with kafka_broker() as broker:
         assert broker.pid is not None

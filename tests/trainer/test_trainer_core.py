@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from hisam.pb.v1 import events_pb2 as pb
-from hisam.trainer import samples as sm
-from hisam.trainer.core import NearlineTrainer, TrainerConfig
-from hisam.trainer.state import StateDir
-from hisam.trainer.testing import CODEBOOK, TOKENIZER, profile_of, synthetic_examples, tiny_config, warm_model
+from hisam_pb.v1 import events_pb2 as pb
 from models.hmat.inference import rank_candidates
 from models.hmat.sequence import build_stream
 from stream import records as rec
+from trainer import samples as sm
+from trainer.core import NearlineTrainer, TrainerConfig
+from trainer.state import StateDir
+from trainer.testing import CODEBOOK, TOKENIZER, profile_of, synthetic_examples, tiny_config, warm_model
 
 
 def make_trainer(**kw) -> NearlineTrainer:

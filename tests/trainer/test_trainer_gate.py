@@ -1,4 +1,4 @@
-"""The gate's statistics (hisam/trainer/paired.py) and the gate rule on constructed score sets with known answers.
+"""The gate's statistics (trainer/paired.py) and the gate rule on constructed score sets with known answers.
 
 Constructed windows: labels with a positive rate near ML-100K's, and scores that share a
 noise term between the two models (as two versions of one model do), so the paired test
@@ -14,10 +14,10 @@ import math
 import numpy as np
 import pytest
 
-from hisam.trainer.core import NearlineTrainer, TrainerConfig
-from hisam.trainer.paired import delong, paired_bootstrap, paired_test, weighted_auc
-from hisam.trainer.testing import TOKENIZER, profile_of, warm_model
-from models.hmat.evaluate import auc
+from recipes.ranker.evaluate import auc
+from trainer.core import NearlineTrainer, TrainerConfig
+from trainer.paired import delong, paired_bootstrap, paired_test, weighted_auc
+from trainer.testing import TOKENIZER, profile_of, warm_model
 
 
 def window(seed: int, n: int = 2000, users: int = 60, signal_a: float = 0.8, signal_b: float = 0.8):

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from hisam.trainer.onnx_export import ParityError, Template, check_parity, distinct_model, probe_sequences
-from hisam.trainer.publish import retain, rollback_to
-from hisam.trainer.testing import TOKENIZER, tiny_config
-from models.hmat.export import model_version
+from export.graphs import model_version
+from export.template import ParityError, Template, check_parity, distinct_model, probe_sequences
 from serving.repository import publish_version, published_versions
+from trainer.publish import retain, rollback_to
+from trainer.testing import TOKENIZER, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from data.dataset import ItemTable, assemble, prepare_interactions
 from hisam.bench.trainer import prequential_figures, table
-from hisam.data.dataset import ItemTable, assemble, prepare_interactions
-from hisam.jobs.ranker_common import time_prefix
-from hisam.ranker import training_sequences
+from recipes.ranker import training_sequences
+from recipes.ranker.runs import time_prefix
 
 
 def toy_dataset(n: int = 100, users: int = 4, items: int = 5):

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import threading
 import uuid
-import warnings
 
 import pytest
 
-from hisam.pb.v1 import events_pb2 as pb
-from hisam.trainer import samples as sm
-from hisam.trainer.core import NearlineTrainer, TrainerConfig
-from hisam.trainer.publish import rollback_to
-from hisam.trainer.service import ServiceConfig, TrainerService
-from hisam.trainer.testing import CODEBOOK, TOKENIZER, profile_of, synthetic_examples
+from hisam_pb.v1 import events_pb2 as pb
 from serving.repository import published_versions
 from stream import topics as tp
 from stream.testing import consume_all
+from trainer import samples as sm
+from trainer.core import NearlineTrainer, TrainerConfig
+from trainer.publish import rollback_to
+from trainer.service import ServiceConfig, TrainerService
+from trainer.testing import CODEBOOK, TOKENIZER, profile_of, synthetic_examples
 
 
 def make_service(tmp_path, warm_checkpoint, template_dir, **kw) -> TrainerService:
@@ -121,9 +120,7 @@ def _metrics(topic: str) -> dict[str, float]:
 
 
 def _produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from kafka import KafkaProducer
+    from infra.kafka import KafkaProducer
 
     p = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
     for key, value in records:
@@ -134,10 +131,7 @@ def _produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> 
 
 def _rewind_group(bootstrap: str, group: str, topic: str, partitions: int) -> None:
     """Commit offset 0 for the group: the state's offsets must win over the group's."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from kafka import KafkaConsumer, TopicPartition
-        from kafka.structs import OffsetAndMetadata
+    from infra.kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 
     c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     tps = [TopicPartition(topic, p) for p in range(partitions)]
@@ -177,7 +171,7 @@ def test_service_consumes_resumes_exactly_and_dead_letters_on_the_real_broker(
     assert sum(t.offsets.values()) == len(records) and len(t.window) == 160
     seen = sorted(r[0] for r in t.window.rows)
     assert seen == sorted(e.user_id for e in events)  # every event scored exactly once across the restart
-    # The Prometheus metrics (hisam/observability.py) moved by exactly what the two runs did.
+    # The Prometheus metrics (infra/observability.py) moved by exactly what the two runs did.
     after = _metrics(topic)
     delta = {k: after[k] - before[k] for k in after}
     assert delta["trained"] == 160 and delta["duplicates"] == 1 and delta["rejected"] == 1
@@ -189,9 +183,8 @@ def test_service_consumes_resumes_exactly_and_dead_letters_on_the_real_broker(
     dl = pb.DeadLetter.FromString(letters[0].value)
     assert dl.reason == sm.TOKENIZER_MISMATCH and dl.topic == topic
     # The group's committed offsets caught up with the state after the restart.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from kafka import KafkaConsumer, TopicPartition
+    from infra.kafka import KafkaConsumer, TopicPartition
+
     c = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False)
     committed = {p: c.committed(TopicPartition(topic, p)) for p in range(2)}
     c.close()

@@ -2,7 +2,7 @@
 
 Real pieces: the broker, a private Redis holding the online store Rank reads, ``tritonserver``
 on the model repository, the gRPC Rank server (in a thread), and ``hisam trainer run`` as a
-child process. Training samples are synthetic but learnable (hisam/trainer/testing.py) and
+child process. Training samples are synthetic but learnable (trainer/testing.py) and
 travel through the training-samples topic; the ML-100K replay with the stream worker is the
 benchmark's (``hisam bench trainer``), too slow for CI on two cores.
 
@@ -20,15 +20,13 @@ import subprocess
 import sys
 import time
 import uuid
-import warnings
 
 import pytest
 
-from features.online import OnlineStoreConfig, open_stream_store
-from hisam.trainer import samples as sm
-from hisam.trainer.onnx_export import Template
-from hisam.trainer.testing import CODEBOOK, N_CODES, TOKENIZER, seed_rank_store, synthetic_examples, tiny_config
-from models.hmat.train import load_checkpoint
+from export.template import Template
+from features.store import OnlineStoreConfig, open_stream_store
+from infra.triton import triton_server
+from models.hmat.checkpoint import load_checkpoint
 from serving.backends import TritonBackend
 from serving.load import RankProbe
 from serving.online import OnlineReader
@@ -36,9 +34,10 @@ from serving.profiles import Profiles
 from serving.ranking import Ranker, model_info
 from serving.repository import publish_version, published_versions
 from serving.server import rank_server_thread
-from serving.triton import triton_server
 from stream import topics as tp
 from stream.testing import REPO_ROOT, wait_until
+from trainer import samples as sm
+from trainer.testing import CODEBOOK, N_CODES, TOKENIZER, synthetic_examples, tiny_config
 
 pytestmark = [pytest.mark.triton, pytest.mark.kafka, pytest.mark.redis, pytest.mark.slow]
 
@@ -51,7 +50,7 @@ def _lineage(state_dir) -> list[dict]:
 
 
 def test_replay_publishes_a_served_version_without_failed_calls_and_refuses_a_corrupted_one(
-    tmp_path, warm_checkpoint, template_dir, kafka_bootstrap, redis_url
+    tmp_path, warm_checkpoint, template_dir, kafka_bootstrap, redis_url, seed_rank_store
 ) -> None:
     run = uuid.uuid4().hex[:8]
     topic, dead = f"ts-e2e-{run}", f"dl-e2e-{run}"
@@ -97,9 +96,8 @@ def test_replay_publishes_a_served_version_without_failed_calls_and_refuses_a_co
             with open(log_path, "w") as out:
                 proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    from kafka import KafkaProducer
+                from infra.kafka import KafkaProducer
+
                 producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
 
                 def replay(part) -> None:  # while the trainer runs

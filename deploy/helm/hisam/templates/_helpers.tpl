@@ -86,7 +86,7 @@ affinity:
 {{- end -}}
 
 {{/* The near-line trainer's command line (hisam trainer run). */}}
-{{- define "hisam.trainerArgs" -}}
+{{- define "trainerArgs" -}}
 - trainer
 - run
 - --bootstrap={{ .Values.kafka.bootstrap }}
@@ -103,7 +103,7 @@ affinity:
 - --min-samples={{ .Values.trainer.gate.minSamples }}
 {{- end -}}
 
-{{/* /metrics of a hisam process (hisam/observability.py), when metrics are on: the CLI options,
+{{/* /metrics of a hisam process (infra/observability.py), when metrics are on: the CLI options,
      then the container port. The address is 0.0.0.0: the CLI default, 127.0.0.1, is unreachable
      from the rest of the cluster. */}}
 {{- define "hisam.metricsArgs" -}}

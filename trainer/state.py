@@ -1,0 +1,138 @@
+"""The trainer's durable state: atomic snapshots, published versions' weights, lineage.
+
+Layout of a state directory::
+
+    CURRENT                       name of the live snapshot (replaced atomically)
+    snapshots/<seq>/              candidate weights (checkpoint layout of recipes/ranker/train.py),
+                                  optimizer.pt (AdamW moments, RNG), state.json (offsets consumed
+                                  per partition, counters, rolling windows, seen event ids, ...)
+    versions/<n>/                 weights of every version this trainer published (Triton version n)
+    lineage.jsonl                 one JSON record per publish, refusal, rollback (append-only)
+
+A snapshot is written into ``snapshots/.tmp-<seq>``, every file fsynced, renamed to
+``snapshots/<seq>`` and only then named by ``CURRENT`` (written to a temporary file, fsynced,
+``os.replace``d, directory fsynced). A crash at any point leaves the previous snapshot
+live and intact. The service commits Kafka offsets only after ``save`` returns, so the
+committed offsets never run ahead of the state they describe; on restart the offsets in
+the snapshot win over the group's (they are never behind it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CURRENT = "CURRENT"
+STATE_JSON = "state.json"
+OPTIMIZER = "optimizer.pt"
+LINEAGE = "lineage.jsonl"
+KEEP_SNAPSHOTS = 2
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class StateDir:
+    """Snapshots, version weights and lineage of one trainer (module docstring)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.snapshots = self.root / "snapshots"
+        self.versions = self.root / "versions"
+        self.lineage_path = self.root / LINEAGE
+
+    # --- snapshots ---------------------------------------------------------------------------
+
+    def current(self) -> Path | None:
+        pointer = self.root / CURRENT
+        if not pointer.is_file():
+            return None
+        path = self.snapshots / pointer.read_text().strip()
+        return path if (path / STATE_JSON).is_file() else None
+
+    def save(self, write_weights, optimizer_state: dict, state: dict) -> Path:
+        """Write a new snapshot; ``write_weights(dir)`` writes the model checkpoint into it."""
+        self.snapshots.mkdir(parents=True, exist_ok=True)
+        cur = self.current()
+        seq = int(cur.name) + 1 if cur is not None else 1
+        name = f"{seq:010d}"
+        tmp = self.snapshots / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write_weights(tmp)
+        torch.save(optimizer_state, tmp / OPTIMIZER)
+        (tmp / STATE_JSON).write_text(json.dumps(state))
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        final = self.snapshots / name
+        os.rename(tmp, final)
+        _fsync_dir(self.snapshots)
+        pointer = self.root / CURRENT
+        (self.root / (CURRENT + ".tmp")).write_text(name + "\n")
+        _fsync_file(self.root / (CURRENT + ".tmp"))
+        os.replace(self.root / (CURRENT + ".tmp"), pointer)
+        _fsync_dir(self.root)
+        for old in sorted(p for p in self.snapshots.iterdir() if p.name.isdigit())[:-KEEP_SNAPSHOTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.snapshots.glob(".tmp-*"):  # a crash's leftovers
+            shutil.rmtree(stale, ignore_errors=True)
+        return final
+
+    def load(self) -> tuple[Path, dict, dict] | None:
+        """(snapshot dir, state.json, optimizer state) of the live snapshot, or None."""
+        cur = self.current()
+        if cur is None:
+            return None
+        state = json.loads((cur / STATE_JSON).read_text())
+        opt = torch.load(cur / OPTIMIZER, map_location="cpu", weights_only=False)
+        return cur, state, opt
+
+    # --- versions and lineage ----------------------------------------------------------------
+
+    def version_dir(self, version: int) -> Path:
+        return self.versions / str(version)
+
+    def append_lineage(self, record: dict) -> dict:
+        self.root.mkdir(parents=True, exist_ok=True)
+        record = {"time": time.time(), **record}
+        with open(self.lineage_path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return record
+
+    def lineage(self) -> list[dict]:
+        if not self.lineage_path.is_file():
+            return []
+        out = []
+        for line in self.lineage_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line after a crash
+        return out
