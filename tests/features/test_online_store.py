@@ -201,42 +201,27 @@ def test_feast_reads_ignore_the_seen_window_and_cluster_keys_share_the_users_slo
 def _bucket_records(cfg, store, user: int) -> list[tuple[str, int]]:
     """Redis: every (event id, seq) record of the user's seen-window buckets, by seq."""
     from features import encoding as enc
-    from features.store import _seen_records
+    from features.store.base import seen_records
 
     key = enc.redis_key(cfg.project, enc.USER_ID_KEY, user)
     fields = store._client.hgetall(key)
     assert int(fields[b"_hisam:user_stream:seen_b"]) == cfg.seen_buckets
-    assert b"_hisam:user_stream:seen" not in fields and b"_hisam:user_stream:seen_n" not in fields
-    records = [r for f, v in fields.items() if f.startswith(b"_hisam:user_stream:seen:") for r in _seen_records(v)]
+    records = [r for f, v in fields.items() if f.startswith(b"_hisam:user_stream:seen:") for r in seen_records(v)]
     return sorted(records, key=lambda r: r[1])
 
 
-def test_window_migrates_from_the_stream_only_layout(backend) -> None:
-    """A stream written before the seen window existed: its ids count as seen."""
-    _check_window_migration(backend, "stream_only", 909)
-
-
-@pytest.mark.parametrize("backend", ["redis"], indirect=True)
-def test_window_migrates_from_the_single_field_layout(backend) -> None:
-    """Redis: the window as one field of NUL-delimited ids (before buckets) moves into
-    buckets on the user's first append."""
-    _check_window_migration(backend, "single_field", 919)
-
-
-def _check_window_migration(backend, legacy: str, user: int) -> None:
+def test_a_stream_without_a_window_counts_its_ids_as_seen(backend) -> None:
+    """A stream written through Feast (a push, or write_to_online_store) keeps no window:
+    its ids count as seen, and start the window on the user's first append."""
     cfg, store, _ = backend
     from features import encoding as enc
 
+    user = 909
     store.append_batch([_action(user, k) for k in range(3)])
     if cfg.backend == "redis":
         key = enc.redis_key(cfg.project, enc.USER_ID_KEY, user)
         window = [f for f in store._client.hkeys(key) if f.startswith(b"_hisam:user_stream:seen")]
         store._client.hdel(key, *window)
-        if legacy == "single_field":
-            ids = b"".join(f"u{user}-e{k}".encode() + b"\x00" for k in range(3))
-            store._client.hset(
-                key, mapping={b"_hisam:user_stream:seen": b"\x00" + ids, b"_hisam:user_stream:seen_n": 3}
-            )
     else:
         conn = store._conn()
         conn.execute(

@@ -1,4 +1,4 @@
-"""Re-tokenisation of a namespace (stream/retokenize.py, ``hisam tokenizer migrate``).
+"""Re-tokenisation of a namespace (stream/retokenize/, ``hisam tokenizer migrate``).
 
 Streams are built by real appends under tokenizer A into real Redis / SQLite namespaces,
 then migrated into a new namespace under tokenizer B (both tiny but really trained).

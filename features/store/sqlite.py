@@ -1,0 +1,374 @@
+"""The SQLite store: appends in one ``BEGIN IMMEDIATE`` transaction, against Feast's table layout.
+
+SQLite's write lock serialises concurrent writers. The seen window is a side table
+``{project}_hisam_seen`` (one row per remembered id, with the per-user sequence number
+that orders eviction), written in the append's transaction; it is not a Feast table.
+
+One connection per thread (SQLite connections are not shareable); Feast's own SQLite
+store must likewise stay on one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from features import encoding as enc
+from features.store.base import I64, decode_user_stream, entity_key_head
+from features.store.config import OnlineStoreConfig
+from features.store.records import AppendResult, ItemSids, SidClaim, StreamAction, UserState, UserStream
+
+_FEAST_SQLITE_DDL = (
+    # Feast 0.67's own DDL (feast/infra/online_stores/sqlite.py, update()); creating it
+    # here lets the stream run before `apply`, and Feast's CREATE ... IF NOT EXISTS is
+    # then a no-op.
+    'CREATE TABLE IF NOT EXISTS "{t}" (entity_key BLOB, feature_name TEXT, value BLOB, value_text TEXT, '
+    "vector_value BLOB, event_ts timestamp, created_ts timestamp, PRIMARY KEY(entity_key, feature_name))"
+)
+
+# The seen window: one row per remembered event id; ``seq`` is the user's
+# append count when the id was appended (evict: seq <= n_actions - W). Not a Feast table.
+_SEEN_DDL = (
+    (
+        'CREATE TABLE IF NOT EXISTS "{t}" (entity_key BLOB NOT NULL, event_id TEXT NOT NULL, seq INTEGER NOT NULL, '
+        "PRIMARY KEY(entity_key, event_id)) WITHOUT ROWID"
+    ),
+    'CREATE INDEX IF NOT EXISTS "{t}_by_seq" ON "{t}" (entity_key, seq)',
+)
+
+# The item semantic-ID index (RedisStreamStore.claim_item_sids): who holds each full ID.
+_SID_DDL = 'CREATE TABLE IF NOT EXISTS "{t}" (sid BLOB PRIMARY KEY, item_id INTEGER NOT NULL UNIQUE) WITHOUT ROWID'
+
+# Feast's row of one (entity, feature): written whole, replacing the previous value.
+_UPSERT = (
+    'INSERT INTO "{t}" (entity_key, feature_name, value, event_ts, created_ts) VALUES (?, ?, ?, ?, ?) '
+    "ON CONFLICT(entity_key, feature_name) DO UPDATE SET value = excluded.value, "
+    "event_ts = excluded.event_ts, created_ts = excluded.created_ts"
+)
+
+_MAX_PARAMS = 500  # keys per IN (...) query: SQLite caps bound parameters
+
+
+def _upsert(conn: sqlite3.Connection, table: str, rows: Sequence[tuple]) -> None:
+    """Write Feast rows ``(entity_key, feature_name, value, event_ts, created_ts)`` into ``table``."""
+    conn.executemany(_UPSERT.format(t=table), rows)
+
+
+def _select_in(conn: sqlite3.Connection, columns: str, table: str, keys: Sequence[bytes]) -> Iterator[tuple]:
+    """``SELECT columns FROM table WHERE entity_key IN keys``, in chunks SQLite accepts."""
+    for start in range(0, len(keys), _MAX_PARAMS):
+        chunk = keys[start : start + _MAX_PARAMS]
+        yield from conn.execute(
+            f'SELECT {columns} FROM "{table}" WHERE entity_key IN ({",".join("?" * len(chunk))})', chunk
+        )
+
+
+@contextlib.contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` (the write lock, taken up front) ... ``COMMIT``; rolled back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _stream_rows(
+    ek: bytes, ts: int, tokens: list[int], actions: list[int], event_ids: list[str], times: list[int]
+) -> list[tuple]:
+    """The user_stream view's rows of one user."""
+    return [
+        (ek, "sid_tokens", enc.int64_list_value(tokens), ts, ts),
+        (ek, "actions", enc.int64_list_value(actions), ts, ts),
+        (ek, "event_ids", enc.string_list_value(event_ids), ts, ts),
+        (ek, "event_times_ms", enc.int64_list_value(times), ts, ts),
+    ]
+
+
+def _profile_rows(ek: bytes, ts: int, n_actions: int, last_action_ms: int) -> list[tuple]:
+    """The user_profile view's rows of one user."""
+    return [
+        (ek, "n_actions", enc.int64_value(n_actions), ts, ts),
+        (ek, "last_action_ms", enc.int64_value(last_action_ms), ts, ts),
+    ]
+
+
+@dataclass
+class _SqliteUser:
+    key: bytes  # Feast's entity key
+    tokens: list[int]
+    actions: list[int]
+    event_ids: list[str]
+    times: list[int]
+    n_actions: int
+    last_ms: int | None
+    new_ids: dict[str, int] = field(default_factory=dict)  # appended in this batch -> seq
+    dirty: bool = False
+
+
+class SqliteStreamStore:
+    """Appends and direct reads on Feast's SQLite layout; one connection per thread."""
+
+    def __init__(self, config: OnlineStoreConfig) -> None:
+        self.config = config
+        self._local = threading.local()
+        self._stream_t = enc.sqlite_table(config.project, enc.USER_STREAM_FV)
+        self._profile_t = enc.sqlite_table(config.project, enc.USER_PROFILE_FV)
+        self._item_t = enc.sqlite_table(config.project, enc.ITEM_SID_FV)
+        self._seen_t = f"{config.project}_hisam_seen"
+        self._sid_t = f"{config.project}_hisam_item_sids"
+        config.sqlite_db.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._conn()
+        for t in (self._stream_t, self._profile_t, self._item_t):
+            conn.execute(_FEAST_SQLITE_DDL.format(t=t))
+        for ddl in _SEEN_DDL:
+            conn.execute(ddl.format(t=self._seen_t))
+        conn.execute(_SID_DDL.format(t=self._sid_t))
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            # Autocommit mode so that BEGIN IMMEDIATE is ours; WAL lets Feast's readers
+            # run while a writer holds the lock; the busy timeout queues writers.
+            conn = sqlite3.connect(str(self.config.sqlite_db), isolation_level=None, timeout=30.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def _load(self, conn: sqlite3.Connection, user_id: int) -> _SqliteUser:
+        ek = enc.entity_key_bytes(enc.USER_ID_KEY, user_id)
+        rows = dict(conn.execute(f'SELECT feature_name, value FROM "{self._stream_t}" WHERE entity_key = ?', (ek,)))
+        prof = dict(conn.execute(f'SELECT feature_name, value FROM "{self._profile_t}" WHERE entity_key = ?', (ek,)))
+        last = enc.decode_value(prof.get("last_action_ms"))
+        s = _SqliteUser(
+            key=ek,
+            tokens=list(enc.decode_value(rows.get("sid_tokens")).int64_list_val.val),
+            actions=list(enc.decode_value(rows.get("actions")).int64_list_val.val),
+            event_ids=list(enc.decode_value(rows.get("event_ids")).string_list_val.val),
+            times=list(enc.decode_value(rows.get("event_times_ms")).int64_list_val.val),
+            n_actions=enc.decode_value(prof.get("n_actions")).int64_val,
+            last_ms=last.int64_val if last.HasField("int64_val") else None,
+        )
+        if (
+            s.event_ids
+            and conn.execute(f'SELECT 1 FROM "{self._seen_t}" WHERE entity_key = ? LIMIT 1', (ek,)).fetchone() is None
+        ):
+            # A stream written through Feast (which keeps no window): its ids start the window.
+            first = s.n_actions - len(s.event_ids) + 1
+            conn.executemany(
+                f'INSERT OR IGNORE INTO "{self._seen_t}" (entity_key, event_id, seq) VALUES (?, ?, ?)',
+                [(ek, e, first + i) for i, e in enumerate(s.event_ids)],
+            )
+        return s
+
+    def _seen(self, conn: sqlite3.Connection, s: _SqliteUser, event_id: str) -> bool:
+        """Whether ``event_id`` is among the user's last W appends (rows past that are stale)."""
+        seq = s.new_ids.get(event_id)
+        if seq is None:
+            q = f'SELECT seq FROM "{self._seen_t}" WHERE entity_key = ? AND event_id = ?'
+            row = conn.execute(q, (s.key, event_id)).fetchone()
+            seq = row[0] if row else None
+        return seq is not None and seq > s.n_actions - self.config.seen_window
+
+    def _save(self, conn: sqlite3.Connection, s: _SqliteUser) -> None:
+        ek = s.key
+        ts = enc.sqlite_timestamp(s.last_ms or 0)
+        _upsert(conn, self._stream_t, _stream_rows(ek, ts, s.tokens, s.actions, s.event_ids, s.times))
+        _upsert(conn, self._profile_t, _profile_rows(ek, ts, s.n_actions, s.last_ms or 0))
+        conn.executemany(
+            f'INSERT OR REPLACE INTO "{self._seen_t}" (entity_key, event_id, seq) VALUES (?, ?, ?)',
+            [(ek, e, q) for e, q in s.new_ids.items()],
+        )
+        conn.execute(
+            f'DELETE FROM "{self._seen_t}" WHERE entity_key = ? AND seq <= ?',
+            (ek, s.n_actions - self.config.seen_window),
+        )
+
+    def _apply(self, conn: sqlite3.Connection, s: _SqliteUser, a: StreamAction, want_history: bool) -> AppendResult:
+        nc = self.config.n_codes
+        if self._seen(conn, s, a.event_id):
+            if want_history and a.event_id in s.event_ids:  # still in the stream: its sample can be rebuilt
+                i = s.event_ids.index(a.event_id)
+                return AppendResult(False, enc.varints(s.tokens[: i * nc]), enc.varints(s.actions[:i]), nc, True)
+            return AppendResult(False, b"", b"", nc)
+        hist = (enc.varints(s.tokens), enc.varints(s.actions)) if want_history else (b"", b"")
+        s.tokens.extend(a.item_tokens)
+        s.actions.append(a.action)
+        s.event_ids.append(a.event_id)
+        s.times.append(a.event_time_ms)
+        drop = len(s.event_ids) - self.config.stream_len
+        if drop > 0:
+            del s.tokens[: drop * nc], s.actions[:drop], s.event_ids[:drop], s.times[:drop]
+        s.n_actions += 1
+        s.new_ids[a.event_id] = s.n_actions
+        s.last_ms = a.event_time_ms if s.last_ms is None else max(s.last_ms, a.event_time_ms)
+        s.dirty = True
+        return AppendResult(True, *hist, nc)
+
+    def append(self, action: StreamAction, want_history: bool = True) -> AppendResult:
+        return self.append_batch([action], want_history)[0]
+
+    def append_batch(self, actions: Sequence[StreamAction], want_history: bool = True) -> list[AppendResult]:
+        """Append many actions in order, in one write transaction."""
+        for a in actions:
+            a.validate(self.config.n_codes)
+        conn = self._conn()
+        with _write_transaction(conn):
+            users: dict[int, _SqliteUser] = {}
+            results = []
+            for a in actions:
+                s = users.get(a.user_id)
+                if s is None:
+                    s = users[a.user_id] = self._load(conn, a.user_id)
+                results.append(self._apply(conn, s, a, want_history))
+            for s in users.values():
+                if s.dirty:
+                    self._save(conn, s)
+        return results
+
+    def read_streams(self, user_ids: Sequence[int]) -> list[UserStream | None]:
+        """Direct read of the users' streams (one query); None for a user with no stream."""
+        keys = [enc.entity_key_bytes(enc.USER_ID_KEY, u) for u in user_ids]
+        by_key: dict[bytes, dict[str, bytes]] = {}
+        for ek, name, value in _select_in(self._conn(), "entity_key, feature_name, value", self._stream_t, keys):
+            by_key.setdefault(ek, {})[name] = value
+        out = []
+        for u, ek in zip(user_ids, keys):
+            row = by_key.get(ek)
+            out.append(
+                None
+                if row is None
+                else decode_user_stream(u, [row.get(f) for f in enc.STREAM_FEATURES], self.config.n_codes)
+            )
+        return out
+
+    def put_item_sids(self, items: Sequence[ItemSids]) -> None:
+        rows = []
+        for it in items:
+            ek = enc.entity_key_bytes(enc.ITEM_ID_KEY, it.item_id)
+            ts = enc.sqlite_timestamp(it.event_time_ms)
+            rows.append((ek, "sid_tokens", enc.int64_list_value(it.tokens), ts, ts))
+            rows.append((ek, "tokenizer_version", enc.string_value(it.tokenizer_version), ts, ts))
+        conn = self._conn()
+        with _write_transaction(conn):
+            _upsert(conn, self._item_t, rows)
+
+    def claim_item_sids(self, claims: Sequence[SidClaim]) -> list[tuple[int, ...] | None]:
+        """As ``RedisStreamStore.claim_item_sids``, in one ``BEGIN IMMEDIATE`` transaction."""
+        if not claims:
+            return []
+        conn = self._conn()
+        t = self._sid_t
+        out: list[tuple[int, ...] | None] = []
+        with _write_transaction(conn):
+            for c in claims:
+                row = conn.execute(f'SELECT sid FROM "{t}" WHERE item_id = ?', (c.item_id,)).fetchone()
+                held = tuple(enc.unpack_varints(row[0])) if row else None
+                for k in range(len(c.last_tokens) if held is None else 0):
+                    cur = conn.execute(
+                        f'INSERT OR IGNORE INTO "{t}" (sid, item_id) VALUES (?, ?)',
+                        (enc.varints(c.candidate(k)), c.item_id),
+                    )
+                    if cur.rowcount == 1:
+                        held = c.candidate(k)
+                        break
+                out.append(held)
+        return out
+
+    def read_item_sids(self, item_ids: Sequence[int]) -> dict[int, ItemSids]:
+        """Semantic IDs of the known items among ``item_ids`` (unknown ones are absent)."""
+        keys = {enc.entity_key_bytes(enc.ITEM_ID_KEY, i): int(i) for i in item_ids}
+        rows: dict[int, dict[str, tuple[bytes, int]]] = {}
+        columns = "entity_key, feature_name, value, event_ts"
+        for ek, name, value, ts in _select_in(self._conn(), columns, self._item_t, list(keys)):
+            rows.setdefault(keys[ek], {})[name] = (value, ts)
+        out: dict[int, ItemSids] = {}
+        for i, r in rows.items():
+            if "sid_tokens" in r:
+                out[i] = ItemSids(
+                    item_id=i,
+                    tokens=tuple(enc.decode_value(r["sid_tokens"][0]).int64_list_val.val),
+                    tokenizer_version=enc.decode_value(r.get("tokenizer_version", (None, 0))[0]).string_val,
+                    event_time_ms=int(r["sid_tokens"][1] or 0) * 1000,
+                )
+        return out
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # Whole-namespace access for re-tokenisation (stream/retokenize/): not the hot path.
+
+    def entity_ids(self, join_key: str = enc.USER_ID_KEY) -> np.ndarray:
+        """Ids of every entity of ``join_key`` stored under this project, sorted (int64)."""
+        tables = {enc.USER_ID_KEY: self._stream_t, enc.ITEM_ID_KEY: self._item_t}
+        if join_key not in tables:
+            raise ValueError(f"join_key must be one of {sorted(tables)}, got {join_key!r}")
+        head = entity_key_head(join_key)
+        rows = self._conn().execute(f'SELECT DISTINCT entity_key FROM "{tables[join_key]}"')
+        ids = [I64.unpack_from(ek, len(head))[0] for (ek,) in rows if len(ek) == len(head) + 8 and ek.startswith(head)]
+        return np.unique(np.asarray(ids, np.int64))
+
+    def read_user_states(self, user_ids: Sequence[int]) -> list[UserState | None]:
+        """Users' streams with their seen windows and profile counters (read only)."""
+        conn = self._conn()
+        streams = self.read_streams(user_ids)
+        keys = [enc.entity_key_bytes(enc.USER_ID_KEY, u) for u in user_ids]
+        prof: dict[bytes, dict[str, bytes]] = {}
+        for ek, name, value in _select_in(conn, "entity_key, feature_name, value", self._profile_t, keys):
+            prof.setdefault(ek, {})[name] = value
+        seen: dict[bytes, list[tuple[int, str]]] = {}
+        for ek, seq, eid in _select_in(conn, "entity_key, seq, event_id", self._seen_t, keys):
+            seen.setdefault(ek, []).append((seq, eid))
+        out: list[UserState | None] = []
+        for ek, s in zip(keys, streams):
+            if s is None:
+                out.append(None)
+                continue
+            p = prof.get(ek, {})
+            n_actions = enc.decode_value(p["n_actions"]).int64_val if "n_actions" in p else len(s)
+            last = enc.decode_value(p.get("last_action_ms"))
+            last_ms = last.int64_val if last.HasField("int64_val") else int(s.event_times_ms.max())
+            rows = sorted(seen.get(ek, []))
+            # Rows at or below n_actions - W are stale (see _seen); none at all: a stream
+            # written through Feast, whose ids start the window (see _load).
+            ids = [e for q, e in rows if q > n_actions - self.config.seen_window] if rows else list(s.event_ids)
+            out.append(UserState(s, ids, n_actions, last_ms))
+        return out
+
+    def write_user_states(self, states: Sequence[UserState]) -> None:
+        """Write whole user states (stream, seen window, counters) in one transaction, replacing them.
+
+        For filling a namespace no stream worker writes to (re-tokenisation). The rows are
+        those an append writes; the window's ids get consecutive sequence numbers ending at
+        ``n_actions``, as appends give them.
+        """
+        stream_rows, profile_rows, seen_rows, keys = [], [], [], []
+        for st in states:
+            st.check(self.config)
+            s = st.stream
+            ek = enc.entity_key_bytes(enc.USER_ID_KEY, s.user_id)
+            ts = enc.sqlite_timestamp(st.last_action_ms)
+            keys.append((ek,))
+            stream_rows += _stream_rows(
+                ek, ts, s.tokens.ravel().tolist(), s.actions.tolist(), s.event_ids, s.event_times_ms.tolist()
+            )
+            profile_rows += _profile_rows(ek, ts, st.n_actions, st.last_action_ms)
+            first = st.n_actions - len(st.seen_ids) + 1
+            seen_rows += [(ek, e, first + i) for i, e in enumerate(st.seen_ids)]
+        conn = self._conn()
+        with _write_transaction(conn):
+            _upsert(conn, self._stream_t, stream_rows)
+            _upsert(conn, self._profile_t, profile_rows)
+            conn.executemany(f'DELETE FROM "{self._seen_t}" WHERE entity_key = ?', keys)
+            conn.executemany(f'INSERT INTO "{self._seen_t}" (entity_key, event_id, seq) VALUES (?, ?, ?)', seen_rows)
