@@ -82,7 +82,7 @@ BACKEND_ERRORS = Counter(
 )
 STORE_READ_LATENCY = Histogram(
     "hisam_serving_store_read_latency_seconds",
-    "One online-store read for Rank (user_stream, item_sids).",
+    "One online-store read for Rank (user_stream, item_sids; ping: the health probe).",
     ["read"],
     buckets=LATENCY_BUCKETS_S,
 )
