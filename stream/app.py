@@ -39,10 +39,11 @@ whose offsets are not committed yet. A batch's ack commits whenever that could o
 exceed W (``_pipeline``): at full load every batch, at a moderate one (small batches)
 every few batches. ``create_app`` refuses W < 2 x batch size.
 
-Fault injection (tests): with ``HISAM_FAULT_EXIT_AFTER_APPENDS=N`` in its environment the
-worker exits abruptly (``os._exit``, like SIGKILL: no commit, no leave) right after the
-store write that brings its appends to N or more, before that batch's samples are sent
-or its offsets acked: the worst moment for at-least-once, on purpose.
+Fault injection (tests): with ``StreamSettings.fault_exit_after_appends`` = N (the worker's
+``HISAM_FAULT_EXIT_AFTER_APPENDS``) the worker exits abruptly (``os._exit``, like SIGKILL:
+no commit, no leave) right after the store write that brings its appends to N or more,
+before that batch's samples are sent or its offsets acked: the worst moment for
+at-least-once, on purpose.
 """
 
 from __future__ import annotations
@@ -52,12 +53,13 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from features.store import OnlineStoreConfig, open_stream_store
+from infra import observability as obs
 from stream import records as rec
 from stream import topics as tp
 from stream.processing import ActionProcessor, BatchOutput, ItemProcessor
@@ -93,7 +95,7 @@ class StreamSettings:
     # Pause after an empty fetch (the embedded broker does not hold fetches; see
     # stream.transport.hold_empty_fetches). Bounds the idle fetch rate; adds at most this
     # to freshness.
-    idle_fetch_s: float = float(os.environ.get("HISAM_IDLE_FETCH_MS", "5")) / 1000
+    idle_fetch_s: float = 0.005
     # The producer's record batch size (Kafka's batch.size, faust's producer_max_batch_size):
     # the most sample bytes sent to one partition in one record batch. A sample carries
     # the user's history (~3.9 KB at T=300), so the 16 KB default held 4 samples: a batch
@@ -104,6 +106,8 @@ class StreamSettings:
     # and cut freshness p99 at 3,000 actions/s to 46-71 ms from 71-97 ms. Within the
     # default message.max.bytes (1 MB) of an Apache Kafka broker and topic.
     producer_batch_bytes: int = 512 * 1024
+    # Fault injection (tests; module doc): exit after this many appends. None: never.
+    fault_exit_after_appends: int | None = None
 
 
 class _Progress:
@@ -136,7 +140,8 @@ class _Progress:
 
 
 # Exit status of a worker that stopped itself rather than commit a batch it could not
-# write (EX_TEMPFAIL): its supervisor restarts it and the batch is redelivered.
+# process (the store stayed unavailable, or the processor failed) (EX_TEMPFAIL): its
+# supervisor restarts it and the batch is redelivered.
 EXIT_STORE_UNAVAILABLE = 75
 
 
@@ -194,6 +199,10 @@ class _InProcess:
     size = 0
 
 
+# How long a stopping agent waits for the outputs of its last batch.
+FINISH_ON_STOP_S = 5.0
+
+
 async def _pipeline(batches, pool, process, after, finish, in_process: _InProcess | None = None) -> None:
     """An agent's loop: batch k+1 is processed while batch k's outputs and ack are in flight.
 
@@ -203,9 +212,8 @@ async def _pipeline(batches, pool, process, after, finish, in_process: _InProces
     after the previous one's has ended, so outputs keep the input order and what is
     written and not acknowledged is never more than two batches; ``finish`` commits the
     offsets as needed to bound what is written and not committed (``in_process``: the
-    size of the batch being processed, for it). On stop,
-    the outputs in flight are given a few seconds to finish; what is not acknowledged is
-    redelivered.
+    size of the batch being processed, for it). On stop, the outputs in flight are given
+    a few seconds to finish; what is not acknowledged is redelivered.
     """
     loop = asyncio.get_running_loop()
     finishing: asyncio.Future | None = None
@@ -233,10 +241,6 @@ async def _pipeline(batches, pool, process, after, finish, in_process: _InProces
                 await asyncio.wait_for(asyncio.shield(finishing), FINISH_ON_STOP_S)
             except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - stopping anyway: redelivered
                 log.warning("stopping with a batch's outputs unacknowledged (%r): it will be redelivered", e)
-
-
-# How long a stopping agent waits for the outputs of its last batch.
-FINISH_ON_STOP_S = 5.0
 
 
 class RecordSender:
@@ -294,15 +298,130 @@ def check_seen_window(settings: StreamSettings) -> None:
         )
 
 
-def create_app(settings: StreamSettings):
-    """Build the faust app with its agents; the caller runs it (``run_worker``)."""
-    check_seen_window(settings)
-    fault_after = int(os.environ.get("HISAM_FAULT_EXIT_AFTER_APPENDS", "0")) or None
+async def emit_outputs(sender: RecordSender, out: BatchOutput, n: int) -> None:
+    """Produce a batch's samples and dead letters and await their acknowledgements; exit if that fails.
+
+    Record batches straight to the producer (not Topic.send, not one send per record):
+    per-record sends cost ~12 us of CPU each, a record appended to a batch ~5 us. A batch
+    whose outputs are lost must not be acked, so a failure exits before the ack (``n``:
+    the batch's size, for the log).
+    """
+    try:
+        futs = await sender.send(tp.TRAINING_SAMPLES, out.samples)
+        futs += await sender.send(tp.DEAD_LETTERS, out.dead_letters)
+        if futs:
+            await asyncio.gather(*futs)  # acknowledged before the batch is acked
+    except Exception:
+        log.critical(
+            "the outputs of a batch of %d records could not be produced; exiting before its offsets commit",
+            n,
+            exc_info=True,
+        )
+        _exit_before_ack(EXIT_PRODUCE_FAILED)
+
+
+def observe_batch(consumer, agent: str, batch, out: BatchOutput, t0: float) -> None:
+    """The metrics of a batch whose outputs are acknowledged and whose offsets are acked.
+
+    Recorded after the ack, so a batch the worker dies on before its ack is counted once,
+    by the worker that processes it again. The latency runs from the start of processing
+    to the ack. Freshness runs from each record's produce time (its Kafka timestamp; not
+    the event time, which a replay takes from the dataset) to now, after the ack: an
+    upper bound on when the store had it. The lag of each partition is the consumer's
+    highwater mark (the partition's end at its last fetch) past the batch's last offset.
+    """
+    obs.STREAM_BATCH_LATENCY.labels(agent=agent).observe(time.perf_counter() - t0)
+    obs.STREAM_SAMPLES_PRODUCED.inc(len(out.samples))
+    fresh = obs.STREAM_FRESHNESS.labels(agent=agent)
+    now_ms = time.time() * 1000.0
+    for r in batch.records:  # aiokafka records
+        if r.timestamp > 0:
+            fresh.observe(max(0.0, now_ms - r.timestamp) / 1000.0)
+    for tp_, offsets in batch.spans:  # per partition, in offset order
+        end = consumer.highwater(tp_)
+        if end is not None:
+            obs.STREAM_CONSUMER_LAG.labels(topic=tp_.topic, partition=str(tp_.partition)).set(
+                max(0, end - offsets[-1] - 1)
+            )
+
+
+def count_actions(n: int, out: BatchOutput) -> None:
+    """An acked batch of ``n`` actions: consumed, appended, recognised as redelivered."""
+    obs.STREAM_ACTIONS_CONSUMED.inc(n)
+    obs.STREAM_ACTIONS_APPENDED.inc(out.appended)
+    obs.STREAM_ACTION_DUPLICATES.inc(out.duplicates)
+
+
+def count_items(n: int, out: BatchOutput) -> None:
+    """An acked batch of ``n`` item events: consumed, semantic IDs written."""
+    obs.STREAM_ITEMS_CONSUMED.inc(n)
+    obs.STREAM_ITEMS_WRITTEN.inc(out.items_written)
+
+
+class BatchFinisher:
+    """An agent's ``finish`` for ``_pipeline``: emit the batch's outputs, ack it, then log and count it.
+
+    The ack waits for the outputs' acknowledgements (a sample is never lost behind a
+    committed offset); the counts wait for the ack (``observe_batch``). ``pending_limit()``
+    is the most acks the batch may leave pending before its ack commits them (None:
+    faust's ``commit_every``); ``count(n, out)`` records the agent's own counters.
+    """
+
+    def __init__(self, app, sender: RecordSender, agent: str, count, pending_limit=None) -> None:
+        self.app, self.sender, self.agent, self.count = app, sender, agent, count
+        self.pending_limit = pending_limit
+        self.progress = _Progress(agent)
+
+    async def __call__(self, batch, out: BatchOutput, t0: float, t1: float) -> None:
+        t2 = time.perf_counter()
+        await emit_outputs(self.sender, out, len(batch))
+        await batch.ack(None if self.pending_limit is None else self.pending_limit())
+        self.progress.add(len(batch), out, t1 - t0, time.perf_counter() - t2)
+        self.count(len(batch), out)
+        observe_batch(self.app.consumer, self.agent, batch, out, t0)
+
+
+@dataclass
+class SeenWindowLimit:
+    """The action agent's ``pending_limit``: commit unless what a crash may then redeliver
+    stays within the seen window (module doc): the acks pending, the batch in process (a
+    full one if none is yet) and the next one."""
+
+    seen_window: int
+    batch_size: int
+    in_process: _InProcess
+
+    def __call__(self) -> int:
+        return self.seen_window - (self.in_process.size or self.batch_size) - self.batch_size
+
+
+class AppendFault:
+    """The fault-injection hook (module doc): ``_pipeline``'s ``after`` for the action agent.
+
+    Counts the appends of every written batch; once they reach ``exit_after`` (None:
+    never) it exits like SIGKILL, before that batch's outputs are sent or its offsets acked.
+    """
+
+    def __init__(self, exit_after: int | None) -> None:
+        self.exit_after = exit_after
+        self.appended = 0
+
+    def __call__(self, out: BatchOutput) -> None:
+        self.appended += out.appended
+        if self.exit_after is not None and self.appended >= self.exit_after:
+            log.critical(
+                "fault injection: exiting after %d appends, before the batch's samples and acks", self.appended
+            )
+            _exit_before_ack(EXIT_FAULT_INJECTED)
+
+
+def _faust_app(settings: StreamSettings):
+    """The faust app (raw keys and values, no web server, topics created by ``stream.topics``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import faust
 
-    app = faust.App(
+    return faust.App(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap}",
         key_serializer="raw",
@@ -321,125 +440,76 @@ def create_app(settings: StreamSettings):
         broker_rebalance_timeout=settings.session_timeout_s,
         consumer_group_instance_id=settings.instance_id,
     )
-    from infra import observability as obs
+
+
+@dataclass(frozen=True)
+class AgentLoop:
+    """What one agent runs: ``_pipeline`` with everything but the batches. The agent
+    functions stay in ``create_app``: faust labels an agent's log lines by its function's
+    qualified name."""
+
+    pool: ThreadPoolExecutor  # one thread: a partition's batches are processed in order
+    process: Callable[[Sequence[rec.ConsumedRecord]], BatchOutput]
+    after: Callable[[BatchOutput], None] | None
+    finish: BatchFinisher
+    in_process: _InProcess | None = None
+
+    async def run(self, batches) -> None:
+        await _pipeline(batches, self.pool, self.process, self.after, self.finish, self.in_process)
+
+
+def _action_loop(app, settings: StreamSettings, store, sender: RecordSender) -> AgentLoop:
+    """Actions: appended to the users' streams; commits bounded by the seen window; the fault hook."""
+    process = ActionProcessor(store).process
+    pool = ThreadPoolExecutor(1, thread_name_prefix="hisam-actions")
+    in_process = _InProcess()
+    limit = SeenWindowLimit(settings.store.seen_window, settings.batch_size, in_process)
+    finish = BatchFinisher(app, sender, "actions", count_actions, limit)
+    return AgentLoop(pool, process, AppendFault(settings.fault_exit_after_appends), finish, in_process)
+
+
+def _item_loop(app, settings: StreamSettings, store, sender: RecordSender) -> AgentLoop:
+    """Item events: tokenized by the frozen tokenizer, their semantic IDs written."""
+    import torch
+
+    from models.tokenizer import FrozenTokenizer
+
+    # Item batches are small matrices: torch's intra-op thread pool only adds
+    # contention with the event loop and the consumer thread.
+    torch.set_num_threads(1)
+    item_proc = ItemProcessor(store, FrozenTokenizer.load(settings.tokenizer_dir))
+    pool = ThreadPoolExecutor(1, thread_name_prefix="hisam-items")
+    log.info("item ingestion on, tokenizer %s", item_proc.tokenizer.version)
+    return AgentLoop(pool, item_proc.process, None, BatchFinisher(app, sender, "items", count_items))
+
+
+def create_app(settings: StreamSettings):
+    """Build the faust app with its agents; the caller runs it (``run_worker``)."""
+    check_seen_window(settings)
+    app = _faust_app(settings)
     from stream.transport import batch_topic, fast_transport
 
     # Before the first topic asks for a transport.
     app.transport = fast_transport(app, settings.idle_fetch_s)
     # Batch topics: their agents get whole record batches (stream.transport's docstring).
     actions_topic = batch_topic(app, tp.USER_ACTIONS, settings.batch_size, settings.batch_within_s)
-
     store = open_stream_store(settings.store)
-    action_proc = ActionProcessor(store)
-    action_pool = ThreadPoolExecutor(1, thread_name_prefix="hisam-actions")
-
-    sender = RecordSender(app.producer._ensure_producer)
-
-    async def emit(out: BatchOutput, n: int) -> None:
-        # Record batches straight to the producer (not Topic.send, not one send per record):
-        # per-record sends cost ~12 us of CPU each, a record appended to a batch ~5 us.
-        # Keys go to the partitions a keyed send would pick (faust's key_partition).
-        try:
-            futs = await sender.send(tp.TRAINING_SAMPLES, out.samples)
-            futs += await sender.send(tp.DEAD_LETTERS, out.dead_letters)
-            if futs:
-                await asyncio.gather(*futs)  # acknowledged before the batch is acked
-        except Exception:
-            log.critical(
-                "the outputs of a batch of %d records could not be produced; exiting before its offsets commit",
-                n,
-                exc_info=True,
-            )
-            _exit_before_ack(EXIT_PRODUCE_FAILED)
-
-    stats = _Progress("actions")
-    appended = 0
-
-    def observe(agent: str, batch, out: BatchOutput, t0: float) -> None:
-        """Metrics of one acknowledged batch (infra/observability.py)."""
-        obs.STREAM_BATCH_LATENCY.labels(agent=agent).observe(time.perf_counter() - t0)
-        obs.STREAM_SAMPLES_PRODUCED.inc(len(out.samples))
-        # Freshness: the record's produce time (its Kafka timestamp) -> visible in the store.
-        # Not the event time: a replay carries the dataset's times.
-        fresh = obs.STREAM_FRESHNESS.labels(agent=agent)
-        now_ms = time.time() * 1000.0
-        for r in batch.records:  # aiokafka records
-            if r.timestamp > 0:
-                fresh.observe(max(0.0, now_ms - r.timestamp) / 1000.0)
-        for tp_, offsets in batch.spans:  # per partition, in offset order
-            end = app.consumer.highwater(tp_)
-            if end is not None:
-                obs.STREAM_CONSUMER_LAG.labels(topic=tp_.topic, partition=str(tp_.partition)).set(
-                    max(0, end - offsets[-1] - 1)
-                )
-
-    def finisher(agent: str, progress: _Progress, pending_limit, count):
-        """An agent's ``finish`` for ``_pipeline``: produce the batch's outputs, await their
-        acknowledgements, ack the batch (committing once more than ``pending_limit()`` acks
-        are pending; None: faust's commit_every), then its progress log and metrics."""
-
-        async def finish(batch, out: BatchOutput, t0: float, t1: float) -> None:
-            t2 = time.perf_counter()
-            await emit(out, len(batch))
-            await batch.ack(pending_limit())
-            progress.add(len(batch), out, t1 - t0, time.perf_counter() - t2)
-            count(len(batch), out)
-            observe(agent, batch, out, t0)
-
-        return finish
-
-    in_process = _InProcess()
-
-    def count_actions(n: int, out: BatchOutput) -> None:
-        obs.STREAM_ACTIONS_CONSUMED.inc(n)
-        obs.STREAM_ACTIONS_APPENDED.inc(out.appended)
-        obs.STREAM_ACTION_DUPLICATES.inc(out.duplicates)
-
-    # Commit unless what a crash may then redeliver stays within the seen window: the acks
-    # pending, the batch in process (a full one if none is yet) and the next one.
-    finish_actions = finisher(
-        "actions",
-        stats,
-        lambda: settings.store.seen_window - (in_process.size or settings.batch_size) - settings.batch_size,
-        count_actions,
-    )
-
-    def after_actions(out: BatchOutput) -> None:
-        nonlocal appended
-        appended += out.appended
-        if fault_after is not None and appended >= fault_after:
-            log.critical("fault injection: exiting after %d appends, before the batch's samples and acks", appended)
-            _exit_before_ack(EXIT_FAULT_INJECTED)
+    sender = RecordSender(app.producer._ensure_producer)  # faust starts its producer after this
+    actions = _action_loop(app, settings, store, sender)
 
     @app.agent(actions_topic, name="hisam-actions")
     async def append_actions(batches) -> None:
-        await _pipeline(batches, action_pool, action_proc.process, after_actions, finish_actions, in_process)
+        await actions.run(batches)
 
     if settings.tokenizer_dir is not None:
-        import torch
-
-        from models.tokenizer import FrozenTokenizer
-
-        # Item batches are small matrices: torch's intra-op thread pool only adds
-        # contention with the event loop and the consumer thread.
-        torch.set_num_threads(1)
-        item_proc = ItemProcessor(store, FrozenTokenizer.load(settings.tokenizer_dir))
-        item_pool = ThreadPoolExecutor(1, thread_name_prefix="hisam-items")
-        log.info("item ingestion on, tokenizer %s", item_proc.tokenizer.version)
+        items = _item_loop(app, settings, store, sender)
         items_topic = batch_topic(app, tp.ITEM_EVENTS, settings.batch_size, settings.batch_within_s)
-
-        def count_items(n: int, out: BatchOutput) -> None:
-            obs.STREAM_ITEMS_CONSUMED.inc(n)
-            obs.STREAM_ITEMS_WRITTEN.inc(out.items_written)
-
-        finish_items = finisher("items", _Progress("items"), lambda: None, count_items)
 
         @app.agent(items_topic, name="hisam-items")
         async def ingest_items(batches) -> None:
-            await _pipeline(batches, item_pool, item_proc.process, None, finish_items)
+            await items.run(batches)
     else:
         log.warning("no tokenizer given: this worker does not consume %s", tp.ITEM_EVENTS)
-
     return app
 
 

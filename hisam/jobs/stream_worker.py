@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 
 from features.store import OnlineStoreConfig
@@ -78,8 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_metrics_arguments(parser)
 
 
-def main(args: argparse.Namespace) -> int:
-    settings = StreamSettings(
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> StreamSettings:
+    """The worker's settings; two come from its environment, not its options:
+    ``HISAM_IDLE_FETCH_MS`` (the pause after an empty fetch, ``StreamSettings.idle_fetch_s``)
+    and ``HISAM_FAULT_EXIT_AFTER_APPENDS`` (fault injection: tests set it for a worker they
+    start; unset or 0: off)."""
+    return StreamSettings(
         bootstrap=args.bootstrap,
         store=store_config_from_args(args),
         app_id=args.app_id,
@@ -89,7 +94,13 @@ def main(args: argparse.Namespace) -> int:
         partitions=args.partitions,
         session_timeout_s=args.session_timeout,
         instance_id=args.instance_id or None,
+        idle_fetch_s=float(environ.get("HISAM_IDLE_FETCH_MS", "5")) / 1000,
+        fault_exit_after_appends=int(environ.get("HISAM_FAULT_EXIT_AFTER_APPENDS", "0")) or None,
     )
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args, os.environ)
     log.info("stream worker %s on %s, store %s", settings.app_id, settings.bootstrap, settings.store.backend)
     with metrics_server(args.metrics_port, args.metrics_addr):
         run_worker(settings, loglevel="debug" if getattr(args, "verbose", False) else "info")
