@@ -17,6 +17,10 @@ scored; the request id is echoed.
 ``serve_process`` starts ``python -m hisam.jobs.serve`` (so client and server do not share a
 GIL) on a free port, waits until its health is SERVING, and stops it with SIGTERM (it drains
 in-flight calls) on exit.
+
+``RankCaller`` is the other kind of caller: not a load but a steady trickle, one client in a
+thread making one call every ``interval_s``, each call kept as a row (``rank_call``), so that
+what answered (which model version, how fast, which errors) can be followed over time.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -39,6 +44,11 @@ Request = tuple[int, list[int]]  # (user id, candidate item ids)
 
 SCORED = 1  # rank.proto ITEM_STATUS_SCORED
 KNOWN_STATUSES = (1, 2, 3)  # SCORED, UNKNOWN_ITEM, TOKENIZER_MISMATCH
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile of ``xs``; NaN when there is nothing to summarise (a report shows "-")."""
+    return float(np.percentile(np.asarray(xs, dtype=float), q)) if len(xs) else math.nan
 
 
 def check_answer(request: Request, request_id: str, resp) -> str | None:
@@ -86,7 +96,7 @@ class LoadResult:
         return len(self.latencies_ms) + sum(self.errors.values())
 
     def percentile_ms(self, q: float) -> float:
-        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else math.nan
+        return percentile(self.latencies_ms, q)
 
     def summary(self) -> dict:
         return {
@@ -158,7 +168,7 @@ async def rank_load(
     return out
 
 
-# --- hisam serve as a process ----------------------------------------------------------------------
+# --- hisam serve as a process ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -226,44 +236,111 @@ def serve_process(args: Sequence[str], log_path: Path, timeout_s: float = 180.0)
             proc.wait()
 
 
-class RankProbe:
-    """One caller asking Rank the same question every ``interval_s`` in a thread, until ``close``.
+# --- one caller in a thread -----------------------------------------------------------------------
 
-    Records the model version of every answer and every failure: what reliability tests
-    check across a version swap, a trainer crash or a dependency outage.
+
+def rank_call(stub, request: Request, timeout_s: float, request_id: str = "") -> dict:
+    """One Rank call as a row: when, for whom, how long, and what answered (or the error)."""
+    import grpc
+
+    from hisam_pb.v1 import rank_pb2
+
+    user, items = request
+    t0 = time.perf_counter()
+    row: dict = {"t": time.time(), "user": user}
+    try:
+        resp = stub.Rank(rank_pb2.RankRequest(user_id=user, item_ids=items, request_id=request_id), timeout=timeout_s)
+    except grpc.RpcError as e:
+        return row | {"ok": False, "ms": (time.perf_counter() - t0) * 1000, "error": f"{e.code().name}: {e.details()}"}
+    return row | {
+        "ok": True,
+        "ms": (time.perf_counter() - t0) * 1000,
+        "model_version": resp.model_version,
+        "history_len": resp.history_len,
+        "cache_hit": resp.cache_hit,
+        "top": [(it.item_id, round(it.score, 4)) for it in resp.items[:5]],
+        "scored": sum(it.status == SCORED for it in resp.items),
+    }
+
+
+def rank_calls(address: str, requests: Sequence[Request], timeout_s: float = 10.0) -> list[dict]:
+    """``rank_call`` for each request in turn, on one channel."""
+    import grpc
+
+    from hisam_pb.v1 import rank_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = rank_pb2_grpc.RankingServiceStub(channel)
+        return [rank_call(stub, r, timeout_s) for r in requests]
+
+
+class RankCaller:
+    """Calls Rank every ``interval_s`` in a thread, until ``close``, and keeps every call (``rank_call``).
+
+    ``next_request`` says what to ask each time (None: nothing yet, skip this turn); it
+    runs in the caller's thread.
     """
 
-    def __init__(self, address: str, user: int, items: Sequence[int], interval_s: float = 0.1) -> None:
+    def __init__(
+        self,
+        address: str,
+        next_request: Callable[[], Request | None],
+        interval_s: float,
+        timeout_s: float = 10.0,
+        request_id: str = "",
+    ) -> None:
         import threading
 
         import grpc
 
-        from hisam_pb.v1 import rank_pb2, rank_pb2_grpc
+        from hisam_pb.v1 import rank_pb2_grpc
 
+        self.address, self.next_request = address, next_request
+        self.interval_s, self.timeout_s, self.request_id = interval_s, timeout_s, request_id
         self.channel = grpc.insecure_channel(address)
         self.stub = rank_pb2_grpc.RankingServiceStub(self.channel)
-        self.request = rank_pb2.RankRequest(user_id=user, item_ids=list(items), request_id="probe")
-        self.interval_s = interval_s
-        self.versions: list[str] = []
-        self.failures: list[str] = []
+        self.calls: list[dict] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rank-probe", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="rank-caller", daemon=True)
 
-    def start(self) -> RankProbe:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
-    def _run(self) -> None:
-        import grpc
+    @property
+    def versions(self) -> list[str]:
+        """The model version of every answer, in order."""
+        return [c["model_version"] for c in self.calls if c["ok"]]
 
+    @property
+    def failures(self) -> list[str]:
+        """Every failed call's gRPC status and details, in order."""
+        return [c["error"] for c in self.calls if not c["ok"]]
+
+    def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.versions.append(self.stub.Rank(self.request, timeout=30).model_version)
-            except grpc.RpcError as e:
-                self.failures.append(f"{e.code()}: {e.details()}")
+            request = self.next_request()
+            if request is not None:
+                self.calls.append(rank_call(self.stub, request, self.timeout_s, self.request_id))
             self._stop.wait(self.interval_s)
 
     def close(self) -> None:
+        """Stop calling and close the channel; a second close does nothing."""
+        if self._stop.is_set():
+            return
         self._stop.set()
-        self._thread.join(35)
+        if self._thread.is_alive():
+            self._thread.join(self.timeout_s + 5)
         self.channel.close()
+
+
+class RankProbe(RankCaller):
+    """One caller asking Rank the same question every ``interval_s``: what reliability tests watch.
+
+    They check the model version of every answer and every failure across a version swap,
+    a trainer crash or a dependency outage.
+    """
+
+    def __init__(self, address: str, user: int, items: Sequence[int], interval_s: float = 0.1) -> None:
+        request = (user, list(items))
+        super().__init__(address, lambda: request, interval_s, timeout_s=30.0, request_id="probe")

@@ -2,7 +2,7 @@
 
 Dataset -> frozen DST tokenizer -> initial HMAT ranker -> broker, stream worker, Triton,
 Rank server and near-line trainer -> backfill, live replay with progress, sample Rank
-calls -> ``reports/run/report.md``. See hisam/loop.py for the stages. Ctrl-C stops every
+calls -> ``reports/run/report.md``. See hisam/run/loop.py for the stages. Ctrl-C stops every
 process cleanly and still writes the report of what ran.
 
 ``--tokenizer-report`` also trains the tokenizer baselines (MACRec, RQ-VAE, the DST
@@ -16,15 +16,19 @@ import logging
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data import default_data_dir
 from recipes.tokenizer.train import TrainConfig
+
+if TYPE_CHECKING:
+    from hisam.run.state import LoopOptions
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hisam.loop import LoopOptions
+    from hisam.run.state import LoopOptions
 
     d = LoopOptions()
     parser.add_argument("--dataset", default=d.dataset)
@@ -77,19 +81,11 @@ def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def main(args: argparse.Namespace) -> int:
-    from hisam.loop import LoopOptions, run_loop, summary_of, write_report
+def options(args: argparse.Namespace) -> LoopOptions:
+    """The loop's options from the command line (the rest keep LoopOptions' defaults)."""
+    from hisam.run.state import LoopOptions
 
-    started = time.perf_counter()
-    # Ctrl-C and SIGTERM (a supervisor's or a container's stop) both stop the loop the same
-    # way: every child stopped, the report written, exit status 130. Installed explicitly:
-    # a process started with SIGINT ignored (a background job of a shell) would otherwise
-    # never see its Ctrl-C.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
-    if args.tokenizer_report:
-        tokenizer_report(args)
-    opts = LoopOptions(
+    return LoopOptions(
         dataset=args.dataset,
         data_dir=args.data_dir,
         artifacts=args.artifacts,
@@ -105,21 +101,29 @@ def main(args: argparse.Namespace) -> int:
         progress_every_s=args.progress_every,
         progress=not args.no_progress,
     )
+
+
+def main(args: argparse.Namespace) -> int:
+    from hisam.run.loop import run_loop
+    from hisam.run.report import one_line, summary_of, write_report
+
+    started = time.perf_counter()
+    # Ctrl-C and SIGTERM (a supervisor's or a container's stop) both stop the loop the same
+    # way: every child stopped, the report written, exit status 130. Installed explicitly:
+    # a process started with SIGINT ignored (a background job of a shell) would otherwise
+    # never see its Ctrl-C.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if args.tokenizer_report:
+        tokenizer_report(args)
     run = None
     try:
-        run = run_loop(opts)
+        run = run_loop(options(args))
     finally:
         if run is not None:
             path = write_report(run, Path(args.reports) / "run")
-            s = summary_of(run)
-            ev, rk, tr = s["events"], s["rank"], s["trainer"]
             print(path.read_text())
-            print(
-                f"report: {path}  ({time.perf_counter() - started:.0f} s in all): "
-                f"{(ev['backfill_actions'] or 0) + (ev['replay_actions'] or 0):,} actions ingested, "
-                f"{len(tr['published'])} version(s) published, Rank p50 {rk['p50_ms']:.0f} ms / "
-                f"p99 {rk['p99_ms']:.0f} ms over {rk['calls']} calls, {rk['errors']} errors"
-            )
+            print(f"report: {path}  ({time.perf_counter() - started:.0f} s in all): {one_line(summary_of(run))}")
     if run is not None and run.interrupted:
         return 130
     if run is None or run.error:

@@ -11,24 +11,23 @@ options). Runs until SIGTERM / Ctrl-C, then drains in-flight calls.
 latency by status, Triton latency, caches, the model version answering, dependency health).
 When Triton stops, Rank answers UNAVAILABLE and health NOT_SERVING until it is back, with no
 restart of this server (serving/server.py); the embedded Triton is restarted by this
-process when it exits (infra/triton.py ``supervised_triton_server``).
+process when it exits (serving/app.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import logging
 import os
-import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data import default_data_dir
 from hisam.jobs.stream_worker import add_store_arguments, store_config_from_args
 from infra.observability import add_metrics_arguments, metrics_server
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from serving.app import ServeConfig
+    from serving.profiles import Profiles
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,76 +56,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_metrics_arguments(parser)
 
 
-def load_profiles(args: argparse.Namespace):
+def load_profiles(args: argparse.Namespace) -> Profiles:
+    """Profile tokens for ``--checkpoint``'s vocabulary, users from ``--dataset`` (none without either)."""
+    from serving.app import checkpoint_profile_vocab
     from serving.profiles import Profiles
 
-    if args.checkpoint is None:
-        return Profiles.empty()
-    from features.profiles import ProfileVocab
-    from models.hmat.checkpoint import read_checkpoint_config
-
-    cfg = read_checkpoint_config(args.checkpoint)
-    if "profile_vocab" not in cfg:
+    vocab = None if args.checkpoint is None else checkpoint_profile_vocab(args.checkpoint)
+    if vocab is None:
         return Profiles.empty()
     users = None
     if args.dataset:
         from data import load_dataset
 
         users = load_dataset(args.dataset, args.data_dir, progress=False).users
-    return Profiles.from_vocab(ProfileVocab.from_dict(cfg["profile_vocab"]), users)
+    return Profiles.from_vocab(vocab, users)
 
 
-def make_ranker(args: argparse.Namespace, triton_url: str | None, profiles):
-    """The Ranker for these options; call it on the serving event loop."""
-    from features.store import open_stream_store
-    from serving.backends import OrtBackend, TritonBackend
-    from serving.online import OnlineReader
-    from serving.ranking import Ranker, model_info
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    from serving.app import ServeConfig
 
-    backend = TritonBackend(triton_url) if args.inference == "triton" else OrtBackend(args.model_repo, args.threads)
-    reader = OnlineReader(open_stream_store(store_config_from_args(args)), item_ttl_s=args.item_ttl)
-    return Ranker(
-        backend,
-        reader,
-        profiles,
-        model_info(args.model_repo),
+    return ServeConfig(
+        model_repo=args.model_repo,
+        store=store_config_from_args(args),
+        inference=args.inference,
+        triton_url=args.triton_url,
+        threads=args.threads,
+        host=args.host,
+        port=args.port,
         max_candidates=args.max_candidates,
-        cache_bytes=int(args.cache_mb * (1 << 20)),
-        default_timeout_s=args.request_timeout,
+        cache_mb=args.cache_mb,
+        item_ttl_s=args.item_ttl,
+        request_timeout_s=args.request_timeout,
+        health_interval_s=args.health_interval,
     )
 
 
-async def _serve(args: argparse.Namespace, triton_url: str | None, profiles) -> None:
-    from serving.server import rank_server
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    ranker = make_ranker(args, triton_url, profiles)
-    try:
-        async with rank_server(ranker, args.host, args.port, health_interval_s=args.health_interval) as handle:
-            print(f"RankingService listening on {handle.address}", flush=True)
-            await stop.wait()
-            log.info("shutting down: draining in-flight calls")
-    finally:
-        await ranker.backend.close()
+def _listening(address: str) -> None:
+    # The line supervisors wait for (infra/supervisor.py wait_for_line): a log record would start with its time.
+    print(f"RankingService listening on {address}", flush=True)
 
 
 def main(args: argparse.Namespace) -> int:
+    from serving.app import run_rank_service
     from serving.repository import publish_version
 
     if args.checkpoint is not None:
         publish_version(args.model_repo, args.checkpoint, instances=args.instances, threads=args.threads)
     profiles = load_profiles(args)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(metrics_server(args.metrics_port, args.metrics_addr))
-        url = args.triton_url
-        if args.inference == "triton" and url is None:
-            from infra.triton import supervised_triton_server
-
-            url = stack.enter_context(supervised_triton_server(args.model_repo)).url
-        asyncio.run(_serve(args, url, profiles))
+    with metrics_server(args.metrics_port, args.metrics_addr):
+        run_rank_service(serve_config(args), profiles, _listening)
     return 0
 
 

@@ -3,7 +3,7 @@
 A new tokenizer version (docs/method.md §1 lifecycle: DST monthly, PT weekly, SFT daily or
 faster) changes every item's semantic IDs, and the user streams hold only those IDs.
 This command copies the current online-store namespace into a new one under the new
-tokenizer (stream/retokenize.py has the steps and the checks); it never writes in
+tokenizer (stream/retokenize has the steps and the checks, stream/migrate_job.py one run); it never writes in
 place, so serving keeps reading the old namespace until the cut-over.
 
 The procedure:
@@ -38,17 +38,19 @@ for the cut-over until they are understood (they are listed next to the report).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import sqlite3
 import time
-from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data import default_data_dir
-from features.store import OnlineStoreConfig
+
+if TYPE_CHECKING:
+    from models.tokenizer import FrozenTokenizer
+    from stream.migrate_job import Namespaces
+    from stream.retokenize import ItemCatalogue
 
 log = logging.getLogger(__name__)
 
@@ -102,98 +104,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def read_topic_to_end(bootstrap: str, topic: str, timeout_s: float) -> Iterator[bytes | None]:
-    """Every record value of ``topic`` from the beginning up to its end offsets at the start (no group)."""
-    from infra.kafka import KafkaConsumer, TopicPartition
-    from stream.retokenize import MigrationError
+def _namespaces(args: argparse.Namespace) -> Namespaces:
+    """The options of both namespaces (the command line's ``--from-*``, ``--to-*`` and the shared T, W)."""
+    from stream.migrate_job import Namespaces
 
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, client_id="hisam-migrate"
-    )
-    try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            raise MigrationError(f"topic {topic!r} does not exist on {bootstrap}")
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
-        todo = {tp for tp in tps if end[tp] > begin[tp]}  # retention may have emptied a partition
-        deadline = time.monotonic() + timeout_s
-        n = 0
-        while todo:
-            if time.monotonic() > deadline:
-                raise MigrationError(f"timed out after {timeout_s:.0f}s reading {topic} ({n} records so far)")
-            for tp, batch in consumer.poll(timeout_ms=500).items():
-                for r in batch:
-                    if r.offset < end[tp]:  # the topic as it was at the start; later events go to the workers
-                        n += 1
-                        yield r.value
-            todo = {tp for tp in todo if consumer.position(tp) < end[tp]}
-        log.info("read %d item events from %s (%d partitions)", n, topic, len(tps))
-    finally:
-        consumer.close()
+    return Namespaces(**{f.name: getattr(args, f.name) for f in fields(Namespaces)})
 
 
-def _configs(args: argparse.Namespace, tokenizer) -> tuple[OnlineStoreConfig, OnlineStoreConfig]:
-    from stream.retokenize import default_project
+def _catalogue(args: argparse.Namespace, tokenizer: FrozenTokenizer) -> ItemCatalogue:
+    """The items' modalities: from the item-events topic, or from a dataset."""
+    from stream.migrate_job import catalogue_from_topic
+    from stream.retokenize import catalogue_from_dataset
 
-    source = OnlineStoreConfig(
-        backend=args.from_backend,
-        repo_dir=args.from_repo_dir,
-        redis_url=args.from_redis_url,
-        project=args.from_project,
-        stream_len=args.stream_len,
-        n_codes=args.from_n_codes,
-        seen_window=args.seen_window,
-    )
-    project = args.to_project or default_project(tokenizer.version)
-    backend = args.to_backend or args.from_backend
-    target = OnlineStoreConfig(
-        backend=backend,
-        repo_dir=args.to_repo_dir or args.from_repo_dir.with_name(f"{args.from_repo_dir.name}_{project}"),
-        redis_url=(args.to_redis_url or args.from_redis_url) if backend == "redis" else None,
-        project=project,
-        stream_len=args.stream_len,
-        n_codes=args.to_n_codes or tokenizer.n_codes,
-        seen_window=args.seen_window,
-    )
-    return source, target
+    if args.items_from == "topic":
+        return catalogue_from_topic(args.bootstrap, args.item_topic, args.topic_timeout, tokenizer)
+    from data import load_dataset
 
-
-def _check_source(config: OnlineStoreConfig) -> None:
-    """The source must exist: opening a missing SQLite namespace would create it empty."""
-    from features import encoding as enc
-    from stream.retokenize import MigrationError
-
-    if config.backend == "sqlite":
-        db = config.sqlite_db
-        if not db.is_file():
-            raise MigrationError(f"no source online store at {db} (--from-repo-dir / --from-backend)")
-        table = enc.sqlite_table(config.project, enc.USER_STREAM_FV)
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-            found = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone()
-        if not found:
-            raise MigrationError(f"{db} holds no project {config.project!r} (no table {table}; --from-project)")
-    else:
-        import redis
-
-        try:
-            redis.Redis.from_url(config.redis_url).ping()
-        except redis.exceptions.ConnectionError as e:
-            raise MigrationError(f"the source Redis {config.redis_url} is not reachable: {e}") from e
+    ds = load_dataset(args.dataset, args.data_dir, progress=not args.no_progress)
+    return catalogue_from_dataset(ds.items, int(time.time() * 1000))
 
 
 def main(args: argparse.Namespace) -> int:
-    from features.store import open_feature_store, open_stream_store
     from models.tokenizer import FrozenTokenizer
-    from stream.retokenize import (
-        MigrationError,
-        catalogue_from_dataset,
-        catalogue_from_item_events,
-        check_namespaces,
-        migrate_namespace,
-    )
+    from stream.migrate_job import MigrationOptions, check_source, namespace_configs, run_migration
+    from stream.retokenize import MigrationError, check_namespaces
 
     try:
         tokenizer = FrozenTokenizer.load(args.tokenizer)
@@ -201,46 +135,30 @@ def main(args: argparse.Namespace) -> int:
         log.error("cannot load the new tokenizer from %s: %s", args.tokenizer, e)
         return EXIT_BAD_INPUT
     try:
-        source, target = _configs(args, tokenizer)
+        source, target = namespace_configs(_namespaces(args), tokenizer)
         check_namespaces(source, target, tokenizer)
-        _check_source(source)
-        if args.items_from == "topic":
-            values = read_topic_to_end(args.bootstrap, args.item_topic, args.topic_timeout)
-            catalogue = catalogue_from_item_events(values, tokenizer.modalities)
-        else:
-            from data import load_dataset
-
-            ds = load_dataset(args.dataset, args.data_dir, progress=not args.no_progress)
-            catalogue = catalogue_from_dataset(ds.items, int(time.time() * 1000))
+        check_source(source)
+        catalogue = _catalogue(args, tokenizer)
     except (MigrationError, ValueError) as e:
         log.error("%s", e)
         return EXIT_BAD_INPUT
     log.info(
         "%d items from the %s; migrating %s -> %s", len(catalogue), args.items_from, source.project, target.project
     )
-
+    options = MigrationOptions(
+        batch_users=args.batch_users,
+        verify_sample=args.verify_sample,
+        dry_run=args.dry_run,
+        overwrite=args.overwrite,
+        feast=not args.no_feast,
+        progress=not args.no_progress,
+    )
     report_path = args.report or Path(target.repo_dir) / "retokenize_report.json"
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    unmapped_path = report_path.with_suffix(".unmapped.jsonl")
-    src = open_stream_store(source)
-    dst = None if args.dry_run else open_stream_store(target)
-    fs = None if (args.dry_run or args.no_feast) else open_feature_store(target)  # the target's own repo
     try:
-        with open(unmapped_path, "w") as unmapped_file:
-            report = migrate_namespace(
-                src, target, tokenizer, catalogue, target=dst,
-                batch_users=args.batch_users, verify_sample=args.verify_sample, dry_run=args.dry_run,
-                overwrite=args.overwrite, feast_store=fs, progress=not args.no_progress,
-                on_unmapped=lambda u: unmapped_file.write(json.dumps({**asdict(u), "old_tokens": list(u.old_tokens)}) + "\n"),
-            )  # fmt: skip
+        report, unmapped_path = run_migration(source, target, tokenizer, catalogue, options, report_path)
     except MigrationError as e:
         log.error("%s", e)
         return EXIT_BAD_INPUT
-    finally:
-        src.close()
-        if dst is not None:
-            dst.close()
-    report_path.write_text(report.to_json())
     print(report.table())
     log.info("report: %s; unmapped events: %s", report_path, unmapped_path)
     if report.verified is False:

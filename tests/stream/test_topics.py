@@ -53,7 +53,7 @@ def test_default_topics_bound_only_the_samples_when_asked() -> None:
 
 
 def test_the_broker_reports_its_process() -> None:
-    from hisam.bench.stream import _cpu_seconds
+    from hisam.bench.stream.common import cpu_seconds
     from infra.services import kafka_broker
 
     with kafka_broker() as broker:
@@ -61,5 +61,5 @@ def test_the_broker_reports_its_process() -> None:
         with open(f"/proc/{broker.pid}/cmdline", "rb") as f:
             assert b"noida-db" in f.read()
         assert tp.ensure_topics(broker.bootstrap, [tp.TopicSpec("t", 1)]) == ["t"]
-        assert _cpu_seconds(broker.pid) is not None
-    assert _cpu_seconds(None) is None and _cpu_seconds(1 << 23) is None  # above any pid_max
+        assert cpu_seconds(broker.pid) is not None
+    assert cpu_seconds(None) is None and cpu_seconds(1 << 23) is None  # above any pid_max
