@@ -11,6 +11,10 @@ What docs/method.md §1b asks beyond the paper, and where it lives here:
   worst served (largest quantisation error), so they start being used.
 - collision resolution works on whole IDs and lives in ``collisions.py``.
 
+Randomness: every draw takes an optional ``torch.Generator`` and is made on the device
+that generator lives on (its state is there: CUDA ops refuse a CPU generator), then moved
+to the data; without one, on the data's device from the global RNG (``_draw_device``).
+
 Gradients: straight-through estimator (the quantised vector's gradient is copied to the
 input), codebook and commitment losses as in VQ-VAE / RQ-VAE:
 ``||sg[r] - e_c||^2 + beta * ||r - sg[e_c]||^2``.
@@ -22,6 +26,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+def _draw_device(x: torch.Tensor, generator: torch.Generator | None) -> torch.device:
+    """Where a random draw for data ``x`` happens: the generator's device, else the data's."""
+    return x.device if generator is None else generator.device
+
+
+def _noise(x: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """(n, D) Gaussian jitter at 1% of ``x``'s spread, on ``x``'s device."""
+    z = torch.randn((n, x.shape[1]), generator=generator, device=_draw_device(x, generator))
+    return z.to(x.device) * (x.std() * 1e-2 + 1e-6)
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -36,16 +51,16 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generator 
         raise ValueError("kmeans needs at least one point")
     if n < k:
         reps = (k + n - 1) // n
-        noise = torch.randn((n * reps, x.shape[1]), generator=generator) * (x.std() * 1e-2 + 1e-6)
-        x = x.repeat(reps, 1) + noise
+        x = x.repeat(reps, 1) + _noise(x, n * reps, generator)
         n = x.shape[0]
     # k-means++ seeding: each next centre drawn with probability proportional to D(x)^2.
-    first = torch.randint(n, (1,), generator=generator)
+    where = _draw_device(x, generator)
+    first = torch.randint(n, (1,), generator=generator, device=where).to(x.device)
     centres = [x[first]]
     d2 = ((x - centres[0]) ** 2).sum(-1)
     for _ in range(1, k):
         probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / n)
-        idx = torch.multinomial(probs, 1, generator=generator)
+        idx = torch.multinomial(probs.to(where), 1, generator=generator).to(x.device)
         centres.append(x[idx])
         d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(-1))
     c = torch.cat(centres, 0)  # (k, D)
@@ -121,9 +136,8 @@ class VectorQuantizer(nn.Module):
         err = self.distances(x).min(-1).values  # (B,) how badly each input is served now
         order = torch.argsort(err, descending=True)
         n = dead.numel()
-        pick = order[torch.arange(n) % order.numel()]
-        noise = torch.randn((n, self.dim), generator=generator) * (x.std() * 1e-2 + 1e-6)
-        self.codebook.data[dead] = x[pick] + noise
+        pick = order[torch.arange(n, device=order.device) % order.numel()]
+        self.codebook.data[dead] = x[pick] + _noise(x, n, generator)
         self.usage[dead] = 1.0 / self.codebook_size
         return int(n)
 

@@ -14,36 +14,55 @@ Metrics (all on probabilities of a positive action, labels 1 = rating > 3):
   rarely meets more than one cold item.
 A metric with no defined value (one class only, or no rows) is NaN, never a made-up 0.5.
 
-Scoring runs ``rank_candidates`` (one-pass parallel ranking, docs/method.md §4) over streams
-sorted by length and packed up to a token budget, so padding stays small although
-histories range from a few to a few thousand tokens.
+Scoring runs one-pass ranking (docs/method.md §4: candidates as blocks after the history,
+block-diagonal mask) over streams sorted by length and packed up to a token budget, so
+padding stays small although histories range from a few to a few thousand tokens. The
+trunk runs under the chosen precision; the action head reads the hidden state in fp32, as
+the near-line trainer's prequential scores do (trainer/core.py): bf16 probabilities fall
+on a grid of a few hundred values and tie, which biases AUC.
 
 Timelines (the "stream" protocol, recipes/ranker/sequences.py): a user's history followed by
 test events, event k scored against the history plus events 0..k-1 (the last
 ``max_items`` of them), then appended with its observed action. ``timeline_examples``
 states that definition as one stream per event, scored by ``score_examples``; it costs
-O(events x history) tokens. ``score_timelines`` computes the same scores with the anchor
-KV cache (docs/method.md §4): encode each history once, then per event score one candidate
-block and append one item, so an event costs O(k + 2) new tokens against O(T) cached
-slots. It is exact (the cache is lossless) as long as the window has not started to
-slide; once history + earlier events pass ``max_items`` the window drops an item per
-event, every kept item's state changes, and those events fall back to full streams.
+O(events x history) tokens, each built token by token in Python. ``score_timelines``
+computes the same scores grouped by user (``event_groups``):
+
+- the user's leading events, as long as history + earlier events fit in ``max_items``,
+  share one stream ``[profile, history, c_0, e_0, c_1, e_1, .., c_n]``: c_k is event k's
+  candidate block, e_k event k as a history item with its observed action. The mask is
+  causal in logical order and keeps candidate blocks apart from every other token
+  (models/hmat/mask.py), and a token's state depends only on what it may attend: the
+  exactness argument of the anchor KV cache (docs/method.md §4). So c_k sees exactly the
+  history and events 0..k-1, at the coordinates of the definition's stream for event k
+  (item i = history + k + 1, flat position re-aligned to it), and one forward pass
+  encodes the history once and scores every such event. (The cache API of
+  models/hmat/inference.py would need one ``append_history`` per event, since
+  ``score_with_cache`` shows every candidate the whole cache.)
+- once the window slides (history + earlier events pass ``max_items``), the window drops
+  an item per event and every kept item's state changes, so each later event is a
+  stream of its own: exactly the definition's, ``max_items`` items and one candidate.
+
+Both kinds are built in tensor ops on the scoring device from one table of every item's
+vocabulary ids (``_group_streams``), with the coordinates of ``models.hmat.sequence``
+(tested field by field against ``build_stream``), and packed several users per forward.
+Scores equal the definition's up to floating-point summation order (tested to 1e-5 per
+row in fp32, metrics to 1e-6).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from models.device import Precision, autocast, resolve_precision
-from models.hmat.inference import AnchorKVCache, append_history, encode_history, rank_candidates, score_with_cache
 from models.hmat.model import HMAT
-from models.hmat.sequence import TokenStream, UserSequence, build_stream
+from models.hmat.sequence import StreamLayout, TokenStream, TokenType, UserSequence, build_stream
 
 METRICS: tuple[str, ...] = ("auc", "gauc", "cold_user_auc", "cold_user_gauc", "cold_item_auc")
 
@@ -138,6 +157,19 @@ def pack_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> lis
     return batches
 
 
+def _anchor_scores(
+    model: HMAT, stream: TokenStream, amp_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, block, P(positive)) of every candidate anchor of ``stream``, each (n,).
+
+    The trunk runs under ``amp_dtype``, the head in fp32 (module docstring).
+    """
+    with autocast(stream.tokens.device, amp_dtype):
+        hidden = model.forward_stream(stream)  # (B, S, C)
+    b, s = (stream.token_type == TokenType.CAND_ANCHOR).nonzero(as_tuple=True)
+    return b, stream.block[b, s], model.positive_prob(hidden[b, s].float())
+
+
 @torch.no_grad()
 def score_examples(
     model: HMAT,
@@ -159,14 +191,12 @@ def score_examples(
     batches = pack_batches([_stream_length(u, layout.item_len) for u in examples], max_tokens, max_batch)
     for batch in tqdm(batches, desc="score", disable=not progress, unit="batch"):
         stream = build_stream([examples[i] for i in batch], layout).to(device)
-        with autocast(device, amp_dtype):
-            scores = rank_candidates(model, stream).float().cpu().numpy()  # (B, N), NaN past each count
-        for row, i in enumerate(batch):
-            out[starts[i] : starts[i + 1]] = scores[row, : counts[i]]
+        b, block, p = (t.cpu().numpy() for t in _anchor_scores(model, stream, amp_dtype))
+        out[starts[np.asarray(batch)[b]] + block] = p
     return out
 
 
-# --- Timelines: the stream protocol, by definition and with the anchor KV cache -------------
+# --- Timelines: the stream protocol, by definition and grouped by user -----------------------
 
 
 @dataclass
@@ -202,47 +232,128 @@ def timeline_examples(
     return out
 
 
-def _cacheable(t0: int, n_events: int, max_items: int) -> int:
-    """Leading events scorable from the cache: event k needs its exact window, T0 + k <= T (k = 0 always)."""
-    return min(n_events, max(1, max_items - t0 + 1)) if n_events else 0
+def event_groups(timelines: Sequence[Timeline], max_items: int) -> list[tuple[int, int, int]]:
+    """(timeline, first event, events) of every stream ``score_timelines`` runs, in timeline order.
+
+    A timeline's leading events share a stream while history + earlier events fit in
+    ``max_items`` (event 0 always: its history is cut to the last ``max_items``, as in the
+    definition); each event after the window starts to slide is a stream of its own.
+    """
+    groups = []
+    for i, tl in enumerate(timelines):
+        t0, n = len(tl.sids), len(tl.event_sids)
+        if n == 0:
+            continue
+        shared = min(n, max(1, max_items - t0 + 1))  # event k shares while t0 + k <= max_items
+        groups.append((i, 0, shared))
+        groups += [(i, k, 1) for k in range(shared, n)]
+    return groups
 
 
-def _select(cache: AnchorKVCache, index: torch.Tensor) -> AnchorKVCache:
-    """The cache rows ``index`` (B',) of a batch cache."""
-    slots = TokenStream(**{f.name: getattr(cache.slots, f.name)[index] for f in fields(TokenStream)})
-    return AnchorKVCache(
-        keys=[k[index] for k in cache.keys],
-        values=[v[index] for v in cache.values],
-        slots=slots,
-        n_items=cache.n_items[index],
-        next_order=cache.next_order[index],
+@dataclass
+class _ItemTable:
+    """Every timeline's items (history, then events) as vocabulary ids, back to back, on one device."""
+
+    item_tokens: torch.Tensor  # (I, k + 2): k semantic-ID ids, ANCHOR, the action's id
+    first_item: torch.Tensor  # (U,) row of each timeline's first history item
+    n_history: torch.Tensor  # (U,) T0
+    profile_tokens: torch.Tensor  # (U, P_max) vocabulary ids; past a profile's length, never read
+    profile_len: torch.Tensor  # (U,)
+
+
+def _as_long(x: Sequence | torch.Tensor, width: int | None = None) -> torch.Tensor:
+    t = torch.as_tensor(x, dtype=torch.long)
+    return t.reshape(-1) if width is None else t.reshape(-1, width)
+
+
+def _item_table(timelines: Sequence[Timeline], layout: StreamLayout, device: torch.device) -> _ItemTable:
+    """The table ``_group_streams`` reads; ``ValueError`` naming the timeline of any id ``build_stream`` would refuse."""
+    k = layout.n_sid
+    for i, tl in enumerate(timelines):
+        if len(tl.sids) != len(tl.actions) or len(tl.event_sids) != len(tl.event_actions):
+            raise ValueError(f"timeline {i}: every history item and event needs one action")
+        if len(tl.profile) > layout.max_profile_len:
+            raise ValueError(f"timeline {i}: profile has {len(tl.profile)} tokens, more than {layout.max_profile_len}")
+    codes = torch.cat([_as_long(x, k) for tl in timelines for x in (tl.sids, tl.event_sids)])  # (I, k)
+    actions = torch.cat([_as_long(x) for tl in timelines for x in (tl.actions, tl.event_actions)])  # (I,)
+    n_items = torch.tensor([len(tl.sids) + len(tl.event_sids) for tl in timelines], dtype=torch.long)
+    first_item = torch.cumsum(n_items, 0) - n_items  # (U,)
+    p_len = torch.tensor([len(tl.profile) for tl in timelines], dtype=torch.long)
+    profiles = torch.zeros(len(timelines), max(1, int(p_len.max())), dtype=torch.long)  # (U, P_max)
+    for i, tl in enumerate(timelines):
+        profiles[i, : len(tl.profile)] = _as_long(tl.profile)
+    bad_item = ((codes < 0) | (codes >= layout.codebook_size)).any(1) | (actions < 0) | (actions >= layout.n_actions)
+    bad_profile = ((profiles < 0) | (profiles >= layout.profile_vocab_size)).any(1)
+    if bool(bad_item.any()):
+        user = int(torch.searchsorted(first_item, bad_item.nonzero()[0], right=True)[0]) - 1
+        raise ValueError(f"timeline {user}: a semantic ID or action is outside its vocabulary")
+    if bool(bad_profile.any()):
+        raise ValueError(
+            f"timeline {int(bad_profile.nonzero()[0])}: a profile id is outside [0, {layout.profile_vocab_size})"
+        )
+    sid = layout.sid_offset + torch.arange(k) * layout.codebook_size + codes  # (I, k)
+    anchor = torch.full_like(actions[:, None], layout.anchor_id)
+    item_tokens = torch.cat([sid, anchor, layout.action_offset + actions[:, None]], 1)  # (I, k + 2)
+    profile_tokens = layout.profile_offset + profiles  # read only where a profile token is
+    n_history = torch.tensor([len(tl.sids) for tl in timelines], dtype=torch.long)
+    return _ItemTable(*(t.to(device) for t in (item_tokens, first_item, n_history, profile_tokens, p_len)))
+
+
+def _group_length(p_len, n_history, n_events, item_len: int):
+    """Tokens of a group's stream: profile, history, then n_events candidate blocks with n_events - 1
+    items between (ints, or tensors of them)."""
+    return p_len + (n_history + n_events - 1) * item_len + n_events * (item_len - 1)
+
+
+def _group_streams(
+    table: _ItemTable, layout: StreamLayout, max_items: int, groups: torch.Tensor, width: int
+) -> TokenStream:
+    """The right-padded streams (B, ``width``) of ``groups`` (B, 3) = (timeline, first event, events).
+
+    Stream b: profile, the last <= ``max_items`` items before its first event, then per
+    event its candidate block followed (except after the last) by the event as a history
+    item (module docstring). Coordinates as ``models.hmat.sequence._user_rows`` assigns
+    them to the definition's stream of each event; ``order`` is the position in the stream.
+    """
+    L, k = layout.item_len, layout.n_sid
+    user, first, count = groups.unbind(1)  # (B,) each
+    end = table.n_history[user] + first  # items before the first event
+    start = (end - max_items).clamp(min=0)  # first history item in the stream
+    P = table.profile_len[user][:, None]  # (B, 1)
+    H = (end - start)[:, None]  # (B, 1) history items in the stream
+    length = _group_length(P, H, count[:, None], L)  # (B, 1)
+    pos = torch.arange(width, device=groups.device)[None, :]  # (1, S)
+    valid = pos < length
+    profile = pos < P
+    rel = pos - P  # position after the profile
+    tail = rel - H * L  # position after the history: (candidate block, event item) periods of 2L - 1
+    in_history = (rel >= 0) & (tail < 0)
+    e = tail.clamp(min=0) // (2 * L - 1)  # (B, S) the group's event a tail position belongs to
+    w = tail.clamp(min=0) - e * (2 * L - 1)
+    candidate = valid & (tail >= 0) & (w < L - 1)
+    t = torch.where(in_history, rel.clamp(min=0) // L, H + e)  # 0-based item of the stream (a candidate's: H + e)
+    j = torch.where(profile, pos, torch.where(in_history, rel.clamp(min=0) % L, torch.where(w < L - 1, w, w - L + 1)))
+    row = (table.first_item[user] + start)[:, None] + t  # (B, S) row of item_tokens
+    item_token = table.item_tokens[row.clamp(max=table.item_tokens.shape[0] - 1), j.clamp(max=L - 1)]
+    profile_token = table.profile_tokens[user[:, None], pos.clamp(max=table.profile_tokens.shape[1] - 1)]
+    item_type = torch.where(
+        j < k, int(TokenType.SID), torch.where(j == k, int(TokenType.ANCHOR), int(TokenType.ACTION))
     )
-
-
-def _score_cached_batch(
-    model: HMAT, batch: Sequence[Timeline], n_cached: Sequence[int], device: torch.device
-) -> list[list[float]]:
-    """Scores of the first ``n_cached[b]`` events of each timeline, by rounds over the batch."""
-    T = model.config.max_items
-    histories = [UserSequence(tl.profile, tl.sids[-T:], tl.actions[-T:]) for tl in batch]
-    cache = encode_history(model, build_stream(histories, model.config.layout).to(device))
-    alive = list(range(len(batch)))  # batch positions held by the cache, in cache row order
-    out: list[list[float]] = [[] for _ in batch]
-    for r in range(max(n_cached, default=0)):
-        cands = torch.stack([batch[b].event_sids[r : r + 1] for b in alive]).to(device)  # (B', 1, k)
-        scores = score_with_cache(model, cache, cands)[:, 0].float().cpu().tolist()  # (B',)
-        for b, p in zip(alive, scores, strict=True):
-            out[b].append(p)
-        grow = [i for i, b in enumerate(alive) if r + 1 < n_cached[b]]
-        if not grow:
-            break
-        if len(grow) < len(alive):
-            cache = _select(cache, torch.tensor(grow, device=device))
-            alive = [alive[i] for i in grow]
-        sids = torch.stack([batch[b].event_sids[r : r + 1] for b in alive]).to(device)  # (B', 1, k)
-        actions = torch.stack([batch[b].event_actions[r : r + 1] for b in alive]).to(device)  # (B', 1)
-        cache = append_history(model, cache, sids, actions)
-    return out
+    cand_type = torch.where(j < k, int(TokenType.CAND_SID), int(TokenType.CAND_ANCHOR))
+    token_type = torch.where(profile, int(TokenType.PROFILE), torch.where(candidate, cand_type, item_type))
+    token_type = torch.where(valid, token_type, int(TokenType.PAD))
+    item = torch.where(valid, torch.where(profile, 0, t + 1), -1)
+    flat = torch.where(profile, pos, P + t * L + j)  # the definition's order; a candidate re-aligned to its item
+    return TokenStream(
+        tokens=torch.where(valid, torch.where(profile, profile_token, item_token), 0),
+        token_type=token_type,
+        item=item,
+        block=torch.where(candidate, e, -1),
+        order=torch.where(valid, pos, -1),
+        pos_i=item.clamp(min=0),
+        pos_j=torch.where(valid, j, 0),
+        pos_flat=torch.where(valid, flat, 0),
+    )
 
 
 @torch.no_grad()
@@ -256,29 +367,26 @@ def score_timelines(
     progress: bool = True,
 ) -> np.ndarray:
     """P(positive) for every event, flattened in timeline then event order (R,): equal to
-    ``score_examples(model, timeline_examples(timelines, max_items))`` up to summation order."""
+    ``score_examples(model, timeline_examples(timelines, max_items))`` up to summation order,
+    a stream per user rather than per event (module docstring)."""
     model.eval()
     device = next(model.parameters()).device
     amp_dtype = resolve_precision(precision, device)
     T, layout = model.config.max_items, model.config.layout
     counts = [len(tl.event_sids) for tl in timelines]
-    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    out = np.full(int(starts[-1]), np.nan, dtype=np.float64)
-    n_cached = [_cacheable(len(tl.sids), n, T) for tl, n in zip(timelines, counts, strict=True)]
-    # Events past the sliding point: full streams, by definition.
-    rest = timeline_examples(timelines, T, skip=n_cached)
-    rest_at = [j for i in range(len(timelines)) for j in range(starts[i] + n_cached[i], starts[i + 1])]
-    if rest:
-        out[rest_at] = score_examples(
-            model, rest, max_tokens=max_tokens, max_batch=max_batch, precision=precision, progress=progress
-        )
-    # Cached events, users batched by history length.
-    todo = [i for i in range(len(timelines)) if n_cached[i]]
-    lengths = [len(timelines[i].profile) + min(len(timelines[i].sids), T) * layout.item_len for i in todo]
-    batches = [[todo[j] for j in b] for b in pack_batches(lengths, max_tokens, max_batch)]
-    with autocast(device, amp_dtype):
-        for batch in tqdm(batches, desc="score (cached)", disable=not progress, unit="batch"):
-            scores = _score_cached_batch(model, [timelines[i] for i in batch], [n_cached[i] for i in batch], device)
-            for i, s in zip(batch, scores, strict=True):
-                out[starts[i] : starts[i] + n_cached[i]] = s
-    return out
+    starts = torch.tensor(np.concatenate([[0], np.cumsum(counts)]), dtype=torch.long, device=device)
+    out = torch.full((sum(counts),), float("nan"), dtype=torch.float64, device=device)
+    if not out.numel():
+        return out.cpu().numpy()
+    table = _item_table(timelines, layout, device)
+    groups = event_groups(timelines, T)
+    lengths = []
+    for i, first, n in groups:
+        t0, p = len(timelines[i].sids), len(timelines[i].profile)
+        lengths.append(_group_length(p, min(t0 + first, T), n, layout.item_len))
+    for batch in tqdm(pack_batches(lengths, max_tokens, max_batch), desc="score", disable=not progress, unit="batch"):
+        rows = torch.tensor([groups[g] for g in batch], dtype=torch.long, device=device)  # (B, 3)
+        stream = _group_streams(table, layout, T, rows, max(lengths[g] for g in batch))
+        b, block, p = _anchor_scores(model, stream, amp_dtype)
+        out[starts[rows[b, 0]] + rows[b, 1] + block] = p.double()
+    return out.cpu().numpy()

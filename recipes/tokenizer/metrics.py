@@ -82,7 +82,7 @@ def estimate_mi(x: torch.Tensor, y: torch.Tensor, steps: int = 300, lr: float = 
     y = y.detach().float()
     perm = torch.randperm(x.shape[0], generator=gen)
     fit, held = perm[: x.shape[0] // 2], perm[x.shape[0] // 2 :]
-    est = VCLUB(x.shape[1], y.shape[1], hidden=256)
+    est = VCLUB(x.shape[1], y.shape[1], hidden=256).to(x.device)  # the indices drawn on CPU index x on any device
     opt = torch.optim.Adam(est.parameters(), lr=lr)
     for _ in range(steps):
         idx = fit[torch.randint(len(fit), (min(len(fit), 512),), generator=gen)]

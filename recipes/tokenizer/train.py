@@ -60,8 +60,10 @@ def train_tokenizer(
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on the item catalogue; returns the per-epoch loss history."""
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
+    # On the training device: the k-means seeding and dead-code restarts draw on the data
+    # there (models/tokenizer/quantize.py), and so does the batch order.
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     model.to(device)
     x, p = to_tensors(features, present, cfg.device)
     n = next(iter(x.values())).shape[0]
@@ -97,7 +99,7 @@ def train_tokenizer(
     bar = tqdm(total=total, desc=f"train {model.kind}", disable=not cfg.progress, unit="step")
     model.train()
     for epoch in range(cfg.epochs):
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen, device=gen.device)
         sums: dict[str, float] = {}
         for b in range(steps_per_epoch):
             idx = perm[b * batch : (b + 1) * batch].to(device)
@@ -152,7 +154,7 @@ def _refit(
     opt = torch.optim.AdamW(params, lr=cfg.lr * 0.3)
     n = next(iter(x.values())).shape[0]
     for epoch in range(cfg.refit_epochs):
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen, device=gen.device)
         total = 0.0
         steps = 0
         for s in range(0, n, batch):
