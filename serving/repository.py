@@ -222,6 +222,7 @@ def publish_version(
     target: Target = "cpu",
     instances: int = 1,
     threads: int = 1,
+    fault_point: FaultPoint | None = None,
 ) -> PublishedVersion:
     """Publish a model as a new version of the three Triton models of ``repo`` (module docstring).
 
@@ -229,7 +230,8 @@ def publish_version(
     with ``ranking.onnx``, ``encode_history.onnx`` and ``score_with_cache.onnx`` (export/graphs.py's
     ``export_all``), or a mapping graph -> ModelProto or path. ``version``: Triton's integer
     version (default: one more than the newest). ``instances``: model instances per model;
-    ``threads``: ONNX Runtime intra-op threads per instance (CPU target).
+    ``threads``: ONNX Runtime intra-op threads per instance (CPU target). ``fault_point``:
+    tests only, where to die (``FaultPoint``).
     """
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
@@ -264,11 +266,11 @@ def publish_version(
                 shutil.copyfile(PYTHON_MODEL, vdir / "model.py")
             (vdir / "MODEL_VERSION").write_text(content + "\n")
             (mdir / "config.pbtxt").write_text(config_text(model_config(name, proto, target, instances, threads)))
-        _fault_point("staged")
+        _fault_point("staged", fault_point)
         for k, (_, name) in enumerate(_PUBLISH_ORDER):
             _move_into_place(staging / name, repo / name, str(n))
             if k == 0:
-                _fault_point("first_moved")
+                _fault_point("first_moved", fault_point)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("published %s as version %d of %s (%s target)", content, n, repo, target)
@@ -281,14 +283,17 @@ def publish_version(
 # complete for that path); no answer mixes two models' graphs.
 _PUBLISH_ORDER = [(g, GRAPH_MODELS[g]) for g in ("encode_history", "score_with_cache", "ranking")]
 
-# Fault injection (tests/reliability): with HISAM_FAULT_EXIT_IN_PUBLISH=staged the process
+# Fault injection (the reliability tests): with ``fault_point="staged"`` the publishing process
 # exits abruptly (os._exit, like SIGKILL) after the staging directory is written and before any
-# rename; with =first_moved, right after the first model's version is renamed into place.
+# rename; with "first_moved", right after the first model's version is renamed into place. A
+# job that publishes takes the point from the environment variable FAULT_ENV
+# (hisam/jobs/trainer_run.py); nothing here reads it.
+FaultPoint = Literal["staged", "first_moved"]
 FAULT_ENV = "HISAM_FAULT_EXIT_IN_PUBLISH"
 
 
-def _fault_point(name: str) -> None:
-    if os.environ.get(FAULT_ENV) == name:
+def _fault_point(name: FaultPoint, armed: FaultPoint | None) -> None:
+    if armed == name:
         log.critical("fault injection: exiting in the middle of a publish (%s)", name)
         logging.shutdown()
         os._exit(137)

@@ -77,3 +77,25 @@ def warm_model(seed: int = 0):
 
     torch.manual_seed(seed)
     return HMAT(tiny_config()).eval()
+
+
+def tiny_trainer(**config):
+    """A NearlineTrainer on ``warm_model()`` that learns the synthetic stream within a few hundred
+    events (a high learning rate, no moving average, small windows); ``config`` overrides."""
+    from trainer.config import TrainerConfig
+    from trainer.nearline import NearlineTrainer
+
+    defaults = {"lr": 3e-3, "ema": 0.0, "batch_size": 32, "window": 400, "min_samples": 64, "gate_window": 64}
+    return NearlineTrainer(warm_model(), profile_of, TrainerConfig(**(defaults | config)), tokenizer_version=TOKENIZER)
+
+
+def weights(model) -> dict:
+    """A copy of ``model``'s state dict (name -> tensor)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    """Whether two ``weights`` are equal, tensor by tensor."""
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -236,7 +236,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from models.hmat.checkpoint import load_checkpoint
-    from trainer.core import NearlineTrainer
+    from trainer.nearline import NearlineTrainer
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
@@ -306,8 +306,9 @@ def run_service(args, trainer, warm, examples, tok_version: str, k_size: int, re
     from serving.repository import publish_version
     from stream import topics as tp
     from stream.producer import make_producer
+    from trainer.config import ServiceConfig
     from trainer.samples import sample_bytes
-    from trainer.service import ServiceConfig, TrainerService
+    from trainer.service import TrainerService
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="hisam-bench-trainer-"))
     state_dir, repo, templates = work / "state", work / "repo", work / "onnx_templates"

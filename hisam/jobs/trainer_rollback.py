@@ -1,7 +1,7 @@
 """``hisam trainer rollback``: withdraw the newest version(s) so that Triton serves an earlier one.
 
 Hides every version newer than ``--to`` (default: the one before the newest) by renaming
-its directories out of the repository (trainer/publish.py); Triton (poll mode,
+its directories out of the repository (trainer/publisher.py); Triton (poll mode,
 ``latest 1``) then loads the now-newest version. A running trainer notices at its next
 micro-batch, serves that version's weights again and restarts its candidate from them;
 the rollback is recorded in the state's lineage.
@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from serving.repository import published_versions
-    from trainer.publish import rollback_to
-    from trainer.state import StateDir
+    from trainer.lineage import StateDir
+    from trainer.publisher import rollback_to
 
     versions = published_versions(args.model_repo)
     served, hidden = rollback_to(args.model_repo, args.to)

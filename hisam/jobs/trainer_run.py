@@ -12,6 +12,12 @@ serving model on the same recent events (``--confidence``, ``--margin``,
 Profiles come from the checkpoint's vocabulary and ``--dataset``'s users table, as
 ``hisam serve`` builds them, so training and serving open every stream with the same tokens.
 Runs until SIGTERM / Ctrl-C (the current micro-batch finishes and is committed).
+
+Fault injection (the reliability tests, trainer/faults.py): the faults are armed from the
+environment, so a test arms them in the child process it starts:
+``HISAM_FAULT_CORRUPT_AFTER_PUBLISHES=N`` corrupts the candidate right after the N-th publish,
+``HISAM_FAULT_CORRUPT`` says how (``scramble``, the default, or ``nan``), and
+``HISAM_FAULT_EXIT_IN_PUBLISH`` exits in the middle of a publish (``staged`` or ``first_moved``).
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--max-records", type=int, default=256, help="micro-batch size")
     parser.add_argument("--max-wait", type=float, default=2.0, help="seconds a micro-batch may wait to fill")
-    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (core.py: how it was chosen)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (learner.py: how it was chosen)")
     parser.add_argument("--ema", type=float, default=0.98, help="publish an EMA of the trained weights (decay/step)")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per optimiser step")
     parser.add_argument("--window", type=int, default=4000, help="rolling prequential window")
@@ -89,7 +95,7 @@ def trainer_config(args: argparse.Namespace, **override):
     (``trainer run`` has all of them; ``bench trainer`` a subset, the rest keep their defaults)."""
     from dataclasses import fields
 
-    from trainer.core import TrainerConfig
+    from trainer.config import TrainerConfig
 
     values = {
         f.name: getattr(args, _OPTION_OF.get(f.name, f.name))
@@ -103,9 +109,10 @@ def build_service(args: argparse.Namespace):
     import torch
 
     from hisam.jobs.serve import load_profiles
-    from trainer.core import NearlineTrainer
-    from trainer.service import ServiceConfig, TrainerService
-    from trainer.state import StateDir
+    from trainer.config import ServiceConfig
+    from trainer.lineage import StateDir
+    from trainer.nearline import NearlineTrainer
+    from trainer.service import TrainerService
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,7 +128,7 @@ def build_service(args: argparse.Namespace):
     trainer = NearlineTrainer.from_checkpoint(checkpoint, profiles.tokens, config)
     log.info(
         "trainer on %s, %s (target %s)", trainer.device, trainer.amp_dtype or "fp32", args.target
-    )  # --target gpu with --device auto trains on CUDA under autocast (core.py "Precision")
+    )  # --target gpu with --device auto trains on CUDA under autocast (learner.py "Precision")
     cfg = ServiceConfig(
         bootstrap=args.bootstrap,
         state_dir=args.state_dir,
@@ -139,8 +146,21 @@ def build_service(args: argparse.Namespace):
         idle_exit_s=args.idle_exit,
         max_samples=args.max_samples,
         background_publish=not args.foreground_publish,
+        faults=faults_from_environment(),
     )
     return TrainerService(trainer, cfg)
+
+
+def faults_from_environment():
+    """The faults a test armed in this process's environment (module docstring); none by default."""
+    from serving.repository import FAULT_ENV
+    from trainer.faults import Faults
+
+    return Faults(
+        corrupt_after_publishes=int(os.environ.get("HISAM_FAULT_CORRUPT_AFTER_PUBLISHES", "0")) or None,
+        corrupt=os.environ.get("HISAM_FAULT_CORRUPT") or "scramble",  # type: ignore[arg-type]
+        exit_in_publish=os.environ.get(FAULT_ENV) or None,  # type: ignore[arg-type]
+    )
 
 
 def main(args: argparse.Namespace) -> int:

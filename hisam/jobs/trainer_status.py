@@ -1,7 +1,6 @@
 """``hisam trainer status``: serving version, candidate metrics and lineage, from the state dir and repository.
 
-Reads files only (no broker, no Triton): the live snapshot's state.json, lineage.jsonl and
-the versions present in the model repository. ``--json`` prints one JSON object.
+Reads files only (trainer/status.py). ``--json`` prints one JSON object.
 """
 
 from __future__ import annotations
@@ -19,41 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true")
 
 
-def status(state_dir: Path, repo: Path, n_lineage: int = 10) -> dict:
-    from serving.repository import published_versions
-    from trainer.prequential import Window
-    from trainer.state import STATE_JSON, StateDir
-
-    sd = StateDir(state_dir)
-    snap = sd.current()
-    state = json.loads((snap / STATE_JSON).read_text()) if snap else {}
-    out = {
-        "state_dir": str(state_dir),
-        "snapshot": str(snap) if snap else None,
-        "repository_versions": {str(k): v for k, v in sorted(published_versions(repo).items())},
-        "lineage": sd.lineage()[-n_lineage:],
-    }
-    if state:
-        window = Window.from_dict(state["window"])
-        out |= {
-            "serving_version": state["serving_version"],
-            "parent_version_on_probation": state["parent_version"],
-            "trained": state["trained"],
-            "optimizer_steps": state["steps"],
-            "samples_since_publish": state["since_publish"],
-            "offsets": state["offsets"],
-            "counts": state["counts"],
-            "window_rows": len(window),
-            "window_metrics": window.metrics(),
-        }
-    return out
-
-
 def _fmt(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
 def main(args: argparse.Namespace) -> int:
+    from trainer.status import status
+
     s = status(args.state_dir, args.model_repo, args.lineage)
     if args.json:
         print(json.dumps(s, indent=1, default=str))

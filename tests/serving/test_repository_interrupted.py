@@ -19,11 +19,12 @@ import pytest
 from serving.repository import FAULT_ENV, GRAPH_MODELS, publish_version, published_versions
 
 SCRIPT = """
+import os
 import sys
 import onnx
-from serving.repository import publish_version
+from serving.repository import FAULT_ENV, publish_version
 graphs = {g: onnx.load(p) for g, p in zip(("ranking", "encode_history", "score_with_cache"), sys.argv[2:5])}
-publish_version(sys.argv[1], graphs)
+publish_version(sys.argv[1], graphs, fault_point=os.environ[FAULT_ENV])
 """
 
 

@@ -1,4 +1,4 @@
-"""The gate's statistics (trainer/paired.py) and the gate rule on constructed score sets with known answers.
+"""The gate's statistics (trainer/paired.py) and its rule (trainer/gate.py) on constructed score sets with known answers.
 
 Constructed windows: labels with a positive rate near ML-100K's, and scores that share a
 noise term between the two models (as two versions of one model do), so the paired test
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from recipes.ranker.evaluate import auc
-from trainer.core import NearlineTrainer, TrainerConfig
+from trainer.config import TrainerConfig
+from trainer.nearline import NearlineTrainer
 from trainer.paired import delong, paired_bootstrap, paired_test, weighted_auc
 from trainer.testing import TOKENIZER, profile_of, warm_model
 
@@ -118,8 +119,8 @@ def test_bootstrap_is_deterministic_and_undefined_without_both_classes() -> None
 def trainer_with_window(u, y, candidate, serving, since_publish: int | None = None, **kw) -> NearlineTrainer:
     cfg = TrainerConfig(**{"window": 4000, "min_samples": 500, "gate_window": 2000, "resamples": 400, **kw})
     t = NearlineTrainer(warm_model(), profile_of, cfg, tokenizer_version=TOKENIZER)
-    t.window.add(u, y, {"serving": serving, "candidate": candidate, "frozen": serving})
-    t.since_publish = len(y) if since_publish is None else since_publish
+    t.learner.window.add(u, y, {"serving": serving, "candidate": candidate, "frozen": serving})
+    t.learner.since_publish = len(y) if since_publish is None else since_publish
     return t
 
 

@@ -6,20 +6,35 @@ traced template; Triton itself is exercised in test_trainer_triton_e2e.py.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 
 from hisam_pb.v1 import events_pb2 as pb
+from infra import observability as obs
+from models.hmat.checkpoint import save_checkpoint
 from serving.repository import published_versions
 from stream import topics as tp
 from stream.testing import consume_all
 from trainer import samples as sm
-from trainer.core import NearlineTrainer, TrainerConfig
-from trainer.publish import rollback_to
-from trainer.service import ServiceConfig, TrainerService
-from trainer.testing import CODEBOOK, TOKENIZER, profile_of, synthetic_examples
+from trainer.config import ServiceConfig, TrainerConfig
+from trainer.faults import corrupt
+from trainer.nearline import NearlineTrainer
+from trainer.publisher import rollback_to
+from trainer.service import TrainerService
+from trainer.status import status
+from trainer.testing import CODEBOOK, TOKENIZER, profile_of, synthetic_examples, tiny_trainer
+
+
+def published_version_gauge() -> float | None:
+    """``hisam_trainer_published_version`` as a scrape reads it."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    page = obs.parse_metrics(generate_latest(REGISTRY).decode())
+    return page.get(("hisam_trainer_published_version", ()))
 
 
 def make_service(tmp_path, warm_checkpoint, template_dir, **kw) -> TrainerService:
@@ -51,6 +66,7 @@ def test_gate_publishes_records_lineage_refuses_broken_candidates_and_follows_ro
     svc.restore_or_bootstrap()
     repo, t = svc.cfg.repo, svc.trainer
     assert sorted(published_versions(repo)) == [1] and t.serving_version == 1
+    assert published_version_gauge() == 1
     events = synthetic_examples(640, seed=5)
     end = 0
     while t.serving_version == 1 and end < 544:  # the gate waits until the candidate is better beyond noise
@@ -59,6 +75,7 @@ def test_gate_publishes_records_lineage_refuses_broken_candidates_and_follows_ro
         t.offsets = {"training-samples:0": end}
         svc.step()
     assert sorted(published_versions(repo)) == [1, 2] and t.serving_version == 2
+    assert published_version_gauge() == 2
     rec = [r for r in svc.state.lineage() if r["event"] == "published"][-1]
     assert rec["parent"] == 1 and rec["offsets"]["training-samples:0"] == end  # what it had trained on
     gate = rec["gate"]
@@ -69,7 +86,7 @@ def test_gate_publishes_records_lineage_refuses_broken_candidates_and_follows_ro
     import torch
 
     with torch.no_grad():
-        next(t.candidate.parameters()).fill_(float("nan"))
+        next(t.learner.candidate.parameters()).fill_(float("nan"))
     t.process(events[end : end + 96])  # min_samples since the publish: the gate looks again
     svc.step()
     assert sorted(published_versions(repo)) == [1, 2]
@@ -81,11 +98,9 @@ def test_gate_publishes_records_lineage_refuses_broken_candidates_and_follows_ro
     assert (served, hidden) == (1, [2]) and sorted(published_versions(repo)) == [1]
     t.process(events[end + 96 : end + 128])
     svc.step()
-    assert t.serving_version == 1
+    assert t.serving_version == 1 and published_version_gauge() == 1  # the gauge follows the rollback
     assert any(r["event"] == "rollback" and r["to"] == 1 for r in svc.state.lineage())
     svc._snapshot()
-    from hisam.jobs.trainer_status import status
-
     st = status(svc.cfg.state_dir, repo)  # what `hisam trainer status` prints
     assert st["serving_version"] == 1 and st["repository_versions"] == {"1": published_versions(repo)[1]}
     assert (
@@ -93,6 +108,57 @@ def test_gate_publishes_records_lineage_refuses_broken_candidates_and_follows_ro
         and st["window_rows"] == min(end + 128, 400)
         and st["lineage"][-1]["event"] == "rollback"
     )
+
+
+def _learned_checkpoint(tmp_path, events) -> Path:
+    """A warm start that has learned the synthetic stream (the version a bad publish is judged against)."""
+    t = tiny_trainer()
+    for i in range(0, len(events), 32):
+        t.process(events[i : i + 32])
+    return save_checkpoint(
+        tmp_path / "learned", t.learner.candidate, tokenizer_version=TOKENIZER, meta={"variant": "hmat"}
+    )
+
+
+def test_published_version_gauge_follows_every_rollback_and_restart(tmp_path, template_dir) -> None:
+    events = synthetic_examples(480, seed=4)
+    learned = _learned_checkpoint(tmp_path, events[:256])
+    # A gate that passes any finite candidate, and a probation shorter than the next gate.
+    lax = {"margin": 1.0, "min_improvement": -1.0, "min_samples": 96, "gate_window": 96, "probation": 64}
+    svc = make_service(tmp_path, learned, template_dir, trainer=lax)
+    svc.restore_or_bootstrap()
+    repo, t = svc.cfg.repo, svc.trainer
+    assert t.serving_version == 1 and published_version_gauge() == 1
+    for i in range(256, 352, 32):
+        t.process(events[i : i + 32])
+    corrupt(t.learner.candidate, "scramble")  # finite but wrong: published, then judged on probation
+    svc.step()
+    assert sorted(published_versions(repo)) == [1, 2] and t.serving_version == 2 and published_version_gauge() == 2
+    svc._snapshot()
+    down = tmp_path / "down"  # the trainer as it is now, for a restart after a rollback from outside (below)
+    shutil.copytree(tmp_path / "state", down / "state")
+    shutil.copytree(repo, down / "repo")
+    # Version 2 fails its probation against version 1 and is withdrawn.
+    for i in range(352, 416, 32):
+        t.process(events[i : i + 32])
+        svc.step()
+    rollback = svc.state.lineage()[-1]
+    assert rollback["event"] == "rollback" and rollback["auto"] and (rollback["version"], rollback["to"]) == (2, 1)
+    assert sorted(published_versions(repo)) == [1] and t.serving_version == 1 and published_version_gauge() == 1
+    # A restart after it.
+    svc._snapshot()
+    obs.TRAINER_PUBLISHED_VERSION.set(0)
+    again = make_service(tmp_path, learned, template_dir, trainer=lax)
+    again.restore_or_bootstrap()
+    assert again.trainer.serving_version == 1 and published_version_gauge() == 1
+    # A rollback from outside while the trainer was down: it serves version 1 again from its start.
+    assert rollback_to(down / "repo") == (1, [2])
+    obs.TRAINER_PUBLISHED_VERSION.set(0)
+    restarted = make_service(down, learned, template_dir, trainer=lax)
+    restarted.restore_or_bootstrap()
+    assert restarted.trainer.serving_version == 1 and published_version_gauge() == 1
+    followed = restarted.state.lineage()[-1]
+    assert (followed["event"], followed["auto"], followed["version"], followed["to"]) == ("rollback", False, 2, 1)
 
 
 def _metrics(topic: str) -> dict[str, float]:
@@ -168,15 +234,15 @@ def test_service_consumes_resumes_exactly_and_dead_letters_on_the_real_broker(
     second.run(threading.Event())
     t = second.trainer
     assert t.trained == 160 and t.counts["duplicates"] == 1 and t.counts["rejected_tokenizer_mismatch"] == 1
-    assert sum(t.offsets.values()) == len(records) and len(t.window) == 160
-    seen = sorted(r[0] for r in t.window.rows)
+    assert sum(t.offsets.values()) == len(records) and len(t.learner.window) == 160
+    seen = sorted(r[0] for r in t.learner.window.rows)
     assert seen == sorted(e.user_id for e in events)  # every event scored exactly once across the restart
     # The Prometheus metrics (infra/observability.py) moved by exactly what the two runs did.
     after = _metrics(topic)
     delta = {k: after[k] - before[k] for k in after}
     assert delta["trained"] == 160 and delta["duplicates"] == 1 and delta["rejected"] == 1
     assert delta["batches"] == len(first.reports) + len(second.reports)
-    assert delta["steps"] == t.steps  # the second run resumed the first's step count
+    assert delta["steps"] == t.learner.steps  # the second run resumed the first's step count
     assert all(0.0 < after[m] <= 1.0 for m in ("auc_serving", "auc_candidate", "auc_frozen"))
     assert after["lag_partitions"] == 2 and after["lag"] == 0  # set for both partitions, and caught up
     letters = consume_all(kafka_bootstrap, dead, lambda out: len(out) >= 1, timeout_s=20)

@@ -1,4 +1,9 @@
-"""The trainer's durable state: atomic snapshots, published versions' weights, lineage.
+"""The trainer's durable state: atomic snapshots, the weights of its versions, and the lineage.
+
+The lineage is the append-only record of what the trainer decided and why: every publish
+(its parent, the offsets it had trained on, the gate's statistics, the export checks, the
+latency), refusal, probation verdict and rollback. The snapshots are what a restart resumes
+from (nearline.py's ``state_dict``).
 
 Layout of a state directory::
 
@@ -6,8 +11,8 @@ Layout of a state directory::
     snapshots/<seq>/              candidate weights (checkpoint layout of recipes/ranker/train.py),
                                   optimizer.pt (AdamW moments, RNG), state.json (offsets consumed
                                   per partition, counters, rolling windows, seen event ids, ...)
-    versions/<n>/                 weights of every version this trainer published (Triton version n)
-    lineage.jsonl                 one JSON record per publish, refusal, rollback (append-only)
+    versions/<content version>/   weights of every version this trainer published or adopted (hmat-<hash>)
+    lineage.jsonl                 one JSON record per publish, refusal, verdict, rollback (append-only)
 
 A snapshot is written into ``snapshots/.tmp-<seq>``, every file fsynced, renamed to
 ``snapshots/<seq>`` and only then named by ``CURRENT`` (written to a temporary file, fsynced,
@@ -112,10 +117,7 @@ class StateDir:
         opt = torch.load(cur / OPTIMIZER, map_location="cpu", weights_only=False)
         return cur, state, opt
 
-    # --- versions and lineage ----------------------------------------------------------------
-
-    def version_dir(self, version: int) -> Path:
-        return self.versions / str(version)
+    # --- lineage -----------------------------------------------------------------------------
 
     def append_lineage(self, record: dict) -> dict:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import torch
 from export.graphs import model_version
 from export.template import ParityError, Template, check_parity, distinct_model, probe_sequences
 from serving.repository import publish_version, published_versions
-from trainer.publish import retain, rollback_to
+from trainer.publisher import retain, rollback_to
 from trainer.testing import TOKENIZER, tiny_config
 
 

@@ -1,0 +1,55 @@
+"""Fault injection for the reliability tests: the faults a trainer is told to commit, passed in.
+
+Nothing here reads the environment: ``hisam trainer run`` builds its ``Faults`` from
+``HISAM_FAULT_CORRUPT_AFTER_PUBLISHES``, ``HISAM_FAULT_CORRUPT`` and
+``HISAM_FAULT_EXIT_IN_PUBLISH`` (hisam/jobs/trainer_run.py), which is how a test arms a fault
+in the trainer it runs as a child process. None is armed by default.
+
+- ``corrupt_after_publishes=N``: right after its N-th publish the trainer corrupts its
+  candidate (``corrupt``): ``scramble`` permutes and sign-flips every weight tensor (finite
+  but wrong), ``nan`` fills them with NaN. The gate must refuse what follows.
+- ``exit_in_publish``: the process exits abruptly (``os._exit``, as SIGKILL would leave it)
+  at that point of a publish (serving/repository.py's ``FaultPoint``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+
+from models.hmat.model import HMAT
+from serving.repository import FaultPoint
+
+log = logging.getLogger(__name__)
+
+Corruption = Literal["scramble", "nan"]
+
+
+@dataclass(frozen=True)
+class Faults:
+    """The faults armed in one trainer process (module docstring)."""
+
+    corrupt_after_publishes: int | None = None
+    corrupt: Corruption = "scramble"
+    exit_in_publish: FaultPoint | None = None
+
+    def __post_init__(self) -> None:
+        if self.corrupt not in get_args(Corruption):
+            raise ValueError(f"corrupt must be one of {get_args(Corruption)}, got {self.corrupt!r}")
+        if self.exit_in_publish is not None and self.exit_in_publish not in get_args(FaultPoint):
+            raise ValueError(f"exit_in_publish must be one of {get_args(FaultPoint)}, got {self.exit_in_publish!r}")
+
+
+def corrupt(model: HMAT, how: Corruption) -> None:
+    """Corrupt ``model``'s weights in place (module docstring); deterministic."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if how == "nan":
+                p.fill_(float("nan"))
+            elif p.dim():
+                p.copy_(-p[torch.randperm(p.shape[0], generator=g)])
+    log.warning("fault injection: candidate weights corrupted (%s)", how)
