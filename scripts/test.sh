@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-if [ "$#" -eq 0 ]; then  # the whole suite (CI): style first, it fails in seconds
+if [ "$#" -eq 0 ]; then  # the whole suite (CI): style and layout first, they fail in seconds
   .venv/bin/ruff check --quiet .
   .venv/bin/ruff format --check --quiet .
+  .venv/bin/python scripts/check_layout.py  # docs/design.md, "Layout"
 fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
