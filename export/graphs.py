@@ -46,14 +46,18 @@ batch are unaffected, and ids are clamped before the lookups so the run never fa
 them. Metadata that does not follow ``build_stream`` (wrong token types, orders) is not
 detected, as in PyTorch.
 
-The custom op. Each graph holds ``hisam.AnchorAttention`` nodes (one per layer, except
-that ``encode_history`` drops the last layer's, whose output nothing reads; domain
-``hisam``, version 1) and the model-local ONNX function of the same name whose body is
-standard ops (export/anchor_attention.py). Export: ``anchor_attention_op`` switches the model to
-``attn_impl="custom_op"``, which routes attention through ``torch.ops.hisam.anchor_attention``
-(K/V at G heads: GQA inside the op); the dynamo exporter maps the op to a stub emitting the
-bare node (``custom_translation_table``), and ``attach_function`` adds the body afterwards
-(the exporter would otherwise inline a traced body).
+The custom ops. ``ranking`` and ``encode_history`` hold ``hisam.AnchorAttention`` nodes
+(one per layer, except that ``encode_history`` drops the last layer's, whose output nothing
+reads) under the dense mask; ``score_with_cache`` holds ``hisam.CachedBlockAttention`` nodes,
+which read the mask as its structure (slot validity, and the block size k + 1 as an
+attribute: every valid slot, then the candidate's own block) and build no (B, S, M + S)
+mask. Domain ``hisam``, version 1; each graph carries the model-local ONNX function of its
+op, whose body is standard ops (export/anchor_attention.py). Export: ``anchor_attention_op``
+switches the model to ``attn_impl="custom_op"``, which routes attention through
+``torch.ops.hisam.anchor_attention`` / ``torch.ops.hisam.cached_block_attention`` (K/V at G
+heads: GQA inside the op); the dynamo exporter maps each op to a stub emitting the bare node
+(``custom_translation_table``), and ``attach_function`` adds the bodies afterwards (the
+exporter would otherwise inline a traced body).
 
 TensorRT route (design; nothing here runs it, and the TensorRT details below are to be
 checked against the TensorRT version deployed). Two ways to build an engine from these
@@ -72,9 +76,9 @@ files, chosen by what the file handed to the parser contains:
    empties (under MA-Attn most history tokens are invisible to later queries, so most
    tiles are), with fp16/bf16 inputs and an fp32 softmax as the function body specifies.
    Shape rule: output = q's shape. The function body remains the specification; the
-   plugin is tested against the ONNX Runtime run of the same file. A second op taking
-   the slot metadata (type, item, block, order) instead of the mask would let the kernel
-   skip reading the (B, S, Sk) mask at all.
+   plugin is tested against the ONNX Runtime run of the same file. The cache graph's
+   ``CachedBlockAttention`` already takes the mask's structure instead of the mask, so
+   its plugin reads no mask at all (slot validity and the block size only).
 For Triton, either engine goes in a model directory whose ``config.pbtxt`` names the
 inputs and outputs above with their dtypes and dynamic dims.
 """
@@ -99,6 +103,7 @@ from torch import nn
 from export.anchor_attention import CUSTOM_TRANSLATION_TABLE, anchor_attention_op, attach_function
 from models.hmat.checkpoint import load_checkpoint
 from models.hmat.inference import AnchorKVCache, _kept, encode_history
+from models.hmat.mask import CachedBlocks
 from models.hmat.model import HMAT, HMATConfig
 from models.hmat.sequence import TokenStream, TokenType, UserSequence, build_stream, candidate_stream
 
@@ -240,11 +245,13 @@ class ScoreWithCacheGraph(nn.Module):
         ok_codes = ((candidates >= 0) & (candidates < m.config.codebook_size)).flatten(1).all(1)  # (B,)
         new = candidate_stream(m.config.layout, n_items, next_order, candidates.clamp(0, m.config.codebook_size - 1))
         tokens, positions, ok = _checked(m, new.tokens, new.rotary_positions(m.config.rope))
-        zeros = torch.zeros_like(slot_order)
-        slots = TokenStream(zeros, slot_token_type, slot_item, slot_block, slot_order, zeros, zeros, zeros)
-        mask = m.stream_mask(new, slots.cat(new))  # (B, N (k + 1), M + N (k + 1))
+        # The mask as its structure (mask.CachedBlocks: every valid slot, then the candidate's own
+        # block), through hisam.CachedBlockAttention: no (B, N (k + 1), M + N (k + 1)) mask. The other
+        # slot fields stay inputs of the graph (serving feeds them, cache_feed) but are not read:
+        # every valid slot is earlier than every candidate, whatever its type, item and order.
+        blocks = CachedBlocks(slot_token_type != TokenType.PAD, k + 1)
         past = [(keys[layer], values[layer]) for layer in range(m.config.n_layer)]
-        hidden, _ = m(tokens, positions, mask, past)  # (B, N (k + 1), C)
+        hidden, _ = m(tokens, positions, blocks, past)  # (B, N (k + 1), C)
         anchors = hidden.view(B, N, k + 1, -1)[:, :, k]  # (B, N, C): the anchor closes each block
         scores = m.positive_prob(anchors)
         return torch.where((ok & ok_codes)[:, None], scores, float("nan"))
@@ -310,11 +317,12 @@ def graph_key(config: HMATConfig, *salt: str) -> str:
     the op and the model, the torch and onnx versions, and the caller's ``salt`` (e.g. a seed).
     Caches of exported graphs (templates, benchmarks, tests) are keyed by it."""
     from export import anchor_attention
-    from models.hmat import anchor_op, inference, mask, sequence
+    from models.hmat import anchor_op, attention, inference, mask, sequence
     from models.hmat import model as model_module
 
     h = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
-    for module in (sys.modules[__name__], anchor_attention, model_module, anchor_op, sequence, mask, inference):
+    modules = (sys.modules[__name__], anchor_attention, model_module, attention, anchor_op, sequence, mask, inference)
+    for module in modules:
         h.update(Path(module.__file__).read_bytes())
     h.update("|".join((torch.__version__, onnx.__version__, *salt)).encode())
     return h.hexdigest()[:16]

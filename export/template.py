@@ -191,21 +191,28 @@ def probe_sequences(config: HMATConfig, n_users: int = 3, n_candidates: int = 4,
     ]
 
 
-def _session(proto: onnx.ModelProto):
+def ort_session(proto: onnx.ModelProto, provider: str = "CPUExecutionProvider"):
+    """An ONNX Runtime session of ``proto`` on ``provider`` (the CPU provider behind it), one thread."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    providers = list(dict.fromkeys([provider, "CPUExecutionProvider"]))
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=providers)
 
 
 def check_parity(
-    graphs: dict[str, onnx.ModelProto], model: HMAT, probe: Sequence[UserSequence], atol: float = PARITY_ATOL
+    graphs: dict[str, onnx.ModelProto],
+    model: HMAT,
+    probe: Sequence[UserSequence],
+    atol: float = PARITY_ATOL,
+    provider: str = "CPUExecutionProvider",
 ) -> float:
     """Max |ONNX Runtime - PyTorch| over the probe for the full and the cached path; raises ParityError.
 
     Every probe user must have the same number of candidates (the cached graph takes (B, N, k)).
+    ``provider``: the ONNX Runtime execution provider to check (the trainer's publish uses the CPU).
     """
     model = model.eval()
     layout, rope = model.config.layout, model.config.rope
@@ -214,12 +221,12 @@ def check_parity(
         want = rank_candidates(model.cpu(), stream).numpy()  # (B, N)
     if not np.isfinite(want).all():
         raise ParityError("the PyTorch model itself gives non-finite scores on the probe")
-    full = _session(graphs["ranking"]).run(["scores"], ex.ranking_feed(stream, rope))[0]
+    full = ort_session(graphs["ranking"], provider).run(["scores"], ex.ranking_feed(stream, rope))[0]
     history = build_stream([UserSequence(u.profile, u.sids, u.actions) for u in probe], layout)
-    enc = _session(graphs["encode_history"]).run(list(ENCODE_OUTPUTS), ex.stream_feed(history, rope))
+    enc = ort_session(graphs["encode_history"], provider).run(list(ENCODE_OUTPUTS), ex.stream_feed(history, rope))
     cache = ex.cache_from_outputs(dict(zip(ENCODE_OUTPUTS, enc, strict=True)))
     candidates = torch.stack([torch.as_tensor(u.candidates) for u in probe])  # (B, N, k)
-    cached = _session(graphs["score_with_cache"]).run(["scores"], ex.cache_feed(cache, candidates))[0]
+    cached = ort_session(graphs["score_with_cache"], provider).run(["scores"], ex.cache_feed(cache, candidates))[0]
     worst = 0.0
     for name, got in (("ranking", full), ("score_with_cache", cached)):
         if got.shape != want.shape or not np.isfinite(got).all():

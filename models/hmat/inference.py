@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.hmat.mask import CachedBlocks
+from models.hmat.mask import CachedBlocks, memory_tokens
 from models.hmat.model import HMAT, AttnImpl, HMATConfig, LayerKV
 from models.hmat.sequence import TokenStream, TokenType, candidate_stream, continue_stream
 
@@ -65,14 +65,9 @@ class AnchorKVCache:
 
 
 def _kept(stream: TokenStream, config: HMATConfig) -> torch.Tensor:
-    """(B, S) tokens a later token may ever attend: profile + memory, or all under the causal ablation."""
-    t = stream.token_type
-    if not config.ma_attn:
-        return stream.valid
-    keep = (t == TokenType.PROFILE) | (t == TokenType.ANCHOR)
-    if config.action_is_memory:
-        keep = keep | (t == TokenType.ACTION)
-    return keep
+    """(B, S) tokens a later token may ever attend (``mask.memory_tokens``): profile + memory,
+    or every history token under the causal ablation (a history stream holds no candidates)."""
+    return memory_tokens(stream, memory_anchor=config.ma_attn, action_is_memory=config.action_is_memory)
 
 
 def _compact(
@@ -99,7 +94,8 @@ def _run_after_cache(
     """Run ``new`` tokens attending the cache's slots and themselves.
 
     ``block`` > 0: ``new`` is whole candidate blocks of that many tokens, and the mask is
-    passed as its ``CachedBlocks`` structure (the fast path); 0: the dense mask.
+    passed as its ``CachedBlocks`` structure (the fast path, or ``hisam::cached_block_attention``
+    under "custom_op"); 0: the dense mask.
     """
     if block:
         mask: torch.Tensor | CachedBlocks = CachedBlocks(cache.slots.valid, block)
@@ -133,7 +129,7 @@ def encode_history(model: HMAT, stream: TokenStream, attn_impl: AttnImpl | None 
     """
     if bool((stream.block >= 0).any()):
         raise ValueError("encode_history takes a stream without candidates; score them with score_with_cache")
-    mask = model.stream_mask(stream, stream)  # (B, S, S)
+    mask = model.stream_attention_mask(stream, attn_impl=attn_impl)
     _, present = model(stream.tokens, stream.rotary_positions(model.config.rope), mask, None, attn_impl)
     keys, values, slots = _compact(stream, present, _kept(stream, model.config))
     return AnchorKVCache(keys, values, slots, stream.n_items, stream.lengths)
@@ -146,9 +142,10 @@ def score_with_cache(
     """P(positive) (B, N) for ``candidates`` (B, N, k) semantic-ID codes, against the cache.
 
     Candidates attend the cached slots and their own block only, with i = n_items + 1, so
-    the result equals ``rank_candidates`` on the full stream. With ``attn_impl`` None the
-    attention runs block-structured (``mask.CachedBlocks``: the dense mask is never
-    built); naming an ``attn_impl`` runs it under the dense mask with that kernel.
+    the result equals ``rank_candidates`` on the full stream. The attention runs
+    block-structured (``mask.CachedBlocks``: the dense mask is never built), through the
+    custom op under "custom_op"; naming "reference" or "sdpa" runs it under the dense mask
+    with that kernel instead (the checks of the fast path).
     """
     B, N, k = candidates.shape
     layout = model.config.layout
@@ -158,7 +155,7 @@ def score_with_cache(
     if bool(bad.any()):
         raise ValueError(f"user {int(bad.nonzero()[0])}: candidate codes must lie in [0, {layout.codebook_size})")
     new = candidate_stream(layout, cache.n_items, cache.next_order, candidates.to(cache.n_items.device))
-    block = k + 1 if attn_impl is None else 0
+    block = 0 if attn_impl in ("reference", "sdpa") else k + 1
     hidden, _ = _run_after_cache(model, cache, new, attn_impl, block)  # (B, N * (k + 1), C)
     anchors = hidden[new.token_type == TokenType.CAND_ANCHOR].view(B, N, -1)  # (B, N, C), blocks in order
     return model.positive_prob(anchors)

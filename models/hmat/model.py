@@ -4,15 +4,17 @@ Letters: B batch, S tokens of the stream being run, Sk keys (cached slots + S), 
 width, H query heads, G key/value heads (GQA), D head dim, V vocabulary, A action types.
 (T is kept for history items, as in docs/method.md.)
 
-Reading order: config and presets, RMSNorm, H-RoPE, attention (reference oracle and SDPA
-fast path), SwiGLU MLP, pre-norm block, the model with its two heads:
+Reading order: config and presets, RMSNorm, H-RoPE, attention (the reference oracle, SDPA
+under a dense mask, and the structured paths of attention.py), SwiGLU MLP, pre-norm block,
+the model with its two heads:
 - ``action_head``: logits over the A action types, read at anchor positions; the score of
   an item is P(positive action | its anchor) (docs/method.md §3 SFT, §4 ranking);
 - ``lm_head``: logits over the token vocabulary for PT next-token prediction (docs/method.md §3).
 
 The stream itself (tokens, coordinates, metadata) is built in sequence.py and the mask in
 mask.py; ``HMAT.forward`` takes plain tensors so that the cache (inference.py) can run any
-slice of a stream against cached keys and values.
+slice of a stream against cached keys and values. The mask travels as a dense tensor or as
+one of its structures (mask.py), and the structure picks the attention path.
 """
 
 from __future__ import annotations
@@ -25,15 +27,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.hmat.anchor_op import anchor_attention
-from models.hmat.mask import CachedBlocks, attention_mask
+from models.hmat.anchor_op import anchor_attention, cached_block_anchor_attention
+from models.hmat.attention import (
+    FlexBlocks,
+    LayerKV,
+    cached_block_attention,
+    causal_attention,
+    flex_attention_blocks,
+    flex_available,
+    flex_blocks,
+    structured_attention,
+)
+from models.hmat.mask import CachedBlocks, PlainCausal, StreamBlocks, attention_mask, plain_causal, stream_blocks
 from models.hmat.sequence import StreamLayout, TokenStream
 
-# "custom_op": torch.ops.hisam.anchor_attention (registered by models/hmat/anchor_op.py), the
-# path ONNX export takes so that attention becomes one custom-domain node; inference only.
-AttnImpl = Literal["reference", "sdpa", "custom_op"]
+# How a whole stream (training, the full forward) is attended (HMAT.stream_attention_mask):
+# "reference": the explicit fp32 oracle under the dense mask; "sdpa": SDPA under the dense mask;
+# "structured": mask.StreamBlocks through attention.structured_attention (pure PyTorch, CPU);
+# "flex": FlexAttention over memory-first keys (CUDA); "auto": the path chosen for the stream's
+# device (resolve_attn_impl). "custom_op": torch.ops.hisam.anchor_attention and
+# hisam::cached_block_attention (models/hmat/anchor_op.py), the path ONNX export takes so that
+# attention becomes one custom-domain node; inference only.
+AttnImpl = Literal["auto", "reference", "sdpa", "structured", "flex", "custom_op"]
+ATTN_IMPLS: tuple[str, ...] = ("auto", "reference", "sdpa", "structured", "flex", "custom_op")
 RopeKind = Literal["hrope", "rope1d"]
-LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, G, S, D) each, keys rotated
+StreamMask = torch.Tensor | CachedBlocks | StreamBlocks | FlexBlocks | PlainCausal
 
 
 @dataclass
@@ -65,7 +83,7 @@ class HMATConfig:
     # Attention (docs/method.md §3 MA-Attn; ma_attn=False is the "w/o MA-Attn" ablation).
     ma_attn: bool = True
     action_is_memory: bool = True  # an earlier item's anchor AND action are its memory
-    attn_impl: AttnImpl = "sdpa"
+    attn_impl: AttnImpl = "auto"
 
     def __post_init__(self) -> None:
         if self.hidden % self.n_head:
@@ -80,8 +98,8 @@ class HMATConfig:
             raise ValueError(f"positive_action={self.positive_action} is not one of {self.n_actions} action types")
         if self.rope not in ("hrope", "rope1d"):
             raise ValueError(f"rope={self.rope!r} is not 'hrope' or 'rope1d'")
-        if self.attn_impl not in ("reference", "sdpa", "custom_op"):
-            raise ValueError(f"attn_impl={self.attn_impl!r} is not 'reference', 'sdpa' or 'custom_op'")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl={self.attn_impl!r} is not one of {ATTN_IMPLS}")
 
     @property
     def head_dim(self) -> int:
@@ -222,36 +240,21 @@ def reference_attention(
     return (probs @ v.float()).to(q.dtype)  # (B, H, S, D)
 
 
-def cached_block_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: LayerKV, blocks: CachedBlocks
-) -> torch.Tensor:
-    """Attention under a ``CachedBlocks`` mask, in fp32, without building the dense mask.
+def resolve_attn_impl(attn_impl: AttnImpl, device: torch.device) -> AttnImpl:
+    """``"auto"`` -> the whole-stream path to use on ``device``; any other name as given.
 
-    q (B, H, S, D) with S = N * block new tokens; k/v (B, G, S, D) their keys/values;
-    ``past`` (B, G, M, D) cached keys/values. Each query's logits over the M slots and
-    over its own block are softmaxed together (one concatenated row), so the result is
-    ``reference_attention`` under ``blocks.dense(S)``; GQA by broadcasting, no K/V copies.
+    CPU: the structured path (chunked fused SDPA), 1.6-1.9x the flat transformer's SFT tokens/s at
+    the CPU preset where the dense mask gave 1.0x (``hisam bench ranker``). CUDA: SDPA under the
+    dense mask, the path measured on an H200 before the structured and FlexAttention paths existed;
+    those two are exact (tests/models/test_hmat_attention.py) but their CUDA speed is not measured
+    yet (``hisam bench gpu`` compares the three; a first try saw FlexAttention's compile run past
+    150 s at batch 32, T = 300), so they are chosen explicitly (``attn_impl``) until it is.
     """
-    B, H, S, D = q.shape
-    G, b = k.shape[1], blocks.block
-    r, N = H // G, S // b
-    qf = q.float().view(B, G, r, S, D) / math.sqrt(D)
-    k_past, v_past = past[0].float()[:, :, None], past[1].float()[:, :, None]  # (B, G, 1, M, D)
-    s_past = qf @ k_past.transpose(-2, -1)  # (B, G, r, S, M)
-    if not bool(blocks.slot_valid.all()):  # padding slots (users of different lengths, appended caches)
-        s_past = s_past.masked_fill(~blocks.slot_valid[:, None, None, None, :], float("-inf"))
-    qb = qf.view(B, G, r, N, b, D)
-    kb, vb = k.float().view(B, G, 1, N, b, D), v.float().view(B, G, 1, N, b, D)
-    causal = torch.ones(b, b, dtype=torch.bool, device=q.device).tril()
-    s_own = (qb @ kb.transpose(-2, -1)).masked_fill(~causal, float("-inf"))  # (B, G, r, N, b, b)
-    # One softmax over [slots, own block] per row, without concatenating the two parts:
-    # every row has a finite logit (its own token), so the shared max is finite.
-    top = torch.maximum(s_past.amax(-1).view(B, G, r, N, b), s_own.amax(-1))  # (B, G, r, N, b)
-    e_past = (s_past - top.view(B, G, r, S, 1)).exp_()
-    e_own = (s_own - top[..., None]).exp_()
-    denom = e_past.sum(-1) + e_own.sum(-1).view(B, G, r, S)  # (B, G, r, S)
-    y = (e_past @ v_past + (e_own @ vb).view(B, G, r, S, D)) / denom[..., None]
-    return y.view(B, H, S, D).to(q.dtype)
+    if attn_impl == "flex" and not flex_available(device):
+        raise ValueError(f"attn_impl='flex' needs CUDA and torch's FlexAttention, not {device}")
+    if attn_impl != "auto":
+        return attn_impl
+    return "sdpa" if device.type == "cuda" else "structured"
 
 
 class Attention(nn.Module):
@@ -273,42 +276,62 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | CachedBlocks,
+        mask: StreamMask,
         past: LayerKV | None,
         attn_impl: AttnImpl,
     ) -> tuple[torch.Tensor, LayerKV]:
-        """x (B, S, C), mask (B, S, Sk) or its ``CachedBlocks`` structure (then ``attn_impl`` is
-        not used); returns the output and this call's rotated K/V."""
+        """x (B, S, C); mask (B, S, Sk) or one of its structures (mask.py), which then picks the
+        path (``attn_impl`` chooses among the dense-mask kernels, and the op for ``CachedBlocks``).
+        Returns the output and this call's rotated K/V."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, S, D)
         k = self.k_proj(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, S, D)
         v = self.v_proj(x).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, G, S, D)
         q = apply_hrope(q, cos, sin, self.inter_dims)
         k = apply_hrope(k, cos, sin, self.inter_dims)
+        y = self._attend(q, k, v, mask, past, attn_impl)  # (B, H, S, D)
+        y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # (B, S, H * D)
+        return self.resid_dropout(self.o_proj(y)), (k, v)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: StreamMask,
+        past: LayerKV | None,
+        attn_impl: AttnImpl,
+    ) -> torch.Tensor:
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_impl == "custom_op" and self.training:
+            raise ValueError("attn_impl='custom_op' is for inference: it has no dropout and no autograd formula")
         if isinstance(mask, CachedBlocks):  # candidates against an anchor cache (inference.score_with_cache)
             if past is None:
                 raise ValueError("a CachedBlocks mask needs the cached keys/values")
-            y = cached_block_attention(q, k, v, past, mask).transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)
-            return self.o_proj(y), (k, v)
+            if attn_impl == "custom_op":  # export: one hisam.CachedBlockAttention node
+                return cached_block_anchor_attention(q, k, v, past[0], past[1], mask.slot_valid, mask.block)
+            return cached_block_attention(q, k, v, past, mask)
+        if not isinstance(mask, torch.Tensor):  # a whole stream's structure: no cache
+            if past is not None:
+                raise ValueError(f"a {type(mask).__name__} mask attends the stream itself, not cached keys")
+            if isinstance(mask, StreamBlocks):
+                return structured_attention(q, k, v, mask, dropout_p)
+            if isinstance(mask, FlexBlocks):
+                if dropout_p:
+                    raise ValueError("attn_impl='flex' has no attention dropout; use 'structured'")
+                return flex_attention_blocks(q, k, v, mask)
+            return causal_attention(q, k, v, dropout_p)
         # Cached keys were rotated at their own logical coordinates when they were computed,
         # so they are concatenated as they are (inference.py, position map).
         k_all = k if past is None else torch.cat([past[0], k], dim=2)  # (B, G, Sk, D)
         v_all = v if past is None else torch.cat([past[1], v], dim=2)  # (B, G, Sk, D)
         if attn_impl == "custom_op":  # GQA handled inside the op: K/V stay at G heads
-            if self.training:
-                raise ValueError("attn_impl='custom_op' is for inference: it has no dropout and no autograd formula")
-            y = anchor_attention(q, k_all, v_all, mask)  # (B, H, S, D)
-            y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # (B, S, H * D)
-            return self.o_proj(y), (k, v)
+            return anchor_attention(q, k_all, v_all, mask)  # (B, H, S, D)
         n_rep = self.n_head // self.n_kv_head
         k_rep, v_rep = repeat_kv(k_all, n_rep), repeat_kv(v_all, n_rep)  # (B, H, Sk, D)
-        dropout_p = self.dropout if self.training else 0.0
         if attn_impl == "reference":
-            y = reference_attention(q, k_rep, v_rep, mask[:, None], dropout_p)
-        else:
-            y = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask[:, None], dropout_p=dropout_p)
-        y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim)  # (B, S, H * D)
-        return self.resid_dropout(self.o_proj(y)), (k, v)
+            return reference_attention(q, k_rep, v_rep, mask[:, None], dropout_p)
+        return F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask[:, None], dropout_p=dropout_p)
 
 
 class MLP(nn.Module):
@@ -340,7 +363,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | CachedBlocks,
+        mask: StreamMask,
         past: LayerKV | None,
         attn_impl: AttnImpl,
     ) -> tuple[torch.Tensor, LayerKV]:
@@ -394,7 +417,7 @@ class HMAT(nn.Module):
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
-        mask: torch.Tensor | CachedBlocks,
+        mask: StreamMask,
         past: list[LayerKV] | None = None,
         attn_impl: AttnImpl | None = None,
     ) -> tuple[torch.Tensor, list[LayerKV]]:
@@ -402,7 +425,9 @@ class HMAT(nn.Module):
 
         tokens (B, S) vocabulary ids; positions (B, S, 2) rotary coordinates
         (``TokenStream.rotary_positions``); mask (B, S, Sk) from ``attention_mask`` where
-        Sk = cached slots + S; ``past`` per layer (keys, values) (B, G, Sk - S, D).
+        Sk = cached slots + S, or its structure (``CachedBlocks`` after a cache, or
+        ``stream_attention_mask``'s for a whole stream); ``past`` per layer (keys, values)
+        (B, G, Sk - S, D).
         Returns the final-normed hidden states (B, S, C) and, per layer, the rotated
         keys and values (B, G, S, D) of these S tokens only, for the caller to cache.
         """
@@ -423,11 +448,35 @@ class HMAT(nn.Module):
             query, key, memory_anchor=self.config.ma_attn and not causal, action_is_memory=self.config.action_is_memory
         )
 
+    def stream_attention_mask(
+        self, stream: TokenStream, causal: bool = False, attn_impl: AttnImpl | None = None
+    ) -> StreamMask:
+        """The mask of ``stream`` over itself, in the form its attention path reads.
+
+        ``stream`` comes from ``build_stream`` (right-padded, ``order`` = position). Built once
+        per forward and shared by the layers (and the backward). With "sdpa", "structured" or
+        "flex" (and "auto", which picks one of them), a stream without candidates under the
+        plain causal rule (PT, the ``ma_attn=False`` ablation) takes SDPA's mask-free
+        ``is_causal`` kernels; otherwise "structured" gives ``StreamBlocks``, "flex"
+        ``FlexBlocks`` (not under dropout, which FlexAttention lacks: then ``StreamBlocks``),
+        and "sdpa" and "reference" the dense (B, S, S) ``attention_mask``.
+        """
+        impl = resolve_attn_impl(attn_impl or self.config.attn_impl, stream.tokens.device)
+        memory_anchor = self.config.ma_attn and not causal
+        if impl in ("sdpa", "structured", "flex") and plain_causal(stream, memory_anchor=memory_anchor):
+            return PlainCausal()
+        if impl not in ("structured", "flex"):
+            return self.stream_mask(stream, stream, causal)  # (B, S, S)
+        rule = {"memory_anchor": memory_anchor, "action_is_memory": self.config.action_is_memory}
+        if impl == "flex" and not (self.training and self.config.dropout):
+            return flex_blocks(stream, **rule)
+        return stream_blocks(stream, **rule)
+
     def forward_stream(
         self, stream: TokenStream, causal: bool = False, attn_impl: AttnImpl | None = None
     ) -> torch.Tensor:
         """Hidden states (B, S, C) of a whole stream (no cache)."""
-        mask = self.stream_mask(stream, stream, causal)  # (B, S, S)
+        mask = self.stream_attention_mask(stream, causal, attn_impl)
         hidden, _ = self(stream.tokens, stream.rotary_positions(self.config.rope), mask, None, attn_impl)
         return hidden
 

@@ -191,6 +191,10 @@ class TokenStream:
             **{f.name: torch.cat([getattr(self, f.name), getattr(other, f.name)], 1) for f in fields(self)}
         )
 
+    def span(self, start: int, stop: int) -> TokenStream:
+        """Positions ``[start, stop)`` of every field (views)."""
+        return TokenStream(**{f.name: getattr(self, f.name)[:, start:stop] for f in fields(self)})
+
     def gather(self, index: torch.Tensor, keep: torch.Tensor) -> TokenStream:
         """Pick slots ``index`` (B, M); where ``keep`` (B, M) is False the slot becomes padding."""
         out = {}

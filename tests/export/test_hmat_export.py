@@ -1,7 +1,8 @@
-"""ONNX export of HMAT with memory-anchor attention as a custom op (export/graphs.py, export/anchor_attention.py).
+"""ONNX export of HMAT with memory-anchor attention as custom ops (export/graphs.py, export/anchor_attention.py).
 
-The oracle is the PyTorch model: ``reference_attention`` for the op, ``rank_candidates`` /
-``encode_history`` / ``score_with_cache`` for the graphs, on the same seeded inputs.
+The oracle is the PyTorch model: ``reference_attention`` for the ops (under the dense mask,
+``CachedBlocks.dense`` for the cached one), ``rank_candidates`` / ``encode_history`` /
+``score_with_cache`` for the graphs, on the same seeded inputs.
 
 Tolerance: 1e-4 absolute, in fp32. ONNX Runtime and PyTorch evaluate the same fp32
 expression with different kernels (GEMM blocking, softmax and RMSNorm reductions, the
@@ -24,15 +25,17 @@ import pytest
 import torch
 
 from export import graphs as ex
-from export.anchor_attention import DOMAIN, ONNX_OP_NAME, anchor_attention_op, attach_function
+from export.anchor_attention import CACHED_OP_NAME, DOMAIN, ONNX_OP_NAME, anchor_attention_op, attach_function
 from models.hmat.checkpoint import save_checkpoint
 from models.hmat.inference import encode_history, rank_candidates, score_with_cache
+from models.hmat.mask import CachedBlocks
 from models.hmat.model import HMAT, HMATConfig, reference_attention, repeat_kv
 from models.hmat.sequence import UserSequence, build_stream
 from models.hmat.testing import scrambled, tiny_config
 
 ATOL = 1e-4
 GRAPHS = ex.GRAPHS
+GRAPH_OP = {"ranking": ONNX_OP_NAME, "encode_history": ONNX_OP_NAME, "score_with_cache": CACHED_OP_NAME}
 
 
 def user(cfg: HMATConfig, n_items: int, n_candidates: int = 0, n_profile: int = 2) -> UserSequence:
@@ -112,6 +115,35 @@ def test_onnx_function_body_matches_the_oracle() -> None:
         np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=0)
 
 
+def test_cached_block_function_body_matches_the_oracle() -> None:
+    """One bare hisam.CachedBlockAttention node plus its function: slots then own block, no mask input."""
+    h = onnx.helper
+    f32, b8 = onnx.TensorProto.FLOAT, onnx.TensorProto.BOOL
+    names = ["q", "k", "v", "k_past", "v_past", "slot_valid"]
+    dims = [["B", "H", "S", "D"], *[["B", "G", "S", "D"]] * 2, *[["B", "G", "M", "D"]] * 2, ["B", "M"]]
+    block = 3
+    graph = h.make_graph(
+        [h.make_node(CACHED_OP_NAME, names, ["y"], domain=DOMAIN, block=block)],
+        "one_op",
+        [h.make_tensor_value_info(n, b8 if n == "slot_valid" else f32, d) for n, d in zip(names, dims, strict=True)],
+        [h.make_tensor_value_info("y", f32, ["B", "H", "S", "D"])],
+    )
+    proto = attach_function(h.make_model(graph, opset_imports=[h.make_opsetid("", 18)]))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [f.name for f in proto.functions] == [CACHED_OP_NAME]
+    for B, H, G, N, M in [(2, 4, 2, 4, 7), (1, 6, 3, 1, 5), (3, 4, 4, 2, 1)]:
+        S = N * block
+        q, k, v = torch.randn(B, H, S, 8), torch.randn(B, G, S, 8), torch.randn(B, G, S, 8)
+        k_past, v_past = torch.randn(B, G, M, 8), torch.randn(B, G, M, 8)
+        valid = torch.rand(B, M) > 0.3
+        mask = CachedBlocks(valid, block).dense(S)  # (B, S, M + S)
+        k_all, v_all = torch.cat([k_past, k], 2), torch.cat([v_past, v], 2)
+        expected = reference_attention(q, repeat_kv(k_all, H // G), repeat_kv(v_all, H // G), mask[:, None], 0.0)
+        feed = dict(zip(names, (t.numpy() for t in (q, k, v, k_past, v_past, valid)), strict=True))
+        (got,) = session(proto).run(None, feed)
+        np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=0)
+
+
 def test_model_through_the_op_equals_its_own_forward() -> None:
     cfg = tiny_config()
     model = scrambled(HMAT(cfg))
@@ -139,8 +171,8 @@ def test_op_path_and_export_refuse_training_mode() -> None:
 def test_graph_holds_the_custom_node_its_function_and_metadata(exported, graph: str) -> None:
     model, protos = exported
     proto = protos[graph]
-    assert any((n.domain, n.op_type) == (DOMAIN, ONNX_OP_NAME) for n in proto.graph.node)
-    assert [(f.domain, f.name) for f in proto.functions] == [(DOMAIN, ONNX_OP_NAME)]
+    assert {n.op_type for n in proto.graph.node if n.domain == DOMAIN} == {GRAPH_OP[graph]}
+    assert [(f.domain, f.name) for f in proto.functions] == [(DOMAIN, GRAPH_OP[graph])]
     assert {o.domain: o.version for o in proto.opset_import}[DOMAIN] == 1
     props = {p.key: p.value for p in proto.metadata_props}
     assert props["model_version"] == ex.model_version(model)
@@ -158,6 +190,21 @@ def test_ranking_matches_pytorch_at_several_shapes(exported, sizes: list[tuple[i
     expected = rank_candidates(model, stream)  # (B, N), NaN where a user has fewer
     got = run(session(protos["ranking"]), ex.ranking_feed(stream, cfg.rope))["scores"]
     np.testing.assert_allclose(got, expected.numpy(), atol=ATOL, rtol=0)  # NaN positions must agree too
+
+
+@pytest.mark.slow
+def test_cache_graph_builds_no_dense_mask(exported) -> None:
+    """One hisam.CachedBlockAttention per layer (block = k + 1), and no tensor anywhere with an axis
+    over [slots, new tokens] (the dense mask's key axis, "slots + 4*candidates" at k = 3)."""
+    model, protos = exported
+    cfg = model.config
+    proto = onnx.shape_inference.infer_shapes(protos["score_with_cache"])
+    nodes = [n for n in proto.graph.node if n.domain == DOMAIN]
+    assert len(nodes) == cfg.n_layer
+    assert all(onnx.helper.get_attribute_value(n.attribute[0]) == cfg.n_sid + 1 for n in nodes)
+    axes = {d.dim_param for v in proto.graph.value_info for d in v.type.tensor_type.shape.dim if d.dim_param}
+    assert "slots" in axes and f"{cfg.n_sid + 1}*candidates" in axes  # shape inference named them
+    assert not [a for a in axes if "slots" in a and "candidates" in a]
 
 
 @pytest.mark.slow
