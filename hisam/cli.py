@@ -32,6 +32,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("ranker finetune", "hisam.jobs.ranker_finetune", "fine-tune the HMAT ranker (SFT on actions)"),
     ("ranker eval", "hisam.jobs.ranker_eval", "evaluate ranker runs and write the Table 2 report"),
     ("bench ranker", "hisam.bench.ranker", "HMAT one-pass / anchor-cache / training speed vs baselines"),
+    ("bench gpu", "hisam.bench.gpu", "every GPU-specific check in one run (scripts/gpu_check.sh), one JSON"),
     ("serve", "hisam.jobs.serve", "run the gRPC Rank API on Triton (publishes --checkpoint first)"),
     ("rank", "hisam.jobs.rank", "rank items for a user through a running Rank server"),
     ("bench rank", "hisam.bench.rank", "Rank latency/QPS through gRPC + Triton vs pure ONNX Runtime compute"),
