@@ -69,3 +69,13 @@ def test_a_failing_step_is_recorded_and_the_others_still_run(tmp_path: Path, mon
     assert steps["slow"]["status"] == "timeout" and steps["slow"]["seconds"] < 2
     assert steps["slow"]["figures"] == {"measured": 1.0}  # what it measured before the budget ran out
     assert steps["absent"]["status"] == "skipped" and "no_such_module_here" in steps["absent"]["reason"]
+
+
+def test_an_imported_module_without_a_spec_is_importable() -> None:
+    import faust  # faust's lazy module object has no __spec__, so find_spec alone raises ValueError
+
+    from hisam.bench.gpu.runner import importable
+
+    assert faust.__spec__ is None
+    assert importable("faust")
+    assert not importable("no_such_package_hisam.sub")

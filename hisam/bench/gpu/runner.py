@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import logging
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -113,10 +114,16 @@ def sync(device: torch.device) -> None:
 
 
 def importable(module: str) -> bool:
-    """Whether ``module`` can be found (a dotted name whose parent package is missing cannot)."""
+    """Whether ``module`` can be found (a dotted name whose parent package is missing cannot).
+
+    A module already imported counts even when its ``__spec__`` is None (``find_spec`` raises
+    ValueError for those; faust ends up so after some imports in the same process).
+    """
+    if module in sys.modules:
+        return True
     try:
         return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
+    except (ModuleNotFoundError, ValueError):
         return False
 
 
