@@ -10,4 +10,5 @@ if [ "$#" -eq 0 ]; then  # the whole suite (CI): style and layout first, they fa
   .venv/bin/ruff format --check --quiet .
   .venv/bin/python scripts/check_layout.py  # docs/design.md, "Layout"
 fi
+if [ "$#" -eq 0 ]; then set -- --durations=25; fi  # the slowest tests, printed for CI
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

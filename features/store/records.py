@@ -12,6 +12,10 @@ from features.store.config import OnlineStoreConfig
 # Longest event id accepted: bounds the seen window's memory (W ids per user).
 MAX_EVENT_ID_BYTES = 256
 
+# ``AppendResult.refused``: the user's stored state is not in the layout the store writes
+# (a wrong-typed key, a truncated or foreign field); nothing was written for that user.
+CORRUPT_USER_STATE = "corrupt_user_state"
+
 
 def _unpack(packed: bytes) -> np.ndarray:
     """Packed protobuf varints (a repeated int64 field's payload) -> int64 array."""
@@ -57,6 +61,10 @@ class AppendResult:
     after the store write and before the sample was sent then loses no sample (samples
     carry the event id; the trainer drops repeats). A duplicate older than the stream has
     ``resampled`` False and an empty history: no sample can be rebuilt for it.
+
+    ``refused``: a reason (e.g. ``CORRUPT_USER_STATE``) when the store would not touch this
+    action's user, with ``detail`` naming the key and what is wrong; nothing was written for
+    that user, and the caller dead-letters the action. Other users of the batch are unaffected.
     """
 
     appended: bool
@@ -64,10 +72,12 @@ class AppendResult:
     history_actions_packed: bytes
     n_codes: int
     resampled: bool = False
+    refused: str = ""
+    detail: str = ""
 
     @property
     def duplicate(self) -> bool:
-        return not self.appended
+        return not self.appended and not self.refused
 
     @property
     def history_tokens(self) -> np.ndarray:
