@@ -73,7 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--direct", action="store_true", help="trainer core in process: no broker, gate or publish")
     parser.add_argument("--max-records", type=int, default=256, help="micro-batch size")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (core.py: how it was chosen)")
+    parser.add_argument(
+        "--lr", type=float, default=3e-4, help="AdamW learning rate (trainer/learner.py: how it was chosen)"
+    )
     parser.add_argument("--ema", type=float, default=0.98, help="candidate = EMA of the trained weights (decay/step)")
     parser.add_argument("--window", type=int, default=4000)
     parser.add_argument("--min-samples", type=int, default=1000)

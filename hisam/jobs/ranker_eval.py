@@ -30,10 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--scorer",
-        default="one-pass",
-        choices=("one-pass", "cached"),
-        help="one-pass: one stream per scored row; cached: the stream protocol with the anchor KV cache "
-        "(same scores, far fewer tokens at long histories)",
+        default="grouped",
+        choices=("grouped", "one-pass"),
+        help="stream protocol only. grouped: one stream per user scores every test event against the history "
+        "and the events before it (docs/method.md); one-pass: one stream per scored row, the definition "
+        "(the same scores, many more tokens)",
     )
     parser.add_argument(
         "--also",

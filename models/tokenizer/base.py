@@ -5,7 +5,7 @@ Letters: B batch, L code length (codes per item), K codebook size, D width.
 A tokenizer maps per-modality raw embeddings ``x[name]`` (B, D_name) with presence masks
 ``present[name]`` (B,) bool to L integer codes per item. All three tokenizers (DST,
 MACRec-style, plain RQ-VAE) produce the same code length so that they are compared at equal
-code length (docs/method.md §1, issue: "at equal code length").
+code length (docs/method.md §1).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Letters: B batch, M modalities, D latent width, K codebook size, L layers.
 
 - ``RQVAE``: the plain RQ-VAE of TIGER (Rajput et al. 2023): the modalities concatenated, one
   encoder, L residual layers, one decoder. No alignment, no disentanglement.
-- ``MACRec``: MACRec's cross-modal quantisation (seed 002, docs/method.md §2): one RQ per
+- ``MACRec``: MACRec's cross-modal quantisation (docs/method.md §2): one RQ per
   modality, an InfoNCE at each layer over one modality's residuals whose positives are the
   in-batch items sharing the *other* modality's k-means pseudo-label, and an InfoNCE that aligns
   the quantised vectors of one item across modalities. The paper has two modalities and 4

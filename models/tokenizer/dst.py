@@ -17,8 +17,8 @@ At least one modality must be present. ``missing="error"`` refuses such items in
 
 Two readings the paper leaves open, both config fields, and why our defaults differ from the
 first reading in docs/method.md (measured on a synthetic catalogue with known shared and private
-factors, recipes/tokenizer/testing.py; the figures are in the issue note and the tokenizer
-report's ablation table):
+factors, recipes/tokenizer/testing.py; the figures are in the tokenizer report's ablation
+table):
 - ``recon_target``: reconstructing the *aligned* e_m cannot keep modality-private detail,
   because CGA's contrastive volume loss makes e_m of one item agree across modalities, i.e.
   it removes exactly what is private. No code then carried the private factors (their

@@ -3,7 +3,8 @@
 Letters: B batch, D code width, K codebook size, L quantiser layers.
 
 What docs/method.md §1b asks beyond the paper, and where it lives here:
-- k-means initialisation from the first batch(es): ``VectorQuantizer.init_from`` (k-means++
+- k-means initialisation on the encoded catalogue (recipes/tokenizer/train.py passes all of
+  it before the first step): ``VectorQuantizer.init_from`` (k-means++
   seeding, Lloyd iterations), called layer by layer by ``ResidualQuantizer.init_from`` on
   the residuals the earlier layers leave.
 - dead-code restarts: every code keeps an EMA of how often it is picked; ``restart_dead``

@@ -34,7 +34,7 @@ class EvalRunsError(Exception):
 @dataclass(frozen=True)
 class EvalConfig:
     protocol: str = "stream"  # recipes.ranker.PROTOCOLS
-    scorer: str = "one-pass"  # or "cached": the stream protocol with the anchor KV cache
+    scorer: str = "grouped"  # or "one-pass": one stream per scored row (the definition; the same scores)
     max_tokens: int = 32768  # padded tokens per scoring batch
     precision: str = "auto"
     device: str = "auto"
@@ -163,7 +163,7 @@ def evaluate_runs(ds: Dataset, runs: list[EvalRun], config: EvalConfig) -> Evalu
 def _score(model, evals: EvalSet, ds: Dataset, config: EvalConfig) -> dict:
     """One run's ranking metrics on one evaluation set."""
     options = {"max_tokens": config.max_tokens, "precision": config.precision, "progress": config.progress}
-    if config.scorer == "cached" and config.protocol == "stream":
+    if config.scorer == "grouped" and config.protocol == "stream":
         scores = score_timelines(model, evals.timelines, **options)
     else:
         scores = score_examples(model, evals.examples, **options)

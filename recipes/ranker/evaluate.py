@@ -18,7 +18,7 @@ Scoring runs one-pass ranking (docs/method.md §4: candidates as blocks after th
 block-diagonal mask) over streams sorted by length and packed up to a token budget, so
 padding stays small although histories range from a few to a few thousand tokens. The
 trunk runs under the chosen precision; the action head reads the hidden state in fp32, as
-the near-line trainer's prequential scores do (trainer/core.py): bf16 probabilities fall
+the near-line trainer's prequential scores do (trainer/learner.py): bf16 probabilities fall
 on a grid of a few hundred values and tie, which biases AUC.
 
 Timelines (the "stream" protocol, recipes/ranker/sequences.py): a user's history followed by

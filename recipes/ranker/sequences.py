@@ -31,7 +31,7 @@ Evaluation (``eval_set``), one of two protocols:
 
 In both, a test row's own interaction (and anything after it) never enters its history.
 Under ``"stream"`` the rows of a user are kept as one ``Timeline`` (train history, then
-test events), from which both the one-stream-per-row definition and the cached scorer
+test events), from which both the one-stream-per-row definition and the grouped scorer
 read (recipes/ranker/evaluate.py), so the two cannot disagree about what a history is.
 Everything is deterministic: users in index order, interactions in log order.
 """

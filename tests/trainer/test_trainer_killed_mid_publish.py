@@ -1,4 +1,4 @@
-"""The trainer killed in the middle of a publish (issue 7): nothing half-published serves, Rank never fails.
+"""The trainer killed in the middle of a publish: nothing half-published serves, Rank never fails.
 
 Real pieces: the broker, a private Redis for the online store Rank reads, ``tritonserver``
 polling the model repository, the gRPC Rank server, and ``hisam trainer run`` as a child
