@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check (at most 8 minutes on one H100/H200): every GPU-specific step of
 # hisam/bench/gpu/ (tokenizer training, ranker PT/SFT, bench ranker, grouped evaluation,
-# ONNX export + parity, near-line trainer), each under its own time budget, then a table on
+# ONNX export + parity, near-line trainer, the CUDA-only tests), each under its own time budget, then a table on
 # stdout and $OUT/gpu_check.json (OUT defaults to ./gpu_check_out).
 #
 # For a machine with a Python that has PyTorch (CUDA) but not this project's environment:

@@ -34,6 +34,7 @@ def test_quick_run_reports_every_step(tmp_path: Path, capsys: pytest.CaptureFixt
         assert isinstance(record["seconds"], float)
         assert record["status"] == "ok" or record["reason"], name
     assert steps["export"]["status"] == "skipped" and "--quick" in steps["export"]["reason"]
+    assert steps["gpu_tests"]["status"] == "skipped" and "CUDA" in steps["gpu_tests"]["reason"]
     for name in ("env", "tokenizer", "ranker_train", "bench_ranker", "eval"):
         assert steps[name]["status"] == "ok", name
     assert steps["eval"]["figures"]["fp32"]["eval_max_abs_diff"] < 1e-5

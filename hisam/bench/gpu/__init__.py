@@ -27,7 +27,10 @@ loses one step at most. Steps:
 - ``trainer``: the near-line trainer's samples/s on the device (trainer/nearline.py
   ``NearlineTrainer``, its Kafka-free core: test-then-train micro-batches on synthetic
   samples of trainer/testing.py), for the tests' tiny model and the same with the Small trunk. It needs the generated ``hisam_pb`` modules: made with
-  grpc_tools into ``<out>/codegen`` when missing, skipped when grpc_tools is missing too.
+  grpc_tools into ``<out>/codegen`` when missing, skipped when grpc_tools is missing too;
+- ``gpu_tests``: the tests marked ``gpu`` (CUDA only: FlexAttention against the dense oracle,
+  the model on every attention path, the tokenizer trained on CUDA), which the CPU suite
+  deselects (scripts/test.sh), by ``pytest -m gpu`` in a child process.
 
 Sizes: Small preset, T = 300, batch 32, N = 500 by default; ``--quick`` shrinks everything
 (``--device cpu --quick`` runs in seconds, the export step skipped: tests/hisam/test_gpu_check.py). Output: a table
@@ -55,6 +58,7 @@ from hisam.bench.gpu.steps import (
     step_env,
     step_eval,
     step_export,
+    step_gpu_tests,
     step_ranker_train,
     step_tokenizer,
     step_trainer,
@@ -79,6 +83,7 @@ STEPS: list[tuple[str, Callable[[Context], dict], tuple[str, ...], float]] = [
     ("eval", step_eval, ("numpy",), 90),
     ("export", step_export, ("onnx", "onnxruntime", "onnxscript"), 150),
     ("trainer", step_trainer, ("numpy", "google.protobuf"), 60),
+    ("gpu_tests", step_gpu_tests, ("pytest", "numpy"), 120),
 ]
 
 

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -368,4 +369,18 @@ def step_trainer(ctx: Context) -> dict:
     return figures
 
 
-# (name, function, modules it needs, time budget in seconds)
+# The CUDA-only tests (pytest marker ``gpu``): deselected from the CPU suite (scripts/test.sh), run here.
+GPU_TESTS = ("tests/models/test_hmat_attention.py", "tests/recipes/test_tokenizer_device.py")
+
+
+def step_gpu_tests(ctx: Context) -> dict:
+    """``pytest -m gpu`` on the test files that hold the CUDA-only tests, in a child process."""
+    if ctx.device.type != "cuda":
+        raise Skip("the gpu-marked tests need CUDA")
+    root = Path(__file__).resolve().parents[3]
+    argv = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *GPU_TESTS]
+    done = subprocess.run(argv, cwd=root, capture_output=True, text=True, check=False)
+    tail = done.stdout.strip().splitlines()[-1:] or [done.stderr.strip()[-300:]]
+    if done.returncode != 0:
+        raise RuntimeError(f"pytest -m gpu exited {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-1000:]}")
+    return {"argv": argv[3:], "summary": tail[0], "headline": tail[0]}
