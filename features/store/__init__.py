@@ -18,6 +18,13 @@ covers the default batches of 500. Memory is bounded: W ids of at most
 ``MAX_EVENT_ID_BYTES`` per user. A stream written through Feast (a push, or
 ``write_to_online_store``) has no window: its ids count as seen.
 
+Hostile stored state: an append checks each user's stored state before it writes for that
+user; a user whose state is not in this layout (a key of another type, a Value that does
+not parse, a foreign window) gets its actions back ``refused=CORRUPT_USER_STATE`` with the
+key and what is wrong, nothing written for it, and the batch's other users are appended.
+``claim_layout`` guards the store's layout (n_codes, T) against a store configured
+otherwise; the stream worker claims it at start.
+
 Reads for everything but the hot path go through Feast (``feast_read_streams``); serving
 may use ``StreamStore.read_streams``, a direct read of the same bytes that skips Feast's
 protobuf-to-Python conversion (``hisam bench stream`` measures both).

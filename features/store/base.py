@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from collections.abc import Sequence
 from typing import Protocol
@@ -35,6 +36,10 @@ class StreamStore(Protocol):
 
     def read_item_sids(self, item_ids: Sequence[int]) -> dict[int, ItemSids]: ...
 
+    def claim_layout(self) -> None:
+        """Record the configured n_codes and T the first time; raise OnlineStoreError if another is recorded."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -46,6 +51,41 @@ class NamespaceStore(StreamStore, Protocol):
     def read_user_states(self, user_ids: Sequence[int]) -> list[UserState | None]: ...
 
     def write_user_states(self, states: Sequence[UserState]) -> None: ...
+
+
+# ---- the stored layout (claim_layout) ------------------------------------------------
+
+
+def store_layout(config: OnlineStoreConfig) -> dict[str, int]:
+    """What the stored streams' bytes depend on: tokens per item and T.
+
+    Not the seen window W: both stores follow a change of W (Redis moves a user's window
+    into the new bucket count on its next append; SQLite's window is by sequence number).
+    """
+    return {"n_codes": config.n_codes, "stream_len": config.stream_len}
+
+
+def layout_record(config: OnlineStoreConfig) -> str:
+    """The layout as the stores record it (one JSON object)."""
+    return json.dumps(store_layout(config), sort_keys=True)
+
+
+def check_layout(stored: str | bytes, config: OnlineStoreConfig, where: str) -> None:
+    """Raise OnlineStoreError unless the layout recorded at ``where`` is the configured one."""
+    want = store_layout(config)
+    try:
+        got = json.loads(stored)
+    except (TypeError, ValueError):  # not JSON, or no record at all (None)
+        got = None
+    if got == want:
+        return
+    shown = ", ".join(f"{k}={v}" for k, v in got.items()) if isinstance(got, dict) else f"{stored!r} (unreadable)"
+    raise OnlineStoreError(
+        f"the online store (project {config.project!r}) holds streams written with {shown} ({where}), but this "
+        f"store is configured with {', '.join(f'{k}={v}' for k, v in want.items())}: every stored stream would "
+        f"be misread. Configure the stored layout (--n-codes / --stream-len), or migrate the streams into a new "
+        f"namespace with `hisam tokenizer migrate`, or start an empty one (another --project)."
+    )
 
 
 # ---- keys ------------------------------------------------------------------------------
@@ -98,22 +138,36 @@ def ints_payload(value: bytes) -> bytes:
     return value[pos : pos + n]
 
 
+# The Value type of each stream feature (``enc.STREAM_FEATURES`` order); an absent field has none.
+_STREAM_KINDS = ("int64_list_val", "int64_list_val", "string_list_val", "int64_list_val")
+
+
 def _ints(value: enc.OnlineValue) -> np.ndarray:
     return np.asarray(value.int64_list_val.val, dtype=np.int64)
 
 
 def decode_user_stream(user_id: int, raw: Sequence[bytes | None], n_codes: int) -> UserStream | None:
-    """A user's stream from its four stored Values (``enc.STREAM_FEATURES`` order); None: no stream."""
+    """A user's stream from its four stored Values (``enc.STREAM_FEATURES`` order); None: no stream.
+
+    Raises OnlineStoreError naming the user when the stored Values are not a stream of
+    ``n_codes`` tokens per item (undecodable, of another type, or of mismatched lengths).
+    """
     if raw[2] is None:  # no event_ids field: the user has no stream yet
         return None
-    tok, act, eids, times = (enc.decode_value(r) for r in raw)
-    return UserStream(
-        user_id=int(user_id),
-        tokens=_ints(tok).reshape(-1, n_codes),
-        actions=_ints(act),
-        event_ids=list(eids.string_list_val.val),
-        event_times_ms=_ints(times),
-    )
+    try:
+        tok, act, eids, times = [enc.decode_value(r) for r in raw]
+    except Exception as e:  # protobuf's DecodeError, or a stored value that is not bytes
+        raise OnlineStoreError(f"user {user_id}: a stored stream field does not decode: {e}") from e
+    kinds = [v.WhichOneof("val") for v in (tok, act, eids, times)]
+    tokens, actions, event_ids, event_times = _ints(tok), _ints(act), list(eids.string_list_val.val), _ints(times)
+    n = len(event_ids)
+    foreign = any(k not in (w, None) for k, w in zip(kinds, _STREAM_KINDS))
+    if foreign or tokens.size != n * n_codes or len(actions) != n or len(event_times) != n:
+        raise OnlineStoreError(
+            f"user {user_id}: the stored stream is not in the store's layout: fields {kinds}, {n} event ids, "
+            f"{len(actions)} actions, {len(event_times)} times, {tokens.size} tokens ({n_codes} per item expected)"
+        )
+    return UserStream(int(user_id), tokens.reshape(n, n_codes), actions, event_ids, event_times)
 
 
 # ---- the Redis seen window's buckets (features/store/redis.py) -------------------------

@@ -43,6 +43,13 @@ class OnlineStoreConfig:
     # Redis Cluster: batch appends become one script call per action (keys of one call
     # must share a hash slot). Reads and the layout are the same.
     redis_cluster: bool = False
+    # Redis client timeouts, in seconds: a reply slower than ``redis_socket_timeout_s``, or
+    # a connection not open within ``redis_connect_timeout_s``, raises redis'
+    # TimeoutError rather than hang; the client does not retry it (a dropped connection is
+    # retried once, at once): the callers do (the stream worker with backoff, serving on
+    # the next request). The Rank server bounds its reads more tightly on its own.
+    redis_socket_timeout_s: float = 5.0
+    redis_connect_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
         if self.backend not in ("sqlite", "redis"):
@@ -52,6 +59,11 @@ class OnlineStoreConfig:
         if self.stream_len < 1 or self.n_codes < 1 or self.seen_window < 1:
             raise ValueError(
                 f"stream_len, n_codes and seen_window must be >= 1, got {self.stream_len}, {self.n_codes}, {self.seen_window}"
+            )
+        if not (self.redis_socket_timeout_s > 0 and self.redis_connect_timeout_s > 0):
+            raise ValueError(
+                f"redis_socket_timeout_s and redis_connect_timeout_s must be > 0, got "
+                f"{self.redis_socket_timeout_s}, {self.redis_connect_timeout_s}"
             )
         if not self.project.isidentifier():
             raise ValueError(f"project must be an identifier (it names tables), got {self.project!r}")

@@ -18,12 +18,25 @@
   (Feast's binary keys can contain ``{``/``}``, so no hash tag could follow a separate key
   reliably), and is deleted with the entity by Feast's ``delete_entity_values``; Feast
   reads only the fields it asks for.
+* Per-user isolation: the script checks each user's stored state before it writes anything
+  for that user (the script's header says what it checks). A user whose state is not in
+  this layout (a key of another type, a field that does not parse, a foreign window bucket)
+  is refused: its actions come back ``refused=CORRUPT_USER_STATE`` with the key and what is
+  wrong, nothing is written for it, one warning is logged per user and call, and the other
+  users of the batch are appended as usual. Nothing else remembers a refused user: while
+  its state stays corrupt, each of its later actions is refused again by the same check.
+* Timeouts: the client's socket and connect timeouts are the config's
+  (``redis_socket_timeout_s``, ``redis_connect_timeout_s``); a timeout is not retried
+  here (the callers retry), a dropped connection once.
+* ``claim_layout`` records n_codes and T in ``_hisam:<project>:layout`` and refuses a
+  store configured otherwise.
 
 Thread-safe: one connection pool per store.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Sequence
 from importlib import resources
@@ -34,20 +47,33 @@ from features import encoding as enc
 from features.store.base import (
     I64,
     OnlineStoreError,
+    check_layout,
     decode_user_stream,
     entity_key_head,
     ints_payload,
+    layout_record,
     redis_meta_field,
     seen_bucket_fields,
     seen_bucket_values,
     seen_records,
 )
 from features.store.config import OnlineStoreConfig
-from features.store.records import AppendResult, ItemSids, SidClaim, StreamAction, UserState, UserStream
+from features.store.records import (
+    CORRUPT_USER_STATE,
+    AppendResult,
+    ItemSids,
+    SidClaim,
+    StreamAction,
+    UserState,
+    UserStream,
+)
+
+log = logging.getLogger(__name__)
 
 _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 _CACHE_MAX = 1 << 16  # entries of RedisStreamStore's encode/decode caches (cleared when full)
+_REFUSED = 3  # the append script's status of an action whose user it refused
 
 
 def _lua(name: str) -> str:
@@ -88,11 +114,17 @@ def build_append_lua(config: OnlineStoreConfig) -> str:
         "__M_LEN__": _lua_bytes(redis_meta_field("len")),
         "__M_MAX__": _lua_bytes(redis_meta_field("max_ms")),
         "__M_TOTAL__": _lua_bytes(redis_meta_field("total")),
+        "__M_SIG__": _lua_bytes(redis_meta_field("sig")),
     }
     script = _PRELUDE_LUA + "\n" + _APPEND_LUA
     for k, v in subs.items():
         script = script.replace(k, v)
     return script
+
+
+def stream_signature(tok: bytes, act: bytes, eids: bytes, tim: bytes, n: int) -> bytes:
+    """The append script's ``signature``: the stream fields' byte lengths and item count."""
+    return b"%d:%d:%d:%d:%d" % (len(tok), len(act), len(eids), len(tim), n)
 
 
 def _glob_escape(b: bytes) -> bytes:
@@ -108,13 +140,24 @@ class RedisStreamStore:
 
         self.config = config
         self._redis = redis
-        self._client = redis.Redis.from_url(self.config.redis_url)
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self._client = redis.Redis.from_url(
+            self.config.redis_url,
+            socket_timeout=config.redis_socket_timeout_s,
+            socket_connect_timeout=config.redis_connect_timeout_s,
+            # redis-py's default retries a timeout with backoff (10 times in redis-py 8),
+            # which would stretch the timeout into minutes.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+        )
         self._script = build_append_lua(self.config)
         self._sha = self._client.script_load(self._script)
         # redis-py's Script runs EVALSHA and loads the script again if the server lost it.
         self._mget = self._client.register_script(_MULTI_HMGET_LUA)
         self._claim = self._client.register_script(_PRELUDE_LUA + "\n" + _CLAIM_LUA)
         self._sid_index_key = f"_hisam:{config.project}:item_sids".encode()
+        self._layout_key = f"_hisam:{config.project}:layout".encode()
         fv = enc.USER_STREAM_FV
         self._stream_fields = [enc.redis_field(fv, f) for f in enc.STREAM_FEATURES]
         self._item_fields = [enc.redis_field(enc.ITEM_SID_FV, f) for f in enc.ITEM_FEATURES]
@@ -154,19 +197,21 @@ class RedisStreamStore:
             )
         )  # fmt: skip
 
-    def _results(self, reply: list[bytes]) -> list[AppendResult]:
-        """The script's reply (see its header) as AppendResults."""
+    def _results(self, reply: list[bytes], keys: Sequence[bytes]) -> list[AppendResult]:
+        """The script's reply (see its header) for the actions on ``keys``, as AppendResults."""
         n_codes = self.config.n_codes
-        return [
-            AppendResult(
-                st == 1,
-                ints_payload(tok),
-                ints_payload(act),
-                n_codes,
-                resampled=st == 2,
-            )
-            for st, tok, act in zip(reply[0], reply[1::2], reply[2::2])
-        ]
+        out = []
+        for key, st, tok, act in zip(keys, reply[0], reply[1::2], reply[2::2]):
+            if st == _REFUSED:  # tok holds the reason
+                detail = f"{self._describe(key)}: {tok.decode('utf-8', 'backslashreplace')}"
+                out.append(AppendResult(False, b"", b"", n_codes, refused=CORRUPT_USER_STATE, detail=detail))
+            else:
+                out.append(AppendResult(st == 1, ints_payload(tok), ints_payload(act), n_codes, resampled=st == 2))
+        return out
+
+    def _describe(self, key: bytes) -> str:
+        """A user's hash key, printable, with the user id."""
+        return f"user {I64.unpack_from(key, len(self._user_key_head))[0]} (Redis key {key!r})"
 
     def append(self, action: StreamAction, want_history: bool = True) -> AppendResult:
         """Append one action: one EVALSHA round trip, atomic on the server."""
@@ -177,7 +222,9 @@ class RedisStreamStore:
 
         Single-node Redis: one EVALSHA over all the batch's keys (the script is atomic as
         a whole). Redis Cluster (``redis_cluster``): one EVALSHA per action, pipelined,
-        since a script may only touch keys of one hash slot.
+        since a script may only touch keys of one hash slot. The actions of a user whose
+        stored state is corrupt come back refused (``CORRUPT_USER_STATE``), nothing written
+        for that user; the others are appended.
         """
         if not actions:
             return []
@@ -197,7 +244,11 @@ class RedisStreamStore:
         errors = [r for r in replies if isinstance(r, Exception)]
         if errors:
             raise OnlineStoreError(f"{len(errors)} of {len(groups)} append calls failed; first: {errors[0]}")
-        return [res for reply in replies for res in self._results(reply)]
+        results = [res for group, reply in zip(groups, replies) for res in self._results(reply, [k for k, _ in group])]
+        refused = {k: r.detail for (k, _), r in zip(calls, results) if r.refused}
+        for detail in refused.values():
+            log.warning("online store: corrupt state of %s; its actions were refused, nothing written for it", detail)
+        return results
 
     def read_streams(self, user_ids: Sequence[int]) -> list[UserStream | None]:
         """Direct read (one pipelined HMGET round trip); None for a user with no stream."""
@@ -290,6 +341,16 @@ class RedisStreamStore:
                 out[i] = it
         return out
 
+    def claim_layout(self) -> None:
+        """Record this store's layout (n_codes, T) the first time; raise OnlineStoreError on another.
+
+        The record is the string key ``_hisam:<project>:layout``, set only where absent (so
+        of two workers starting at once, the first one's layout stands).
+        """
+        self._client.set(self._layout_key, layout_record(self.config), nx=True)
+        stored = self._client.get(self._layout_key)
+        check_layout(stored, self.config, f"Redis key {self._layout_key.decode()!r}")
+
     def close(self) -> None:
         self._client.close()
 
@@ -375,7 +436,9 @@ class RedisStreamStore:
         with appends. The fields are those the append script writes, byte for byte.
         """
         fv, pf = enc.USER_STREAM_FV, enc.USER_PROFILE_FV
-        len_f, max_f, total_f, seen_b_f = (redis_meta_field(n) for n in ("len", "max_ms", "total", "seen_b"))
+        len_f, max_f, total_f, seen_b_f, sig_f = (
+            redis_meta_field(n) for n in ("len", "max_ms", "total", "seen_b", "sig")
+        )
         nb = self.config.seen_buckets
         bucket_fields = seen_bucket_fields(nb)
         pipe = self._client.pipeline(transaction=False)
@@ -383,11 +446,15 @@ class RedisStreamStore:
             st.check(self.config)
             s = st.stream
             ts = enc.timestamp_bytes(st.last_action_ms)
+            values = (
+                enc.int64_list_value(s.tokens.ravel().tolist()),
+                enc.int64_list_value(s.actions.tolist()),
+                enc.string_list_value(s.event_ids),
+                enc.int64_list_value(s.event_times_ms.tolist()),
+            )
             mapping = {
-                self._stream_fields[0]: enc.int64_list_value(s.tokens.ravel().tolist()),
-                self._stream_fields[1]: enc.int64_list_value(s.actions.tolist()),
-                self._stream_fields[2]: enc.string_list_value(s.event_ids),
-                self._stream_fields[3]: enc.int64_list_value(s.event_times_ms.tolist()),
+                **dict(zip(self._stream_fields, values)),
+                sig_f: stream_signature(*values, len(s)),
                 enc.redis_ts_field(fv): ts,
                 enc.redis_field(pf, "n_actions"): enc.int64_value(st.n_actions),
                 enc.redis_field(pf, "last_action_ms"): enc.int64_value(st.last_action_ms),

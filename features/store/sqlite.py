@@ -4,6 +4,14 @@ SQLite's write lock serialises concurrent writers. The seen window is a side tab
 ``{project}_hisam_seen`` (one row per remembered id, with the per-user sequence number
 that orders eviction), written in the append's transaction; it is not a Feast table.
 
+Per-user isolation: a user whose stored rows are not in this layout (a Value that does not
+decode, of another type, stream lists of mismatched lengths, a window row of another type)
+is refused: its actions come back ``refused=CORRUPT_USER_STATE`` with the entity key and
+what is wrong, nothing is written for it, and the other users are written in the same
+transaction. As in Redis, nothing else remembers a refused user: its later actions are
+checked, and refused, again. ``claim_layout`` records n_codes and T in the side table
+``{project}_hisam_meta``.
+
 One connection per thread (SQLite connections are not shareable); Feast's own SQLite
 store must likewise stay on one thread.
 """
@@ -11,6 +19,7 @@ store must likewise stay on one thread.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -19,9 +28,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from features import encoding as enc
-from features.store.base import I64, decode_user_stream, entity_key_head
+from features.store.base import I64, check_layout, decode_user_stream, entity_key_head, layout_record
 from features.store.config import OnlineStoreConfig
-from features.store.records import AppendResult, ItemSids, SidClaim, StreamAction, UserState, UserStream
+from features.store.records import (
+    CORRUPT_USER_STATE,
+    AppendResult,
+    ItemSids,
+    SidClaim,
+    StreamAction,
+    UserState,
+    UserStream,
+)
+
+log = logging.getLogger(__name__)
 
 _FEAST_SQLITE_DDL = (
     # Feast 0.67's own DDL (feast/infra/online_stores/sqlite.py, update()); creating it
@@ -43,6 +62,30 @@ _SEEN_DDL = (
 
 # The item semantic-ID index (RedisStreamStore.claim_item_sids): who holds each full ID.
 _SID_DDL = 'CREATE TABLE IF NOT EXISTS "{t}" (sid BLOB PRIMARY KEY, item_id INTEGER NOT NULL UNIQUE) WITHOUT ROWID'
+
+# hisam's own bookkeeping of the namespace (``claim_layout``): name -> value. Not a Feast table.
+_META_DDL = 'CREATE TABLE IF NOT EXISTS "{t}" (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID'
+
+# The Value type each user feature must have (an absent row has none).
+_KINDS = {
+    "sid_tokens": "int64_list_val",
+    "actions": "int64_list_val",
+    "event_ids": "string_list_val",
+    "event_times_ms": "int64_list_val",
+    "n_actions": "int64_val",
+    "last_action_ms": "int64_val",
+}
+
+
+class _CorruptUser(Exception):
+    """A user's stored rows are not in the store's layout (the message says what is wrong)."""
+
+
+# What a user's unreadable stored state can raise while it is loaded or appended to: the
+# user is refused. Anything else (sqlite3.Error above all: the database, not the data)
+# fails the batch.
+_USER_FAULTS = (_CorruptUser, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
+
 
 # Feast's row of one (entity, feature): written whole, replacing the previous value.
 _UPSERT = (
@@ -124,6 +167,12 @@ class SqliteStreamStore:
         self._item_t = enc.sqlite_table(config.project, enc.ITEM_SID_FV)
         self._seen_t = f"{config.project}_hisam_seen"
         self._sid_t = f"{config.project}_hisam_item_sids"
+        self._meta_t = f"{config.project}_hisam_meta"
+        w = f'FROM "{self._seen_t}" WHERE entity_key = ?1 ORDER BY'
+        self._seen_types_q = (
+            f"SELECT (SELECT typeof(seq) {w} seq DESC LIMIT 1), (SELECT typeof(event_id) {w} event_id LIMIT 1), "
+            f"(SELECT typeof(event_id) {w} event_id DESC LIMIT 1)"
+        )
         config.sqlite_db.parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
         for t in (self._stream_t, self._profile_t, self._item_t):
@@ -131,6 +180,7 @@ class SqliteStreamStore:
         for ddl in _SEEN_DDL:
             conn.execute(ddl.format(t=self._seen_t))
         conn.execute(_SID_DDL.format(t=self._sid_t))
+        conn.execute(_META_DDL.format(t=self._meta_t))
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -143,24 +193,53 @@ class SqliteStreamStore:
             self._local.conn = conn
         return conn
 
+    def _values(self, table: str, rows: dict[str, object]) -> dict[str, enc.OnlineValue]:
+        """A user's stored Values of one view, each decoded and of its feature's type (else _CorruptUser)."""
+        out = {}
+        for name, raw in rows.items():
+            if name not in _KINDS:
+                continue  # a feature hisam does not read
+            if raw is not None and not isinstance(raw, bytes):
+                raise _CorruptUser(f"{table}.{name} holds a {type(raw).__name__}, not a Value")
+            try:
+                v = enc.decode_value(raw)
+            except Exception as e:  # protobuf's DecodeError
+                raise _CorruptUser(f"{table}.{name} does not decode: {e}") from e
+            if v.WhichOneof("val") not in (_KINDS[name], None):
+                raise _CorruptUser(f"{table}.{name} is a {v.WhichOneof('val')} Value, not a {_KINDS[name]}")
+            out[name] = v
+        return out
+
     def _load(self, conn: sqlite3.Connection, user_id: int) -> _SqliteUser:
+        """A user's stored state, checked (raises _CorruptUser; writes nothing before the checks pass)."""
         ek = enc.entity_key_bytes(enc.USER_ID_KEY, user_id)
-        rows = dict(conn.execute(f'SELECT feature_name, value FROM "{self._stream_t}" WHERE entity_key = ?', (ek,)))
-        prof = dict(conn.execute(f'SELECT feature_name, value FROM "{self._profile_t}" WHERE entity_key = ?', (ek,)))
-        last = enc.decode_value(prof.get("last_action_ms"))
+        q = 'SELECT feature_name, value FROM "{t}" WHERE entity_key = ?'
+        rows = self._values(self._stream_t, dict(conn.execute(q.format(t=self._stream_t), (ek,))))
+        prof = self._values(self._profile_t, dict(conn.execute(q.format(t=self._profile_t), (ek,))))
+        empty = enc.OnlineValue()
+        last = prof.get("last_action_ms", empty)
         s = _SqliteUser(
             key=ek,
-            tokens=list(enc.decode_value(rows.get("sid_tokens")).int64_list_val.val),
-            actions=list(enc.decode_value(rows.get("actions")).int64_list_val.val),
-            event_ids=list(enc.decode_value(rows.get("event_ids")).string_list_val.val),
-            times=list(enc.decode_value(rows.get("event_times_ms")).int64_list_val.val),
-            n_actions=enc.decode_value(prof.get("n_actions")).int64_val,
+            tokens=list(rows.get("sid_tokens", empty).int64_list_val.val),
+            actions=list(rows.get("actions", empty).int64_list_val.val),
+            event_ids=list(rows.get("event_ids", empty).string_list_val.val),
+            times=list(rows.get("event_times_ms", empty).int64_list_val.val),
+            n_actions=prof.get("n_actions", empty).int64_val,
             last_ms=last.int64_val if last.HasField("int64_val") else None,
         )
-        if (
-            s.event_ids
-            and conn.execute(f'SELECT 1 FROM "{self._seen_t}" WHERE entity_key = ? LIMIT 1', (ek,)).fetchone() is None
-        ):
+        n = len(s.event_ids)
+        if len(s.tokens) != n * self.config.n_codes or len(s.actions) != n or len(s.times) != n:
+            raise _CorruptUser(
+                f"{self._stream_t} holds {n} event ids, {len(s.actions)} actions, {len(s.times)} times and "
+                f"{len(s.tokens)} tokens (the store keeps {self.config.n_codes} per item)"
+            )
+        # The window's rows: SQLite orders values integer < text < blob, so the extremes of
+        # the (entity_key, seq) index and of the primary key show a row of another type (one
+        # indexed look-up each, not a scan of the window).
+        seq_t, eid_lo, eid_hi = conn.execute(self._seen_types_q, (ek,)).fetchone()
+        if seq_t not in (None, "integer") or eid_lo not in (None, "text") or eid_hi not in (None, "text"):
+            raise _CorruptUser(f"{self._seen_t} holds a row whose event_id or seq is not text and integer")
+        if s.event_ids and seq_t is None:
             # A stream written through Feast (which keeps no window): its ids start the window.
             first = s.n_actions - len(s.event_ids) + 1
             conn.executemany(
@@ -176,6 +255,8 @@ class SqliteStreamStore:
             q = f'SELECT seq FROM "{self._seen_t}" WHERE entity_key = ? AND event_id = ?'
             row = conn.execute(q, (s.key, event_id)).fetchone()
             seq = row[0] if row else None
+            if seq is not None and not isinstance(seq, int):
+                raise _CorruptUser(f"{self._seen_t} holds seq {seq!r} for event {event_id!r}, not an integer")
         return seq is not None and seq > s.n_actions - self.config.seen_window
 
     def _save(self, conn: sqlite3.Connection, s: _SqliteUser) -> None:
@@ -217,22 +298,53 @@ class SqliteStreamStore:
         return self.append_batch([action], want_history)[0]
 
     def append_batch(self, actions: Sequence[StreamAction], want_history: bool = True) -> list[AppendResult]:
-        """Append many actions in order, in one write transaction."""
+        """Append many actions in order, in one write transaction.
+
+        The actions of a user whose stored rows are corrupt come back refused
+        (``CORRUPT_USER_STATE``), nothing written for that user; the others are written.
+        """
         for a in actions:
             a.validate(self.config.n_codes)
         conn = self._conn()
+
+        def refusal(detail: str) -> AppendResult:
+            return AppendResult(False, b"", b"", self.config.n_codes, refused=CORRUPT_USER_STATE, detail=detail)
+
         with _write_transaction(conn):
             users: dict[int, _SqliteUser] = {}
-            results = []
+            refused: dict[int, str] = {}  # user -> what is wrong with its stored state
+            at: dict[int, list[int]] = {}  # user -> its actions' positions in results
+            results: list[AppendResult] = []
             for a in actions:
-                s = users.get(a.user_id)
-                if s is None:
-                    s = users[a.user_id] = self._load(conn, a.user_id)
-                results.append(self._apply(conn, s, a, want_history))
+                u = a.user_id
+                at.setdefault(u, []).append(len(results))
+                if u not in users and u not in refused:
+                    try:
+                        users[u] = self._load(conn, u)
+                    except _USER_FAULTS as e:  # not sqlite3.Error: the database's fault fails the batch
+                        refused[u] = self._describe(u, e)
+                if u in users:
+                    try:
+                        results.append(self._apply(conn, users[u], a, want_history))
+                        continue
+                    except _USER_FAULTS as e:  # unforeseen by _load's checks; nothing is saved for u
+                        refused[u] = self._describe(u, e)
+                        del users[u]
+                        for i in at[u][:-1]:
+                            results[i] = refusal(refused[u])
+                results.append(refusal(refused[u]))
             for s in users.values():
                 if s.dirty:
                     self._save(conn, s)
+        for detail in refused.values():
+            log.warning("online store: corrupt state of %s; its actions were refused, nothing written for it", detail)
         return results
+
+    def _describe(self, user_id: int, e: Exception) -> str:
+        """A refused user's entity key, printable, with what is wrong."""
+        ek = enc.entity_key_bytes(enc.USER_ID_KEY, user_id)
+        what = str(e) if isinstance(e, _CorruptUser) else f"unexpected {type(e).__name__}: {e}"
+        return f"user {user_id} (SQLite entity_key {ek!r}): {what}"
 
     def read_streams(self, user_ids: Sequence[int]) -> list[UserStream | None]:
         """Direct read of the users' streams (one query); None for a user with no stream."""
@@ -300,6 +412,21 @@ class SqliteStreamStore:
                     event_time_ms=int(r["sid_tokens"][1] or 0) * 1000,
                 )
         return out
+
+    def claim_layout(self) -> None:
+        """Record this store's layout (n_codes, T) the first time; raise OnlineStoreError on another.
+
+        The record is the row ``layout`` of ``{project}_hisam_meta``, inserted only where
+        absent, in a write transaction (of two workers starting at once, the first one's stands).
+        """
+        conn = self._conn()
+        with _write_transaction(conn):
+            conn.execute(
+                f'INSERT OR IGNORE INTO "{self._meta_t}" (name, value) VALUES (?, ?)',
+                ("layout", layout_record(self.config)),
+            )
+            (stored,) = conn.execute(f'SELECT value FROM "{self._meta_t}" WHERE name = ?', ("layout",)).fetchone()
+        check_layout(stored, self.config, f"table {self._meta_t} of {self.config.sqlite_db}")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -3,10 +3,21 @@
 -- ARGV[1], per action: u32-length-prefixed event_id, token varints, action varint,
 -- time varint, time ms (decimal), Timestamp proto bytes; then a u8 want_history.
 -- Reply: an array. First, one status byte per action (1 appended, 0 duplicate, 2
--- duplicate still in the stream); then, per action, the user's stored token and action
--- Values before it (the history, in their int64 list wrappers; empty when not wanted, and
--- for a duplicate the stream no longer holds). Idempotency: the last W appended event ids
--- of the user, in B buckets (see rebucket).
+-- duplicate still in the stream, 3 refused); then, per action, the user's stored token and
+-- action Values before it (the history, in their int64 list wrappers; empty when not
+-- wanted, and for a duplicate the stream no longer holds), or for a refused action the
+-- reason and ''. Idempotency: the last W appended event ids of the user, in B buckets (see
+-- rebucket).
+--
+-- Per-user isolation: before anything is written for a user, check_user checks its state
+-- (the key's type, every field the append parses, the window buckets the batch touches).
+-- A user it refuses gets status 3 for each of its actions and nothing written; the other
+-- users of the batch are appended as usual. An unforeseen error while appending for a user
+-- (a Lua error, not a Redis one) refuses that user's remaining actions the same way. The
+-- full check of the stream fields costs about what the append does, so it is skipped when
+-- the fields are exactly as this script last wrote them: each append records their byte
+-- lengths and item count (M_SIG); a state written otherwise (Feast, a copy, another writer)
+-- gets the full check.
 --
 -- Cost: Redis' Lua hashes every byte of every string it creates (about 1 ns a byte here),
 -- so the script creates only what it must: each stream field once read and once written,
@@ -23,13 +34,34 @@ local B_STR = tostring(B)
 local F_TOK, F_ACT, F_EID, F_TIM = __F_TOK__, __F_ACT__, __F_EID__, __F_TIM__
 local F_TS, P_TS, P_N, P_LAST = __F_TS__, __P_TS__, __P_N__, __P_LAST__
 local M_LEN, M_MAX, M_TOTAL = __M_LEN__, __M_MAX__, __M_TOTAL__
-local M_SEEN_B, SEEN_PREFIX = __M_SEEN_B__, __SEEN_PREFIX__
+local M_SEEN_B, SEEN_PREFIX, M_SIG = __M_SEEN_B__, __SEEN_PREFIX__, __M_SIG__
+local REFUSED = 3
+local MAX_BUCKETS = 4096  -- a stored window's bucket count the checks accept (besides B)
+
+-- A refusal: an error without a position, so that its message reaches the caller as written.
+local function refuse(msg) error(msg, 0) end
+
+-- Redis commands go through call: an error of Redis itself (out of memory, a read-only
+-- replica) is no fault of a user's state, and reason() turns it into the whole call's
+-- error (the caller retries the batch; appends are idempotent), never into a refusal.
+local SERVER = {}
+local function call(...)
+  local r = redis.pcall(...)
+  if type(r) == 'table' and r.err then error({[SERVER] = r.err}) end
+  return r
+end
+
+-- What the append records of the stream fields it wrote (M_SIG): their byte lengths and
+-- the item count. Equal on the next call: the fields are as written, and were checked then.
+local function signature(tok, act, eids, tim, n)
+  return #tok .. ':' .. #act .. ':' .. #eids .. ':' .. #tim .. ':' .. n
+end
 
 local function read_varint(s, pos)
   local result, mult = 0, 1
   while true do
     local b = string.byte(s, pos)
-    if b == nil then error('truncated varint') end
+    if b == nil then refuse('a varint runs past the end of its field') end
     result = result + (b % 128) * mult
     pos = pos + 1
     if b < 128 then return result, pos end
@@ -157,11 +189,11 @@ local function rebucket(key, cur, total)
     local nb = tonumber(cur[8])
     local names = {}
     for b = 0, nb - 1 do names[#names + 1] = SEEN_PREFIX .. b end
-    for _, s in ipairs(redis.call('HMGET', key, unpack(names))) do
+    for _, s in ipairs(call('HMGET', key, unpack(names))) do
       if s then records(s, recs) end
     end
     table.sort(recs, function(x, y) return x[2] < y[2] end)
-    redis.call('HDEL', key, unpack(names))
+    call('HDEL', key, unpack(names))
   elseif cur[3] then  -- a stream with no window (written through Feast)
     local ve = cur[3]
     local p, e = strings_span(ve)
@@ -189,14 +221,16 @@ local function rebucket(key, cur, total)
     hset[#hset + 1] = SEEN_PREFIX .. b
     hset[#hset + 1] = buckets[b]
   end
-  redis.call('HSET', key, unpack(hset))
+  call('HSET', key, unpack(hset))
   return buckets
 end
 
-local function append_one(key, eid, tokv, actv, timv, ms_str, ts, want)
-  local b = bucket_of(eid, B)
+-- One action (a: as parsed by the main loop); cur: the user's fields as check_user read
+-- them (the user's first action of the batch), else nil (read here).
+local function append_one(key, a, cur)
+  local eid, tokv, actv, timv, ms_str, ts, want, b = unpack(a)
   local fb = SEEN_PREFIX .. b
-  local cur = redis.call('HMGET', key, F_TOK, F_ACT, F_EID, F_TIM, M_LEN, M_MAX, M_TOTAL, M_SEEN_B, fb)
+  cur = cur or call('HMGET', key, F_TOK, F_ACT, F_EID, F_TIM, M_LEN, M_MAX, M_TOTAL, M_SEEN_B, fb)
   local total = tonumber(cur[7] or '0')
   local bucket = cur[9] or ''
   if cur[8] ~= B_STR and (cur[8] or cur[3]) then
@@ -227,7 +261,8 @@ local function append_one(key, eid, tokv, actv, timv, ms_str, ts, want)
   bucket = prune(bucket, total - W) .. '\0' .. eid .. '\255' .. total
 
   local hset = {F_TOK, tok, F_ACT, act, F_EID, eids, F_TIM, tim, fb, bucket, M_SEEN_B, B_STR,
-                M_LEN, tostring(n), M_TOTAL, tostring(total), P_N, '\32' .. varint(total)}
+                M_LEN, tostring(n), M_TOTAL, tostring(total), P_N, '\32' .. varint(total),
+                M_SIG, signature(tok, act, eids, tim, n)}
   -- Feast's event timestamp of both views is the newest event time seen (events may
   -- arrive out of time order; the stream keeps arrival order).
   local ms = tonumber(ms_str)
@@ -236,28 +271,167 @@ local function append_one(key, eid, tokv, actv, timv, ms_str, ts, want)
       hset[#hset + 1] = x
     end
   end
-  redis.call('HSET', key, unpack(hset))
+  call('HSET', key, unpack(hset))
   -- The history: the stream's stored values as they were (the caller strips the wrapper;
   -- no copy is made here).
   if want then return 1, vt, va end
   return 1, '', ''
 end
 
+-- ---- checks of a user's stored state (check_user) -----------------------------------
+
+-- An int64 list Value's framing checked (constant cost): the position of its payload
+-- (past the end: empty; the value absent or empty, too).
+local function ints_frame(v, name)
+  if #v == 0 then return 1 end
+  if string.byte(v, 1) ~= 114 then refuse(name .. ' is not an int64 list Value') end
+  local len, p = read_varint(v, 2)
+  if p + len - 1 ~= #v then
+    refuse(name .. ' is truncated or overlong: its Value says ' .. len .. ' bytes, ' .. (#v - p + 1) .. ' are stored')
+  end
+  if len == 0 then return p end
+  if string.byte(v, p) ~= 10 then refuse(name .. ' is not an int64 list Value') end
+  local n, q = read_varint(v, p + 1)
+  if q + n - 1 ~= #v then
+    refuse(name .. ' is truncated or overlong: its list says ' .. n .. ' bytes, ' .. (#v - q + 1) .. ' are stored')
+  end
+  if n > 0 and string.byte(v, #v) >= 128 then refuse(name .. ' ends inside a varint') end
+  return q
+end
+
+-- the element count of an int64 list Value's payload at q: one byte below 128 ends each varint
+local function ints_count(v, q)
+  return #(string.gsub(string.sub(v, q), '[\128-\255]+', ''))
+end
+
+-- A string list Value's framing checked (constant cost): the position of its first element.
+local function strings_frame(v, name)
+  if #v == 0 then return 1 end
+  if string.byte(v, 1) ~= 98 then refuse(name .. ' is not a string list Value') end
+  local len, p = read_varint(v, 2)
+  if p + len - 1 ~= #v then
+    refuse(name .. ' is truncated or overlong: its Value says ' .. len .. ' bytes, ' .. (#v - p + 1) .. ' are stored')
+  end
+  return p
+end
+
+-- the element count of a string list Value's elements from p, each checked
+local function strings_count(v, p, name)
+  local n = 0
+  while p <= #v do
+    if string.byte(v, p) ~= 10 then refuse(name .. ' holds a foreign field at byte ' .. p) end
+    local l, q = read_varint(v, p + 1)
+    p = q + l
+    n = n + 1
+  end
+  if p ~= #v + 1 then refuse(name .. ' is truncated: its last string runs past the Value') end
+  return n
+end
+
+-- a decimal counter field (absent: nil)
+local function count_field(v, name)
+  if not v then return nil end
+  if #v > 15 or not string.find(v, '^%d+$') then refuse(name .. ' is not a decimal count') end
+  return tonumber(v)
+end
+
+-- a window bucket: nothing but NUL id 0xFF seq records (absent: fine)
+local function check_bucket(s, name)
+  if s and string.gsub(s, '%z[^%z\255]+\255%d+', '') ~= '' then
+    refuse(name .. ' is not in the seen-window format (NUL id 0xFF seq records)')
+  end
+end
+
+-- Check a user's state before anything is written for it; bs: the window buckets (of B)
+-- its actions in this batch touch, the first action's first. Raises a refusal, or returns
+-- the fields append_one reads for the user's first action.
+local function check_user(key, bs)
+  local names = {F_TOK, F_ACT, F_EID, F_TIM, M_LEN, M_MAX, M_TOTAL, M_SEEN_B, M_SIG}
+  for _, b in ipairs(bs) do names[#names + 1] = SEEN_PREFIX .. b end
+  local got = redis.pcall('HMGET', key, unpack(names))
+  if got.err then
+    local kind = call('TYPE', key).ok
+    if kind ~= 'hash' then refuse('the key holds a ' .. kind .. ', not a hash') end
+    error({[SERVER] = got.err})
+  end
+  local tok, act, eids, tim = got[1] or '', got[2] or '', got[3] or '', got[4] or ''
+  local len = count_field(got[5], 'the stream length (_hisam:user_stream:len)')
+  count_field(got[6], 'the newest event time (_hisam:user_stream:max_ms)')
+  count_field(got[7], 'the append count (_hisam:user_stream:total)')
+  local nb = count_field(got[8], 'the bucket count (_hisam:user_stream:seen_b)')
+  if nb and (nb < 1 or nb > math.max(B, MAX_BUCKETS)) then refuse('the window claims ' .. nb .. ' buckets') end
+  local q_tok, q_act = ints_frame(tok, 'sid_tokens'), ints_frame(act, 'actions')
+  local q_tim, p_eids = ints_frame(tim, 'event_times_ms'), strings_frame(eids, 'event_ids')
+  if not (len and got[9] == signature(tok, act, eids, tim, len)) then
+    local n = strings_count(eids, p_eids, 'event_ids')
+    local nt, na, nm = ints_count(tok, q_tok), ints_count(act, q_act), ints_count(tim, q_tim)
+    if nt ~= n * NC or na ~= n or nm ~= n then
+      refuse('the stream holds ' .. n .. ' event ids, ' .. na .. ' actions, ' .. nm .. ' times and ' .. nt ..
+             ' tokens (the store keeps ' .. NC .. ' per item)')
+    end
+    if len and len ~= n then refuse('its length field says ' .. len .. ' items, the stream holds ' .. n) end
+    if not len and n > 0 then got[5] = tostring(n) end  -- written without one (Feast): count it
+  end
+  for i, b in ipairs(bs) do check_bucket(got[9 + i], 'seen-window bucket ' .. b) end
+  if nb and nb ~= B then  -- rebucket will read the window's buckets of that count
+    local old = {}
+    for b = 0, nb - 1 do old[#old + 1] = SEEN_PREFIX .. b end
+    for i, s in ipairs(call('HMGET', key, unpack(old))) do
+      check_bucket(s, 'seen-window bucket ' .. (i - 1) .. ' of ' .. nb)
+    end
+  end
+  return {got[1], got[2], got[3], got[4], got[5], got[6], got[7], got[8], got[10]}
+end
+
+-- A pcall's error as a refusal's reason, but an error of Redis itself (see call) fails the
+-- whole call.
+local function reason(e)
+  if type(e) == 'table' and e[SERVER] then error(e[SERVER], 0) end
+  return tostring(e)
+end
+
 -- One call appends to every key in order (the same key may repeat). Arguments and
 -- reply are each one length-prefixed blob: parsing thousands of separate arguments and
--- reply elements costs the client far more than the appends cost the server.
-local status, out = {}, {''}
+-- reply elements costs the client far more than the appends cost the server. Each user is
+-- checked at its first action, before anything is written for it.
+local acts, touched = {}, {}
 for i, key in ipairs(KEYS) do
-  local eid = field()
-  local tokv = field()
-  local actv = field()
-  local timv = field()
-  local ms_str = field()
-  local ts = field()
+  local a = {field(), field(), field(), field(), field(), field()}
   local want
   want, pos = struct.unpack('<B', blob, pos)
-  local appended, tok, act = append_one(key, eid, tokv, actv, timv, ms_str, ts, want == 1)
-  status[i] = string.char(appended)
+  a[7] = want == 1
+  a[8] = bucket_of(a[1], B)
+  acts[i] = a
+  local t = touched[key]
+  if not t then
+    t = {list = {}}
+    touched[key] = t
+  end
+  if not t[a[8]] then
+    t[a[8]] = true
+    t.list[#t.list + 1] = a[8]
+  end
+end
+
+local status, out, verdict = {}, {''}, {}
+for i, key in ipairs(KEYS) do
+  local v, cur = verdict[key], nil
+  if v == nil then
+    local ok, got = pcall(check_user, key, touched[key].list)
+    if ok then v, cur = true, got else v = reason(got) end
+    verdict[key] = v
+  end
+  local st, tok, act = REFUSED, v, ''
+  if v == true then
+    local ok, s2, t2, a2 = pcall(append_one, key, acts[i], cur)
+    if ok then
+      st, tok, act = s2, t2, a2
+    else
+      verdict[key] = 'unexpected error: ' .. reason(s2)
+      tok = verdict[key]
+    end
+  end
+  status[i] = string.char(st)
   out[2 * i], out[2 * i + 1] = tok, act
 end
 out[1] = table.concat(status)
