@@ -6,7 +6,9 @@ and every module takes its clients from here. The stream worker's own clients ar
 (aiokafka) and do not come through this module.
 
 ``Offsets`` reads topics' end offsets and consumer groups' committed offsets (the run loop's
-progress and lag); ``commit_at_end`` makes a group start at a topic's current end.
+progress and lag); ``commit_at_end`` makes a group start at a topic's current end. Every
+client made here has an explicit request timeout (``REQUEST_TIMEOUT_S``), whatever the
+installed kafka-python's default.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ with warnings.catch_warnings():
     from kafka.structs import OffsetAndMetadata
 
 __all__ = [
+    "REQUEST_TIMEOUT_S",
     "ConfigResource",
     "ConfigResourceType",
     "KafkaAdminClient",
@@ -28,16 +31,32 @@ __all__ = [
     "OffsetAndMetadata",
     "Offsets",
     "TopicPartition",
+    "admin_client",
     "commit_at_end",
 ]
+
+# How long an admin or consumer request of the helpers below may take.
+REQUEST_TIMEOUT_S = 30.0
+
+
+def admin_client(bootstrap: str, client_id: str, timeout_s: float = REQUEST_TIMEOUT_S) -> KafkaAdminClient:
+    """An admin client whose requests (and its connection to the cluster) time out after ``timeout_s``."""
+    ms = int(timeout_s * 1000)
+    return KafkaAdminClient(bootstrap_servers=bootstrap, client_id=client_id, request_timeout_ms=ms)
+
+
+def consumer(bootstrap: str, timeout_s: float = REQUEST_TIMEOUT_S, **kwargs) -> KafkaConsumer:
+    """A KafkaConsumer whose requests time out after ``timeout_s``, without auto-commit."""
+    kwargs.setdefault("enable_auto_commit", False)
+    return KafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **kwargs)
 
 
 class Offsets:
     """End offsets of topics and committed offsets of groups, over one admin client and one consumer."""
 
     def __init__(self, bootstrap: str, client_id: str = "hisam-offsets") -> None:
-        self.admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id=f"{client_id}-admin")
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id=client_id, enable_auto_commit=False)
+        self.admin = admin_client(bootstrap, f"{client_id}-admin")
+        self.consumer = consumer(bootstrap, client_id=client_id)
 
     def end(self, topic: str) -> dict[int, int]:
         parts = sorted(self.consumer.partitions_for_topic(topic) or ())
@@ -63,7 +82,7 @@ class Offsets:
 def commit_at_end(offsets: Offsets, bootstrap: str, group: str, topic: str) -> dict[int, int]:
     """Commit ``group``'s offsets at the topic's current end: it starts with what comes next."""
     ends = offsets.end(topic)
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    c = consumer(bootstrap, group_id=group)
     try:
         tps = {TopicPartition(topic, p): off for p, off in ends.items()}
         c.assign(list(tps))

@@ -39,6 +39,21 @@ whose offsets are not committed yet. A batch's ack commits whenever that could o
 exceed W (``_pipeline``): at full load every batch, at a moderate one (small batches)
 every few batches. ``create_app`` refuses W < 2 x batch size.
 
+Hostile input (docs/design.md, Guarantees) never stops a partition. A dead letter is
+bounded (``StreamSettings.dead_letter_*``: key and value cut, their sizes and SHA-256 in
+the detail), and one the broker still refuses for its size is sent again without its
+value, or else logged and dropped (``stream.outputs``). An action is refused at decode
+when its event id exceeds the store's limit or its event time lies outside the bounds
+(``max_event_*_s``). An action whose item has no semantic IDs yet goes to the group's
+retry topic (``topics.action_retries``), and the third agent appends it once its item is
+known, or dead-letters it after ``unknown_item_max_age_s``; its own offset commits once
+the retry record is acknowledged, as for a dead letter. Order: a user's actions are
+appended in their partition's offset order, except those whose item was unknown when
+they came: each is appended when a retry finds its item, after whatever of that user was
+appended meanwhile. A fetch position outside its partition's log makes the worker exit
+(``transport.EXIT_OFFSET_OUT_OF_RANGE``) instead of silently replaying from the earliest
+offset; a new group still starts at the earliest.
+
 Fault injection (tests): with ``StreamSettings.fault_exit_after_appends`` = N (the worker's
 ``HISAM_FAULT_EXIT_AFTER_APPENDS``) the worker exits abruptly (``os._exit``, like SIGKILL:
 no commit, no leave) right after the store write that brings its appends to N or more,
@@ -62,7 +77,10 @@ from features.store import OnlineStoreConfig, open_stream_store
 from infra import observability as obs
 from stream import records as rec
 from stream import topics as tp
-from stream.processing import ActionProcessor, BatchOutput, ItemProcessor
+from stream.outputs import RecordSender, deliver_dead_letters
+from stream.processing import ActionProcessor, BatchOutput, ItemProcessor, RetryProcessor, UnknownItemRetry
+
+__all__ = ["RecordSender", "StreamSettings", "create_app", "run_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +124,30 @@ class StreamSettings:
     # and cut freshness p99 at 3,000 actions/s to 46-71 ms from 71-97 ms. Within the
     # default message.max.bytes (1 MB) of an Apache Kafka broker and topic.
     producer_batch_bytes: int = 512 * 1024
+    # How long the producer waits for the broker to acknowledge a produce request before it
+    # fails the batch's outputs (then the worker exits before the ack: crash-only). faust's
+    # default is 1,200 s, during which the partition would stall unnoticed.
+    producer_request_timeout_s: float = 30.0
+    # How much of a bad record its dead letter carries (stream.records.DeadLetterLimits):
+    # the value is cut to this, the key to dead_letter_key_bytes; sizes and SHA-256 of
+    # the full ones go in the detail. Well within a broker's 1 MB message.max.bytes.
+    dead_letter_value_bytes: int = 64 * 1024
+    dead_letter_key_bytes: int = 1024
+    # Accepted event times around the worker's clock (stream.records.EventTimeBounds).
+    # None: unbounded. The past is unbounded by default: a replay of a dataset carries
+    # its own (years old) times.
+    max_event_future_s: float | None = 3600.0
+    max_event_past_s: float | None = None
+    # An action whose item has no semantic IDs yet is retried every this long (through
+    # the group's retry topic, stream.topics.action_retries) until this old, then
+    # dead-lettered as unknown_item (stream.processing.UnknownItemRetry). 0 max age:
+    # dead-lettered at once.
+    unknown_item_retry_s: float = 1.0
+    unknown_item_max_age_s: float = 30.0
+    # Replication of the topics this worker creates, and their min.insync.replicas (None:
+    # the broker's default): 3 and 2 in production (stream.topics), 1 on the embedded broker.
+    topic_replication: int = 1
+    min_insync_replicas: int | None = None
     # Fault injection (tests; module doc): exit after this many appends. None: never.
     fault_exit_after_appends: int | None = None
 
@@ -243,46 +285,6 @@ async def _pipeline(batches, pool, process, after, finish, in_process: _InProces
                 log.warning("stopping with a batch's outputs unacknowledged (%r): it will be redelivered", e)
 
 
-class RecordSender:
-    """Sends keyed records as one record batch per partition; ``send`` returns the delivery futures.
-
-    ``producer`` returns the started aiokafka producer (for the worker, faust's
-    ``Producer._ensure_producer``: faust starts it after the app is built). The record
-    batches are aiokafka's own (``create_batch`` / ``send_batch``, up to the producer's
-    ``max_batch_size`` each), partitioned as aiokafka partitions a keyed send (the default
-    murmur2 partitioner, the Java client's), so each key lands where a keyed send would put
-    it. aiokafka's murmur2 is pure Python (~2 us a key, the largest per-record cost of a
-    send): a key's partition is remembered, per topic and partition count.
-    """
-
-    def __init__(self, producer, max_keys: int = 1 << 16):
-        self.producer = producer
-        self.max_keys = max_keys
-        self._partition_of: dict[tuple[str, int], dict[bytes, int]] = {}
-
-    async def send(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> list[asyncio.Future]:
-        if not records:
-            return []
-        aio = self.producer()
-        n_partitions = len(aio._metadata.partitions_for_topic(topic) or ())
-        cache = self._partition_of.setdefault((topic, n_partitions), {})
-        if len(cache) >= self.max_keys:
-            cache.clear()
-        batches: dict[int, list] = {}
-        for key, value in records:
-            partition = cache.get(key)
-            if partition is None:
-                partition = cache[key] = aio._partition(topic, None, None, None, key, None)
-            group = batches.get(partition)
-            if group is None:
-                group = batches[partition] = [aio.create_batch()]
-            if group[-1].append(key=key, value=value, timestamp=None) is None:  # full: start another
-                group.append(aio.create_batch())
-                if group[-1].append(key=key, value=value, timestamp=None) is None:
-                    raise ValueError(f"a {len(value)}-byte record does not fit in an empty {topic} batch")
-        return [await aio.send_batch(b, topic, partition=p) for p, group in batches.items() for b in group]
-
-
 # Exit status of the fault-injection exit (128 + SIGKILL, what a killed process reports).
 EXIT_FAULT_INJECTED = 137
 # Exit status after a batch's samples or dead letters could not be produced (EX_IOERR).
@@ -298,19 +300,24 @@ def check_seen_window(settings: StreamSettings) -> None:
         )
 
 
-async def emit_outputs(sender: RecordSender, out: BatchOutput, n: int) -> None:
-    """Produce a batch's samples and dead letters and await their acknowledgements; exit if that fails.
+async def emit_outputs(sender: RecordSender, out: BatchOutput, n: int, retry_topic: str | None = None) -> None:
+    """Produce a batch's samples, retries and dead letters and await their acknowledgements; exit if that fails.
 
     Record batches straight to the producer (not Topic.send, not one send per record):
     per-record sends cost ~12 us of CPU each, a record appended to a batch ~5 us. A batch
     whose outputs are lost must not be acked, so a failure exits before the ack (``n``:
-    the batch's size, for the log).
+    the batch's size, for the log; ``retry_topic``: the group's, for ``out.retries``).
     """
     try:
         futs = await sender.send(tp.TRAINING_SAMPLES, out.samples)
-        futs += await sender.send(tp.DEAD_LETTERS, out.dead_letters)
+        if out.retries:
+            if retry_topic is None:
+                raise ValueError(f"{len(out.retries)} retries and no retry topic")
+            futs += await sender.send(retry_topic, out.retries)
+        dead = asyncio.ensure_future(deliver_dead_letters(sender, out.dead_letters))
         if futs:
             await asyncio.gather(*futs)  # acknowledged before the batch is acked
+        await dead  # a dead letter refused for its size is sent shrunk, never stops the batch
     except Exception:
         log.critical(
             "the outputs of a batch of %d records could not be produced; exiting before its offsets commit",
@@ -352,6 +359,13 @@ def count_actions(n: int, out: BatchOutput) -> None:
     obs.STREAM_ACTION_DUPLICATES.inc(out.duplicates)
 
 
+def count_retries(n: int, out: BatchOutput) -> None:
+    """An acked batch of ``n`` retried actions: appended, recognised as redelivered (consumed
+    was counted when they first came)."""
+    obs.STREAM_ACTIONS_APPENDED.inc(out.appended)
+    obs.STREAM_ACTION_DUPLICATES.inc(out.duplicates)
+
+
 def count_items(n: int, out: BatchOutput) -> None:
     """An acked batch of ``n`` item events: consumed, semantic IDs written."""
     obs.STREAM_ITEMS_CONSUMED.inc(n)
@@ -364,17 +378,20 @@ class BatchFinisher:
     The ack waits for the outputs' acknowledgements (a sample is never lost behind a
     committed offset); the counts wait for the ack (``observe_batch``). ``pending_limit()``
     is the most acks the batch may leave pending before its ack commits them (None:
-    faust's ``commit_every``); ``count(n, out)`` records the agent's own counters.
+    faust's ``commit_every``); ``count(n, out)`` records the agent's own counters;
+    ``retry_topic`` takes the batch's retries (the group's, ``topics.action_retries``).
     """
 
-    def __init__(self, app, sender: RecordSender, agent: str, count, pending_limit=None) -> None:
+    def __init__(
+        self, app, sender: RecordSender, agent: str, count, pending_limit=None, retry_topic: str | None = None
+    ) -> None:
         self.app, self.sender, self.agent, self.count = app, sender, agent, count
-        self.pending_limit = pending_limit
+        self.pending_limit, self.retry_topic = pending_limit, retry_topic
         self.progress = _Progress(agent)
 
     async def __call__(self, batch, out: BatchOutput, t0: float, t1: float) -> None:
         t2 = time.perf_counter()
-        await emit_outputs(self.sender, out, len(batch))
+        await emit_outputs(self.sender, out, len(batch), self.retry_topic)
         await batch.ack(None if self.pending_limit is None else self.pending_limit())
         self.progress.add(len(batch), out, t1 - t0, time.perf_counter() - t2)
         self.count(len(batch), out)
@@ -435,6 +452,7 @@ def _faust_app(settings: StreamSettings):
         stream_buffer_maxsize=max(4096, 4 * settings.batch_size),
         producer_acks=-1,
         producer_max_batch_size=settings.producer_batch_bytes,
+        producer_request_timeout=settings.producer_request_timeout_s,
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=max(0.5, settings.session_timeout_s / 5),
         broker_rebalance_timeout=settings.session_timeout_s,
@@ -458,14 +476,41 @@ class AgentLoop:
         await _pipeline(batches, self.pool, self.process, self.after, self.finish, self.in_process)
 
 
+def _seconds_ms(s: float | None) -> int | None:
+    return None if s is None else int(s * 1000)
+
+
+def action_processor(settings: StreamSettings, store) -> ActionProcessor:
+    """The action agents' processor, with the settings' dead-letter limits, time bounds and retry."""
+    return ActionProcessor(
+        store,
+        rec.DeadLetterLimits(key_bytes=settings.dead_letter_key_bytes, value_bytes=settings.dead_letter_value_bytes),
+        rec.EventTimeBounds(_seconds_ms(settings.max_event_future_s), _seconds_ms(settings.max_event_past_s)),
+        UnknownItemRetry(int(settings.unknown_item_retry_s * 1000), int(settings.unknown_item_max_age_s * 1000)),
+    )
+
+
 def _action_loop(app, settings: StreamSettings, store, sender: RecordSender) -> AgentLoop:
     """Actions: appended to the users' streams; commits bounded by the seen window; the fault hook."""
-    process = ActionProcessor(store).process
+    process = action_processor(settings, store).process
     pool = ThreadPoolExecutor(1, thread_name_prefix="hisam-actions")
     in_process = _InProcess()
     limit = SeenWindowLimit(settings.store.seen_window, settings.batch_size, in_process)
-    finish = BatchFinisher(app, sender, "actions", count_actions, limit)
+    finish = BatchFinisher(app, sender, "actions", count_actions, limit, tp.action_retries(settings.app_id))
     return AgentLoop(pool, process, AppendFault(settings.fault_exit_after_appends), finish, in_process)
+
+
+def _retry_loop(app, settings: StreamSettings, store, sender: RecordSender) -> AgentLoop:
+    """Actions whose item was unknown, from the retry topic: appended once their item is known.
+
+    Its own thread, so its waits (until each retry is due) never hold up fresh actions. It
+    commits after every batch: its redeliveries add at most two of its batches to what the
+    seen window must cover.
+    """
+    process = RetryProcessor(action_processor(settings, store)).process
+    pool = ThreadPoolExecutor(1, thread_name_prefix="hisam-retries")
+    finish = BatchFinisher(app, sender, "retries", count_retries, lambda: 0, tp.action_retries(settings.app_id))
+    return AgentLoop(pool, process, None, finish)
 
 
 def _item_loop(app, settings: StreamSettings, store, sender: RecordSender) -> AgentLoop:
@@ -477,7 +522,10 @@ def _item_loop(app, settings: StreamSettings, store, sender: RecordSender) -> Ag
     # Item batches are small matrices: torch's intra-op thread pool only adds
     # contention with the event loop and the consumer thread.
     torch.set_num_threads(1)
-    item_proc = ItemProcessor(store, FrozenTokenizer.load(settings.tokenizer_dir))
+    limits = rec.DeadLetterLimits(
+        key_bytes=settings.dead_letter_key_bytes, value_bytes=settings.dead_letter_value_bytes
+    )
+    item_proc = ItemProcessor(store, FrozenTokenizer.load(settings.tokenizer_dir), limits)
     pool = ThreadPoolExecutor(1, thread_name_prefix="hisam-items")
     log.info("item ingestion on, tokenizer %s", item_proc.tokenizer.version)
     return AgentLoop(pool, item_proc.process, None, BatchFinisher(app, sender, "items", count_items))
@@ -501,6 +549,14 @@ def create_app(settings: StreamSettings):
     async def append_actions(batches) -> None:
         await actions.run(batches)
 
+    retries = _retry_loop(app, settings, store, sender)
+    retry_name = tp.action_retries(settings.app_id)
+    retries_topic = batch_topic(app, retry_name, settings.batch_size, settings.batch_within_s)
+
+    @app.agent(retries_topic, name="hisam-action-retries")
+    async def retry_actions(batches) -> None:
+        await retries.run(batches)
+
     if settings.tokenizer_dir is not None:
         items = _item_loop(app, settings, store, sender)
         items_topic = batch_topic(app, tp.ITEM_EVENTS, settings.batch_size, settings.batch_within_s)
@@ -517,7 +573,13 @@ def run_worker(settings: StreamSettings, loglevel: str = "info") -> None:
     """Run a faust worker for the app until SIGTERM/SIGINT (blocks)."""
     import faust
 
-    tp.ensure_topics(settings.bootstrap, tp.default_topics(settings.partitions))
+    topics = tp.default_topics(
+        settings.partitions,
+        replication=settings.topic_replication,
+        min_insync_replicas=settings.min_insync_replicas,
+        app_id=settings.app_id,
+    )
+    tp.ensure_topics(settings.bootstrap, topics)
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -8,6 +8,8 @@ tested without a broker. Validation raises ``EventRejected`` with a machine-read
 from __future__ import annotations
 
 import functools
+import hashlib
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -17,6 +19,8 @@ from google.protobuf.message import DecodeError, Message
 
 from features import encoding as enc
 from features.actions import label_of
+from features.store.records import CORRUPT_USER_STATE as _CORRUPT_USER_STATE
+from features.store.records import MAX_EVENT_ID_BYTES
 from hisam_pb.v1 import events_pb2 as pb
 
 # Reasons carried by DeadLetter.reason (stable strings: dashboards and replays key on them).
@@ -30,6 +34,10 @@ NO_EMBEDDING = "no_embedding"
 TOKENIZER_INPUT = "tokenizer_input"
 # Every ID the collision rule may give the item (its prefix, any last code) is taken.
 SID_SPACE_FULL = "sid_space_full"
+# The online store refused the action: its user's stored state is corrupt (features.store).
+CORRUPT_USER_STATE = _CORRUPT_USER_STATE
+# The action's event time lies outside the accepted skew around the worker's clock.
+EVENT_TIME_OUT_OF_RANGE = "event_time_out_of_range"
 
 _ACTION_TYPES = frozenset(pb.ActionType.values())  # the enum builds a new list on every call
 
@@ -88,17 +96,58 @@ def parse_message(
         raise rejected(DECODE_ERROR, f"not {'an' if name[0] in 'AEIOU' else 'a'} {name}: {e}") from e
 
 
-def decode_action(raw: bytes | None) -> pb.ActionEvent:
-    """Parse and validate an ActionEvent; raises EventRejected."""
+@dataclass(frozen=True)
+class EventTimeBounds:
+    """The event times an action may carry, relative to the worker's clock (None: unbounded).
+
+    The future bound catches clocks gone wrong and made-up times (1 hour by default). The
+    past bound is off by default: a replay of a recorded dataset (``hisam run``, the
+    benchmarks) carries the dataset's own times, years old, and must be appended.
+    """
+
+    max_future_ms: int | None = 3_600_000
+    max_past_ms: int | None = None
+
+    def check(self, event_time_ms: int, now_ms: int) -> None:
+        if self.max_future_ms is not None and event_time_ms > now_ms + self.max_future_ms:
+            raise EventRejected(
+                EVENT_TIME_OUT_OF_RANGE,
+                f"event_time_ms {event_time_ms} is {event_time_ms - now_ms} ms ahead of the worker's clock "
+                f"(at most {self.max_future_ms})",
+            )
+        if self.max_past_ms is not None and event_time_ms < now_ms - self.max_past_ms:
+            raise EventRejected(
+                EVENT_TIME_OUT_OF_RANGE,
+                f"event_time_ms {event_time_ms} is {now_ms - event_time_ms} ms behind the worker's clock "
+                f"(at most {self.max_past_ms})",
+            )
+
+
+def decode_action(
+    raw: bytes | None, bounds: EventTimeBounds | None = None, now_ms: int | None = None
+) -> pb.ActionEvent:
+    """Parse and validate an ActionEvent; raises EventRejected.
+
+    ``bounds``: the accepted event times around ``now_ms`` (default: the clock); None: any
+    positive time.
+    """
     ev = parse_message(pb.ActionEvent, raw)
     if not ev.event_id or "\x00" in ev.event_id:
         raise EventRejected(INVALID_FIELD, "event_id must be a non-empty string without NUL")
+    if len(ev.event_id) * 4 > MAX_EVENT_ID_BYTES and len(ev.event_id.encode("utf-8")) > MAX_EVENT_ID_BYTES:
+        raise EventRejected(
+            INVALID_FIELD,
+            f"event_id is longer than {MAX_EVENT_ID_BYTES} bytes: {ev.event_id[:40]!r}... "
+            f"({len(ev.event_id.encode('utf-8'))} bytes)",
+        )
     if ev.user_id < 0 or ev.item_id < 0:
         raise EventRejected(INVALID_FIELD, f"negative id (user {ev.user_id}, item {ev.item_id})")
     if ev.action == pb.ACTION_TYPE_UNSPECIFIED or ev.action not in _ACTION_TYPES:
         raise EventRejected(INVALID_FIELD, f"action {ev.action} is unspecified or unknown")
     if ev.event_time_ms <= 0:
         raise EventRejected(INVALID_FIELD, f"event_time_ms must be positive, got {ev.event_time_ms}")
+    if bounds is not None:
+        bounds.check(ev.event_time_ms, int(time.time() * 1000) if now_ms is None else now_ms)
     return ev
 
 
@@ -216,17 +265,89 @@ def training_sample_bytes(
     )
 
 
-def dead_letter(msg: ConsumedRecord, reason: str, detail: str, now_ms: int) -> pb.DeadLetter:
+@dataclass(frozen=True)
+class DeadLetterLimits:
+    """How much of a record a dead letter carries: the broker refuses records over its
+    ``message.max.bytes`` (1 MB by default), and a dead letter the broker refuses would stop
+    its partition. Whatever is cut is identified by its size and SHA-256 (``dead_letter``)."""
+
+    key_bytes: int = 1024
+    value_bytes: int = 64 * 1024
+    detail_chars: int = 1024
+
+    def __post_init__(self) -> None:
+        if min(self.key_bytes, self.value_bytes, self.detail_chars) < 0:
+            raise ValueError(f"dead-letter limits must be non-negative, got {self}")
+
+
+# What a dead letter keeps when the broker refused it once (stream.outputs): no value.
+MINIMAL_DEAD_LETTER = DeadLetterLimits(key_bytes=64, value_bytes=0, detail_chars=256)
+# Marks the part of DeadLetter.detail that describes the full key and value.
+CONTENT_MARK = " [key "
+
+
+def _clip(text: str, n: int) -> str:
+    """``text`` in at most ``n`` characters, "..." marking a cut."""
+    if len(text) <= n:
+        return text
+    return text[: n - 3] + "..." if n >= 3 else text[:n]
+
+
+def content_note(key: bytes, raw: bytes, limits: DeadLetterLimits) -> str:
+    """The full key's and value's sizes and SHA-256, and how much of each the dead letter keeps.
+
+    ``CONTENT_MARK`` + ``<n> B sha256:<hex> kept <k>; value <n> B sha256:<hex> kept <k>]``.
+    """
+    kept_key, kept_raw = min(len(key), limits.key_bytes), min(len(raw), limits.value_bytes)
+    return (
+        f"{CONTENT_MARK}{len(key)} B sha256:{hashlib.sha256(key).hexdigest()} kept {kept_key}; "
+        f"value {len(raw)} B sha256:{hashlib.sha256(raw).hexdigest()} kept {kept_raw}]"
+    )
+
+
+def dead_letter(
+    msg: ConsumedRecord, reason: str, detail: str, now_ms: int, limits: DeadLetterLimits | None = None
+) -> pb.DeadLetter:
+    """The DeadLetter of a consumed record, bounded by ``limits``.
+
+    It carries the record's topic, partition and offset, its key and value cut to the
+    limits, the reason, and the detail cut to its limit followed by the full key's and
+    value's sizes and SHA-256 (``content_note``), so a cut record can still be matched.
+    """
+    limits = limits or DeadLetterLimits()
+    key, raw = msg.key or b"", msg.value or b""
     return pb.DeadLetter(
         topic=msg.topic,
         partition=msg.partition,
         offset=msg.offset,
-        key=msg.key or b"",
-        raw=msg.value or b"",
+        key=key[: limits.key_bytes],
+        raw=raw[: limits.value_bytes],
         reason=reason,
-        detail=detail,
+        detail=_clip(detail, limits.detail_chars) + content_note(key, raw, limits),
         error_time_ms=now_ms,
     )
+
+
+def shrink_dead_letter(value: bytes, limits: DeadLetterLimits = MINIMAL_DEAD_LETTER) -> tuple[bytes, bytes]:
+    """A serialised DeadLetter cut to ``limits`` (by default: no value), as (Kafka key, value).
+
+    For a dead letter the broker refused: the content note (sizes and hashes) is kept, and
+    says the value was dropped. A value that is no DeadLetter becomes one that says so.
+    """
+    try:
+        d = pb.DeadLetter.FromString(value)
+    except DecodeError:
+        d = pb.DeadLetter(reason=DECODE_ERROR, detail=f"an unreadable dead letter of {len(value)} bytes")
+    head, mark, note = d.detail.rpartition(CONTENT_MARK)
+    if not mark:
+        head, note = d.detail, ""
+    note = (mark + note) if mark else ""
+    if len(d.raw) > limits.value_bytes:
+        note += f" (value dropped: the broker refused the {len(value)}-byte dead letter)"
+    d.detail = _clip(head, limits.detail_chars) + note
+    d.key = d.key[: limits.key_bytes]
+    d.raw = d.raw[: limits.value_bytes]
+    return d.key, d.SerializeToString()
 
 
 def action_event(event_id: str, user_id: int, item_id: int, action: int, event_time_ms: int) -> pb.ActionEvent:

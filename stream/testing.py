@@ -81,9 +81,9 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.1, what: str =
 
 def consume_all(bootstrap: str, topic: str, stop, timeout_s: float = 30.0) -> list:
     """Read ``topic`` from the beginning (no group) until ``stop(records)`` is true."""
-    from infra.kafka import KafkaConsumer, TopicPartition
+    from infra.kafka import TopicPartition, consumer
 
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=500)
+    c = consumer(bootstrap, consumer_timeout_ms=500)
     try:
         parts = c.partitions_for_topic(topic) or set()
         c.assign([TopicPartition(topic, p) for p in parts])

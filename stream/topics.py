@@ -1,9 +1,17 @@
-"""The four topics and their creation (kafka-python admin).
+"""The topics and their creation (kafka-python admin).
 
 user-actions is keyed by user id so one user's actions stay ordered in one partition;
-item-events by item id. Topics are created explicitly (not auto-created on first use) so
-that partition counts are a decision, not an accident; a topic may carry broker configs
-(``TopicSpec.configs``, e.g. retention), set when it is created.
+item-events by item id. Each consumer group of stream workers also has a retry topic of
+its own (``action_retries``: actions whose item was not known yet, see
+stream.processing.UnknownItemRetry), keyed by user id: private to the group, as the
+store it writes to is, so that two groups (e.g. a re-tokenised namespace's) never take
+each other's retries. Topics are created explicitly (not
+auto-created on first use) so that partition counts are a decision, not an accident; a
+topic may carry broker configs (``TopicSpec.configs``, e.g. retention), set when it is
+created. In production every topic should be replicated (``replication`` 3) with
+``min.insync.replicas`` 2, so that an acks=all write (every producer of the project)
+survives the loss of a broker; the embedded broker has one node, hence the defaults 1
+and unset.
 """
 
 from __future__ import annotations
@@ -18,6 +26,11 @@ ITEM_EVENTS = "item-events"
 USER_ACTIONS = "user-actions"
 TRAINING_SAMPLES = "training-samples"
 DEAD_LETTERS = "dead-letters"
+
+
+def action_retries(app_id: str) -> str:
+    """The retry topic of the stream workers' consumer group ``app_id`` (module doc)."""
+    return f"{app_id}-{USER_ACTIONS}-retry"
 
 
 @dataclass(frozen=True)
@@ -41,29 +54,40 @@ def retention_configs(retention_ms: int) -> dict[str, str]:
     return {"retention.ms": str(retention_ms), "segment.ms": str(max(1, retention_ms // 4))}
 
 
-def default_topics(partitions: int = 4, samples_retention_ms: int | None = None) -> list[TopicSpec]:
+def default_topics(
+    partitions: int = 4,
+    samples_retention_ms: int | None = None,
+    replication: int = 1,
+    min_insync_replicas: int | None = None,
+    app_id: str | None = None,
+) -> list[TopicSpec]:
     """All hisam topics; ``partitions`` bounds how many stream workers can share the load.
 
     ``samples_retention_ms``: keep training-samples only that long (None: the broker's
     default retention). The samples are most of what the broker holds (the user's history
-    travels with each one, about 4 KB at T=300).
+    travels with each one, about 4 KB at T=300). ``replication`` and
+    ``min_insync_replicas`` (None: the broker's default) apply to every topic (module doc).
+    ``app_id``: also the retry topic of that group of stream workers.
     """
+    if replication < 1 or (min_insync_replicas is not None and not 1 <= min_insync_replicas <= replication):
+        raise ValueError(f"need 1 <= min.insync.replicas <= replication, got {min_insync_replicas} and {replication}")
+    common = {} if min_insync_replicas is None else {"min.insync.replicas": str(min_insync_replicas)}
     samples = retention_configs(samples_retention_ms) if samples_retention_ms is not None else {}
+    names = [ITEM_EVENTS, USER_ACTIONS, TRAINING_SAMPLES, DEAD_LETTERS]
+    if app_id is not None:
+        names.append(action_retries(app_id))
     return [
-        TopicSpec(ITEM_EVENTS, partitions),
-        TopicSpec(USER_ACTIONS, partitions),
-        TopicSpec(TRAINING_SAMPLES, partitions, configs=samples),
-        TopicSpec(DEAD_LETTERS, partitions),
+        TopicSpec(name, partitions, replication, {**common, **(samples if name == TRAINING_SAMPLES else {})})
+        for name in names
     ]
 
 
 def ensure_topics(bootstrap: str, specs: Sequence[TopicSpec], timeout_s: float = 30.0) -> list[str]:
-    """Create the topics that do not exist yet; returns the names created."""
-    from infra.kafka import KafkaAdminClient
+    """Create the topics that do not exist yet; returns the names created. Every admin
+    request is bounded by ``timeout_s`` (kafka-python raises KafkaTimeoutError after it)."""
+    from infra.kafka import admin_client
 
-    admin = KafkaAdminClient(
-        bootstrap_servers=bootstrap, client_id="hisam-admin", request_timeout_ms=int(timeout_s * 1000)
-    )
+    admin = admin_client(bootstrap, "hisam-admin", timeout_s)
     try:
         existing = set(admin.list_topics())
         todo = {

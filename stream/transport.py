@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import deque
 from time import monotonic
 
@@ -84,6 +85,43 @@ def hold_empty_fetches(fetcher, idle_s: float) -> None:
         return got
 
     fetcher._proc_fetch_request = proc_then_hold
+
+
+# Exit status of a worker whose fetch position fell outside its partition's log (EX_CONFIG).
+EXIT_OFFSET_OUT_OF_RANGE = 78
+
+
+def fail_on_out_of_range(fetcher, on_out_of_range) -> None:
+    """Call ``on_out_of_range({tp: position})`` when the broker answers a fetch with
+    OFFSET_OUT_OF_RANGE, before aiokafka acts on its ``auto_offset_reset``.
+
+    The worker's reset policy is "earliest" so that a new group starts at the beginning of
+    its topics (``hisam run`` replays a dataset into new topics). The same policy would
+    also apply when a group's position falls outside the log, silently: retention deleted
+    records it had not read (they are lost), or the log was truncated or recreated below
+    it (earliest would then replay the whole log, far more than the store's seen window can
+    recognise, and double users' streams). Neither is the data's fault, and the worker
+    cannot tell which records it had: the caller fails loudly (``FastDrainConsumer``).
+
+    Detected as aiokafka's fetcher handles the response: a partition of the request that
+    had a valid position before it and awaits a reset after it was out of range (a
+    partition without a position, e.g. a new group's, is never in a fetch).
+    """
+    proc = fetcher._proc_fetch_request
+
+    async def proc_then_check(assignment, node_id, request):
+        before = {}
+        for tp in assignment.tps:
+            state = assignment.state_value(tp)
+            if state.has_valid_position:
+                before[tp] = state.position
+        got = await proc(assignment, node_id, request)
+        lost = {tp: pos for tp, pos in before.items() if assignment.state_value(tp).awaiting_reset}
+        if lost:
+            on_out_of_range(lost)
+        return got
+
+    fetcher._proc_fetch_request = proc_then_check
 
 
 class _InFlight:
@@ -265,6 +303,18 @@ class FastDrainConsumer(faust_aiokafka.Consumer):
     """faust's aiokafka consumer: batch topics by the batch, direct per-record delivery, held empty fetches."""
 
     idle_fetch_s: float = 0.005
+
+    def on_out_of_range(self, positions: dict) -> None:
+        """A fetch position outside its log (``fail_on_out_of_range``): exit before anything
+        is reset or committed, every time, until an operator sets the group's offsets."""
+        log.critical(
+            "fetch positions %s are outside their partitions' logs (records deleted by retention, or the "
+            "log truncated or recreated); refusing to reset to the earliest offset and replay: set the "
+            "group's offsets explicitly (docs/operations.md), then restart",
+            {f"{tp.topic}[{tp.partition}]": pos for tp, pos in positions.items()},
+        )
+        logging.shutdown()
+        os._exit(EXIT_OFFSET_OUT_OF_RANGE)
 
     def _new_consumer_thread(self):
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -463,6 +513,7 @@ class FastDrainConsumer(faust_aiokafka.Consumer):
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     async def on_start(self) -> None:
         await super().on_start()  # creates and starts the aiokafka consumer (and its fetcher)
+        fail_on_out_of_range(self._consumer._fetcher, self.consumer.on_out_of_range)
         idle_s = self.consumer.idle_fetch_s
         if idle_s > 0:
             hold_empty_fetches(self._consumer._fetcher, idle_s)

@@ -211,7 +211,9 @@ def test_finisher_acks_after_the_outputs_are_acknowledged_then_counts_and_observ
     events: list = []
     part = _Partition(f"t-{time.monotonic_ns()}", 3)
     batch = _AckedBatch(events, part, [10, 11, 12])
-    out = BatchOutput(samples=[(b"u", b"s")] * 2, dead_letters=[(b"k", b"d")], appended=2, duplicates=1)
+    out = BatchOutput(
+        samples=[(b"u", b"s")] * 2, dead_letters=[(b"k", b"d")], retries=[(b"u", b"r")], appended=2, duplicates=1
+    )
     consumed, samples = _sample("hisam_stream_actions_consumed_total"), _sample("hisam_stream_samples_produced_total")
     latency = {"agent": "finisher-test"}
     n_latency = _sample("hisam_stream_batch_latency_seconds_count", latency)
@@ -220,12 +222,15 @@ def test_finisher_acks_after_the_outputs_are_acknowledged_then_counts_and_observ
         events.append(("count", n))
         count_actions(n, out)
 
-    finish = BatchFinisher(_App(highwater=20), _Sender(events), "finisher-test", count, lambda: 7)
+    retry = tp.action_retries("finisher-test")
+    finish = BatchFinisher(_App(highwater=20), _Sender(events), "finisher-test", count, lambda: 7, retry)
     asyncio.run(finish(batch, out, time.perf_counter(), time.perf_counter()))
 
-    assert events[:2] == [("send", tp.TRAINING_SAMPLES, 2), ("send", tp.DEAD_LETTERS, 1)]
-    assert sorted(events[2:5]) == sorted([("delivered", tp.TRAINING_SAMPLES)] * 2 + [("delivered", tp.DEAD_LETTERS)])
-    assert events[5:] == [("ack", 7), ("count", 3)]
+    sends = [("send", tp.TRAINING_SAMPLES, 2), ("send", retry, 1), ("send", tp.DEAD_LETTERS, 1)]
+    assert events[:3] == sends
+    delivered = [("delivered", tp.TRAINING_SAMPLES)] * 2 + [("delivered", t) for t in (retry, tp.DEAD_LETTERS)]
+    assert sorted(events[3:7]) == sorted(delivered)
+    assert events[7:] == [("ack", 7), ("count", 3)]
     assert _sample("hisam_stream_actions_consumed_total") == consumed + 3
     assert _sample("hisam_stream_samples_produced_total") == samples + 2
     assert _sample("hisam_stream_batch_latency_seconds_count", latency) == n_latency + 1
@@ -301,12 +306,17 @@ def test_create_app_builds_the_action_agent_on_a_batch_topic(tmp_path) -> None:
         idle_fetch_s=0.02,
     )
     app = create_app(settings)
-    assert sorted(app.agents) == ["hisam-actions"]  # no tokenizer: no item agent
-    (agent,) = app.agents.values()
+    assert sorted(app.agents) == ["hisam-action-retries", "hisam-actions"]  # no tokenizer: no item agent
+    agent, retries = app.agents["hisam-actions"], app.agents["hisam-action-retries"]
     assert isinstance(agent.channel, BatchTopic) and list(agent.channel.topics) == [tp.USER_ACTIONS]
     assert agent.fun.__qualname__ == "create_app.<locals>.append_actions"  # faust's label in its log lines
+    assert isinstance(retries.channel, BatchTopic) and list(retries.channel.topics) == [
+        "hisam-stream-user-actions-retry"
+    ]
     assert app.transport.Consumer.idle_fetch_s == 0.02
     assert app.conf.broker_commit_every == 100
+    # Explicit, not faust's 1,200 s: a broker that stops acknowledging fails the batch (crash-only).
+    assert app.conf.producer_request_timeout == 30.0 and app.conf.producer_acks == -1
 
 
 def test_create_app_refuses_a_seen_window_below_two_batches(tmp_path) -> None:

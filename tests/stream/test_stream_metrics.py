@@ -58,20 +58,23 @@ def _check_metrics(tmp_path, kafka_bootstrap: str, redis_url: str) -> None:
         unknown = [rec.action_event(f"{run}-u{k}", base, base + 99, 1, 1_700_000_000_100 + k) for k in range(3)]
         prod.produce_actions(producer, good + good[:10] + unknown)  # 10 redelivered ids
         consumed = ("hisam_stream_actions_consumed_total", ())
+        unknown_item = ("hisam_stream_dead_letters_total", (("reason", rec.UNKNOWN_ITEM),))
 
         def done():
             try:
-                return _scrape(port).get(consumed, 0) >= 53
+                m = _scrape(port)
             except OSError:
                 return False
+            return m.get(consumed, 0) >= 53 and m.get(unknown_item, 0) >= 3
 
-        wait_until(done, 120, 0.3, "the worker consuming all 53 actions")
+        # The actions on the unknown item are retried for StreamSettings.unknown_item_max_age_s first.
+        wait_until(done, 120, 0.3, "the worker consuming all 53 actions and dead-lettering the unknown item's")
         time.sleep(1.0)
         m = _scrape(port)
         assert m[consumed] == 53
         assert m[("hisam_stream_actions_appended_total", ())] == 40
         assert m[("hisam_stream_action_duplicates_total", ())] == 10
-        assert m[("hisam_stream_dead_letters_total", (("reason", rec.UNKNOWN_ITEM),))] == 3
+        assert m[unknown_item] == 3
         # A duplicate still in the stream re-emits its sample (stream/processing.py): 40 + 10.
         assert m[("hisam_stream_samples_produced_total", ())] == 50
         assert m[("hisam_stream_freshness_seconds_count", (("agent", "actions"),))] == 53

@@ -63,3 +63,30 @@ def test_the_broker_reports_its_process() -> None:
         assert tp.ensure_topics(broker.bootstrap, [tp.TopicSpec("t", 1)]) == ["t"]
         assert cpu_seconds(broker.pid) is not None
     assert cpu_seconds(None) is None and cpu_seconds(1 << 23) is None  # above any pid_max
+
+
+def test_default_topics_carry_replication_min_insync_and_the_groups_retry_topic() -> None:
+    specs = tp.default_topics(4, samples_retention_ms=30_000, replication=3, min_insync_replicas=2, app_id="g1")
+    by_name = {s.name: s for s in specs}
+    assert set(by_name) == {
+        tp.ITEM_EVENTS,
+        tp.USER_ACTIONS,
+        tp.TRAINING_SAMPLES,
+        tp.DEAD_LETTERS,
+        tp.action_retries("g1"),
+    }
+    assert tp.action_retries("g1") == "g1-user-actions-retry" != tp.action_retries("g2")
+    assert all(s.replication == 3 and s.configs["min.insync.replicas"] == "2" for s in specs)
+    assert by_name[tp.TRAINING_SAMPLES].configs["retention.ms"] == "30000"
+    assert "retention.ms" not in by_name[tp.USER_ACTIONS].configs
+    for replication, insync in [(0, None), (2, 3), (2, 0)]:
+        with pytest.raises(ValueError, match="min.insync.replicas"):
+            tp.default_topics(4, replication=replication, min_insync_replicas=insync)
+
+
+def test_min_insync_replicas_is_set_on_the_created_topics(kafka_bootstrap) -> None:
+    run = uuid.uuid4().hex[:8]
+    specs = [s for s in tp.default_topics(2, min_insync_replicas=1, app_id=f"g-{run}") if run in s.name]
+    assert [s.name for s in specs] == [tp.action_retries(f"g-{run}")]
+    assert tp.ensure_topics(kafka_bootstrap, specs, timeout_s=10) == [specs[0].name]
+    assert _describe(kafka_bootstrap, [specs[0].name])[specs[0].name]["min.insync.replicas"] == "1"
