@@ -40,8 +40,13 @@ class ServeConfig:
     max_candidates: int = 1000
     cache_mb: float = 256.0  # anchor KV cache budget (0: always recompute)
     item_ttl_s: float = 60.0  # how long an item's semantic IDs stay cached
-    request_timeout_s: float = 30.0  # a Rank call without a deadline
+    unknown_ttl_s: float = 2.0  # how long "the store does not know this item" stays cached
+    request_timeout_s: float = 30.0  # a Rank call without a deadline, and the cap of any deadline
+    store_timeout_s: float = 2.0  # one read of the online store
     health_interval_s: float = 1.0  # between health probes of Triton and the store
+    health_timeout_s: float = 1.0  # one health probe of each dependency
+    max_message_bytes: int = 1 << 20  # the largest Rank request received (serving/server.py)
+    max_concurrent_rpcs: int = 256  # calls served at once; beyond: RESOURCE_EXHAUSTED
 
 
 def checkpoint_profile_vocab(checkpoint: Path) -> ProfileVocab | None:
@@ -57,14 +62,19 @@ def make_ranker(config: ServeConfig, triton_url: str | None, profiles: Profiles)
     """The Ranker for this configuration; call it on the serving event loop."""
     from features.store import open_stream_store
     from serving.backends import OrtBackend, TritonBackend
-    from serving.online import OnlineReader
+    from serving.online import OnlineReader, store_config_for_reads
     from serving.ranking import Ranker, model_info
 
     if config.inference == "triton":
         backend = TritonBackend(triton_url)
     else:
         backend = OrtBackend(config.model_repo, config.threads)
-    reader = OnlineReader(open_stream_store(config.store), item_ttl_s=config.item_ttl_s)
+    reader = OnlineReader(
+        open_stream_store(store_config_for_reads(config.store, config.store_timeout_s)),
+        item_ttl_s=config.item_ttl_s,
+        unknown_ttl_s=config.unknown_ttl_s,
+        read_timeout_s=config.store_timeout_s,
+    )
     return Ranker(
         backend,
         reader,
@@ -88,12 +98,21 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     ranker = make_ranker(config, triton_url, profiles)
     try:
-        async with rank_server(ranker, config.host, config.port, health_interval_s=config.health_interval_s) as handle:
+        async with rank_server(
+            ranker,
+            config.host,
+            config.port,
+            health_interval_s=config.health_interval_s,
+            health_timeout_s=config.health_timeout_s,
+            max_receive_bytes=config.max_message_bytes,
+            max_concurrent_rpcs=config.max_concurrent_rpcs,
+        ) as handle:
             on_listening(handle.address)
             await stop.wait()
             log.info("shutting down: draining in-flight calls")
     finally:
         await ranker.backend.close()
+        ranker.reader.close()
 
 
 def run_rank_service(config: ServeConfig, profiles: Profiles, on_listening: Callable[[str], None]) -> None:

@@ -15,7 +15,13 @@ worker threads so the event loop is never blocked.
 
 Errors: ``BackendUnavailable`` when Triton cannot be reached, is shutting down or has no
 ready model, ``BackendDeadline`` when the per-call timeout passes, ``BackendError``
-otherwise. The Triton client's channel reconnects by itself, with its reconnect backoff
+otherwise.
+
+Every outbound call has a timeout: an inference call the time left of its Rank call (the
+ranker passes it; ``CALL_TIMEOUT_S`` when a caller passes none), the readiness probe
+``ready(timeout_s)`` (1 s by default, its three ``is_model_ready`` calls concurrently, each
+with that ``client_timeout``), so a Triton that accepts connections but never answers turns
+the probe false within its bound instead of holding it. The Triton client's channel reconnects by itself, with its reconnect backoff
 capped at ``RECONNECT_MAX_MS`` (gRPC's default grows to two minutes, which would keep Rank
 failing long after a restarted Triton is back); calls succeed again as soon as Triton
 serves its models, with no restart of the Rank server.
@@ -57,6 +63,9 @@ ENCODE_OUTPUTS = (
 # sets by default (its defaults are replaced as a whole when channel_args are given).
 RECONNECT_INITIAL_MS = 100
 RECONNECT_MAX_MS = 1000
+# The timeout of a call whose caller gave none (module docstring), and of a readiness probe.
+CALL_TIMEOUT_S = 30.0
+READY_TIMEOUT_S = 1.0
 # Statuses and messages of a Triton that cannot answer now but will (down, starting, stopping,
 # loading a model); anything else is a failure of the request itself.
 UNAVAILABLE_STATUSES = ("UNAVAILABLE", "CANCELLED", "ABORTED")
@@ -134,6 +143,7 @@ class TritonBackend:
 
         model = GRAPH_MODELS[graph]
         requested = [self._grpc.InferRequestedOutput(n) for n in (*outputs, VERSION_OUTPUT)]
+        timeout_s = CALL_TIMEOUT_S if timeout_s is None else timeout_s
         t0 = time.perf_counter()
         try:
             result = await self._client.infer(model, self._inputs(feed), outputs=requested, client_timeout=timeout_s)
@@ -169,12 +179,12 @@ class TritonBackend:
         out, version = await self._infer("score_with_cache", feed, ("scores",), timeout_s)
         return out["scores"], version
 
-    async def ready(self) -> bool:
+    async def ready(self, timeout_s: float = READY_TIMEOUT_S) -> bool:
+        """Whether Triton serves the three models; False when it does not answer within ``timeout_s``."""
+        calls = [self._client.is_model_ready(m, client_timeout=timeout_s) for m in GRAPH_MODELS.values()]
         try:
-            for model in GRAPH_MODELS.values():
-                if not await self._client.is_model_ready(model, client_timeout=2.0):
-                    return False
-            return True
+            # The outer bound also covers what client_timeout does not (connecting, the channel's own waits).
+            return all(await asyncio.wait_for(asyncio.gather(*calls), timeout_s + 0.5))
         except Exception:  # noqa: BLE001 - any failure to answer means not ready
             return False
 
@@ -221,6 +231,7 @@ class OrtBackend:
 
     async def _run(self, graph: str, feed: Mapping[str, np.ndarray], outputs: tuple[str, ...], timeout_s: float | None):
         loop = asyncio.get_running_loop()
+        timeout_s = CALL_TIMEOUT_S if timeout_s is None else timeout_s
         t0 = time.perf_counter()
         try:
             out = await asyncio.wait_for(
@@ -248,7 +259,7 @@ class OrtBackend:
     ) -> tuple[np.ndarray, str]:
         return (await self._run("score_with_cache", feed, ("scores",), timeout_s))["scores"], self.version
 
-    async def ready(self) -> bool:
+    async def ready(self, timeout_s: float = READY_TIMEOUT_S) -> bool:
         return True
 
     async def close(self) -> None:

@@ -26,9 +26,14 @@ the stream is built, so the request order cannot change a score, not even in the
 
 Errors raised to the servicer: ``InvalidRequest`` (bad input, INVALID_ARGUMENT),
 ``Unavailable`` (backend or store down, UNAVAILABLE), ``DeadlineExceeded``, ``ModelError``
-(the model returned NaN: an input the graphs flag as out of range; INTERNAL). A request
-whose caller set no deadline gets ``default_timeout_s``, so a backend that hangs (a frozen
-Triton, a black-holed network) cannot hold a request, or its client, forever.
+(the model returned NaN: an input the graphs flag as out of range; INTERNAL).
+
+Deadlines. ``default_timeout_s`` is both the default and the cap: a request whose caller set
+no deadline, or a longer one, gets ``default_timeout_s``, so a backend that hangs (a frozen
+Triton, a black-holed network) cannot hold a request, its client, or one of the server's
+concurrent-call slots (serving/server.py) for longer. All the work runs under that one
+deadline, and each backend call is given the time left of it (Triton's ``client_timeout``),
+not the whole budget again.
 
 Metrics (infra/observability.py): anchor-cache hits and misses (one per scored request) and
 the cache's size.
@@ -206,6 +211,11 @@ def validate_request(user_id: int, item_ids: Sequence[int], max_candidates: int)
         raise InvalidRequest(f"duplicate item ids: {dups[:10]}")
 
 
+def _left(deadline: float) -> float:
+    """Seconds left until ``deadline`` (event-loop time), at least 1 ms (the enclosing timeout ends the call)."""
+    return max(deadline - asyncio.get_running_loop().time(), 1e-3)
+
+
 class Ranker:
     """Scores candidates for a user with the backend's model (module docstring)."""
 
@@ -229,21 +239,24 @@ class Ranker:
         self.default_timeout_s = default_timeout_s
 
     async def rank(self, user_id: int, item_ids: Sequence[int], timeout_s: float | None = None) -> RankResult:
-        """Score ``item_ids`` for ``user_id`` within ``timeout_s`` (None: ``default_timeout_s``)."""
+        """Score ``item_ids`` for ``user_id`` within ``timeout_s``, capped at ``default_timeout_s`` (None: the cap)."""
         validate_request(user_id, item_ids, self.max_candidates)
-        if timeout_s is None:
+        capped = timeout_s is None or timeout_s > self.default_timeout_s
+        if capped:
             timeout_s = self.default_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
-                return await self._rank(user_id, list(item_ids), timeout_s)
+            async with asyncio.timeout_at(deadline):
+                return await self._rank(user_id, list(item_ids), deadline)
         except (TimeoutError, BackendDeadline) as e:
-            raise DeadlineExceeded(f"no scores within the deadline of {timeout_s:.3f}s") from e
+            cap = " (the server's cap)" if capped else ""
+            raise DeadlineExceeded(f"no scores within the deadline of {timeout_s:.3f}s{cap}") from e
         except (BackendUnavailable, StoreUnavailable) as e:
             raise Unavailable(str(e)) from e
         except BackendError as e:
             raise ModelError(str(e)) from e
 
-    async def _rank(self, user_id: int, item_ids: list[int], timeout_s: float | None) -> RankResult:
+    async def _rank(self, user_id: int, item_ids: list[int], deadline: float) -> RankResult:
         t0 = time.perf_counter()
         stream, sids = await asyncio.gather(self.reader.user_stream(user_id), self.reader.item_sids(item_ids))
         t_read = time.perf_counter()
@@ -261,11 +274,11 @@ class Ranker:
             # An empty stream (a cold user of a model without profile tokens) has no anchors to
             # cache, and the encode graph takes no zero-token stream: it goes the full path.
             if self.cache is not None and (len(profile) or len(history)):
-                got, version, hit = await self._score_cached(user_id, profile, history, codes, timeout_s)
+                got, version, hit = await self._score_cached(user_id, profile, history, codes, deadline)
             else:
                 got = None
             if got is None:
-                got, version = await self._score_full(profile, history, codes, timeout_s)
+                got, version = await self._score_full(profile, history, codes, deadline)
             if not np.isfinite(got).all():
                 raise ModelError(f"the model returned no score for user {user_id} (input outside its tables)")
             scores = dict(zip(ids, got.tolist(), strict=True))
@@ -312,29 +325,31 @@ class Ranker:
         )
 
     async def _score_full(
-        self, profile: Sequence[int], history: History, codes: np.ndarray, timeout_s: float | None
+        self, profile: Sequence[int], history: History, codes: np.ndarray, deadline: float
     ) -> tuple[np.ndarray, str]:
         stream = build_stream([self._user(profile, history, codes)], self.model.layout)
-        scores, version = await self.backend.rank(ranking_feed(stream, self.model.rope), timeout_s)
+        scores, version = await self.backend.rank(ranking_feed(stream, self.model.rope), _left(deadline))
         return scores[0], version
 
     async def _score_cached(
-        self, user_id: int, profile: Sequence[int], history: History, codes: np.ndarray, timeout_s: float | None
+        self, user_id: int, profile: Sequence[int], history: History, codes: np.ndarray, deadline: float
     ) -> tuple[np.ndarray | None, str, bool]:
         """(scores or None to fall back to the full path, model version, cache hit)."""
         candidates = codes[None]  # (1, N, k)
         entry = self.cache.get(user_id, history.version)
         if entry is not None:
-            scores, version = await self.backend.score_with_cache({**entry.feed, "candidates": candidates}, timeout_s)
+            scores, version = await self.backend.score_with_cache(
+                {**entry.feed, "candidates": candidates}, _left(deadline)
+            )
             if version == entry.model_version:
                 return scores[0], version, True
             log.info("model version changed from %s to %s: dropping its anchor caches", entry.model_version, version)
             self.cache.drop_version(entry.model_version)
         stream = build_stream([self._user(profile, history)], self.model.layout)
-        outputs, encoded_by = await self.backend.encode_history(stream_feed(stream, self.model.rope), timeout_s)
+        outputs, encoded_by = await self.backend.encode_history(stream_feed(stream, self.model.rope), _left(deadline))
         feed = cache_feed(cache_from_outputs(outputs), torch.from_numpy(candidates))
         del feed["candidates"]
-        scores, version = await self.backend.score_with_cache({**feed, "candidates": candidates}, timeout_s)
+        scores, version = await self.backend.score_with_cache({**feed, "candidates": candidates}, _left(deadline))
         if version != encoded_by:  # a roll between the two calls: the cache is not this model's
             return None, version, False
         self.cache.put(user_id, history.version, _CacheEntry(feed, version, sum(v.nbytes for v in feed.values())))

@@ -2,13 +2,36 @@
 
 The servicer only translates between protobuf and ``serving.ranking`` and maps its errors
 to status codes (INVALID_ARGUMENT, UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL); the call's
-deadline (``context.time_remaining()``) bounds the work, including the Triton call (a call
-without a deadline gets the ranker's ``default_timeout_s``).
+deadline (``context.time_remaining()``) bounds the work, including the Triton call, and is
+capped at the ranker's ``default_timeout_s`` (a call without a deadline, or with a longer
+one, gets the cap; the server stops the work then and answers DEADLINE_EXCEEDED).
+
+Limits (docs/design.md "Rank"; a hostile or broken client cannot exhaust the server):
+
+- ``max_receive_bytes`` (1 MiB by default): a larger request is refused by gRPC itself with
+  RESOURCE_EXHAUSTED before it is parsed. The largest legitimate request is
+  ``largest_request_bytes(max_candidates)``: 9,145 bytes at the default 1,000 candidates
+  (each id a packed varint of at most 9 bytes, a 10-byte user id, a 128-byte request id), so
+  1 MiB leaves room for a raised ``--max-candidates`` (about 100,000) and is a quarter of
+  gRPC's 4 MiB default; the server refuses to start with a limit below the largest
+  legitimate request.
+- ``max_concurrent_rpcs`` (256 by default; gRPC's ``maximum_concurrent_rpcs``): calls beyond
+  it are refused at once with RESOURCE_EXHAUSTED instead of queueing. At a replica's few
+  thousand calls a second and tens of milliseconds each, Little's law puts about a hundred
+  in flight; 256 bounds the memory of the calls held (each well under 1 MB of feeds and
+  answer) and, with the deadline cap, how long a hung dependency can hold them. The limit
+  counts every RPC of the server, health checks included: a saturated server may answer a
+  health check with RESOURCE_EXHAUSTED, which probes read as not ready.
+- ``request_id`` at most ``MAX_REQUEST_ID_BYTES`` (128) bytes in UTF-8, else
+  INVALID_ARGUMENT: it is echoed and logged.
 
 Health (``grpc.health.v1``): the overall service ("") and ``hisam.pb.v1.RankingService``
 are SERVING while the inference backend and the online store answer, NOT_SERVING while
 either does not; a background probe re-checks every ``health_interval_s`` seconds, so a
 load balancer stops sending traffic while a dependency is down and resumes when it is back.
+Both probes run concurrently, each bounded by ``health_timeout_s`` (1 s by default): a
+dependency that hangs (accepts connections, never answers) turns health NOT_SERVING within
+``health_interval_s + health_timeout_s`` (2 s by default; ``health_deadline_s``).
 Reflection lists the ranking and health services (``grpcurl`` works without the .proto).
 
 When Triton stops (crash, restart, rollout), Rank fails fast and recovers by itself:
@@ -72,6 +95,25 @@ ERROR_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 _MAPPED = tuple(e for e, _ in ERROR_CODES)
 
 
+# Limits (module docstring).
+MAX_RECEIVE_BYTES = 1 << 20
+MAX_CONCURRENT_RPCS = 256
+MAX_REQUEST_ID_BYTES = 128
+HEALTH_TIMEOUT_S = 1.0
+
+
+def largest_request_bytes(max_candidates: int) -> int:
+    """The serialized size of the largest RankRequest the server accepts with ``max_candidates``."""
+    return rank_pb2.RankRequest(
+        user_id=-1, item_ids=[2**63 - 1] * max_candidates, request_id="x" * MAX_REQUEST_ID_BYTES
+    ).ByteSize()
+
+
+def health_deadline_s(health_interval_s: float, health_timeout_s: float) -> float:
+    """The longest a hung dependency leaves health SERVING: one pause between probes plus one probe."""
+    return health_interval_s + health_timeout_s
+
+
 class RankingService(rank_pb2_grpc.RankingServiceServicer):
     """rank.proto's RankingService over a ``Ranker``."""
 
@@ -87,6 +129,7 @@ class RankingService(rank_pb2_grpc.RankingServiceServicer):
         obs.RANK_CANDIDATES.observe(len(request.item_ids))
         try:
             try:
+                check_request_id(request.request_id)
                 result = await self.ranker.rank(request.user_id, list(request.item_ids), timeout_s)
             except _MAPPED as e:
                 code = next(c for t, c in ERROR_CODES if isinstance(e, t))
@@ -103,6 +146,12 @@ class RankingService(rank_pb2_grpc.RankingServiceServicer):
             obs.RANK_IN_FLIGHT.dec()
             obs.RANK_REQUESTS.labels(code.name).inc()
             obs.RANK_LATENCY.labels(code.name).observe(time.perf_counter() - t0)
+
+
+def check_request_id(request_id: str) -> None:
+    n = len(request_id.encode("utf-8"))
+    if n > MAX_REQUEST_ID_BYTES:
+        raise InvalidRequest(f"request_id is {n} bytes, more than the limit of {MAX_REQUEST_ID_BYTES}")
 
 
 def observe_result(result: RankResult) -> None:
@@ -122,27 +171,32 @@ def to_proto(result: RankResult, request_id: str) -> rank_pb2.RankResponse:
     )
 
 
-async def _healthy(ranker: Ranker) -> tuple[bool, str]:
-    """(serving, why not): both dependencies are probed every time, for their gauges."""
+async def _healthy(ranker: Ranker, timeout_s: float) -> tuple[bool, str]:
+    """(serving, why not): both dependencies are probed every time, concurrently, for their gauges;
+    each probe is bounded by ``timeout_s``."""
+
+    async def backend() -> bool:
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(ranker.backend.ready(timeout_s), timeout_s)
+        return False
+
+    backend_ok, store_error = await asyncio.gather(backend(), ranker.reader.ping(timeout_s), return_exceptions=True)
     why = []
-    backend_ok = await ranker.backend.ready()
-    if not backend_ok:
-        why.append(f"inference backend ({ranker.backend.name}) not ready")
-    try:
-        await ranker.reader.ping()
-        store_ok = True
-    except Exception as e:  # noqa: BLE001 - any failure means not serving
-        why.append(str(e))
-        store_ok = False
+    if isinstance(backend_ok, BaseException) or not backend_ok:
+        why.append(f"inference backend ({ranker.backend.name}) not ready (or no answer within {timeout_s:g}s)")
+        backend_ok = False
+    store_ok = store_error is None
+    if not store_ok:
+        why.append(str(store_error))
     obs.DEPENDENCY_UP.labels("backend").set(int(backend_ok))
     obs.DEPENDENCY_UP.labels("store").set(int(store_ok))
     return backend_ok and store_ok, "; ".join(why)
 
 
-async def _probe(ranker: Ranker, health: HealthServicer, interval_s: float) -> None:
+async def _probe(ranker: Ranker, health: HealthServicer, interval_s: float, timeout_s: float) -> None:
     last = None
     while True:
-        ok, why = await _healthy(ranker)
+        ok, why = await _healthy(ranker, timeout_s)
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await health.set(name, status)
@@ -163,10 +217,31 @@ class ServerHandle:
 
 @contextlib.asynccontextmanager
 async def rank_server(
-    ranker: Ranker, host: str = "127.0.0.1", port: int = 0, *, grace_s: float = 5.0, health_interval_s: float = 1.0
+    ranker: Ranker,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    grace_s: float = 5.0,
+    health_interval_s: float = 1.0,
+    health_timeout_s: float = HEALTH_TIMEOUT_S,
+    max_receive_bytes: int = MAX_RECEIVE_BYTES,
+    max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
 ) -> AsyncIterator[ServerHandle]:
-    """Serve ``ranker`` on host:port (0: a free port) for the ``async with`` body."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    """Serve ``ranker`` on host:port (0: a free port) for the ``async with`` body (limits: module docstring)."""
+    largest = largest_request_bytes(ranker.max_candidates)
+    if max_receive_bytes < largest:
+        raise ValueError(
+            f"max_receive_bytes {max_receive_bytes} is below the largest legitimate request ({largest} bytes "
+            f"at {ranker.max_candidates} candidates)"
+        )
+    if max_concurrent_rpcs < 1 or health_timeout_s <= 0:
+        raise ValueError(
+            f"need max_concurrent_rpcs >= 1 and health_timeout_s > 0, got {max_concurrent_rpcs}, {health_timeout_s}"
+        )
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", max_receive_bytes)],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+    )
     rank_pb2_grpc.add_RankingServiceServicer_to_server(RankingService(ranker), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -176,8 +251,11 @@ async def rank_server(
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()
-    probe = asyncio.create_task(_probe(ranker, health, health_interval_s))
-    log.info("RankingService listening on %s:%d (backend %s)", host, bound, ranker.backend.name)
+    probe = asyncio.create_task(_probe(ranker, health, health_interval_s, health_timeout_s))
+    log.info(
+        "RankingService listening on %s:%d (backend %s; limits: %d bytes a request, %d calls at once, %gs a call)",
+        host, bound, ranker.backend.name, max_receive_bytes, max_concurrent_rpcs, ranker.default_timeout_s,
+    )  # fmt: skip
     try:
         yield ServerHandle(f"{host}:{bound}", bound)
     finally:
@@ -208,18 +286,20 @@ def rank_server_thread(make_ranker, host: str = "127.0.0.1", port: int = 0, **kw
                 ready.set()
                 await stop.wait()
         except BaseException as e:
-            started["error"] = e
+            if "handle" in started:
+                raise
+            started["error"] = e  # a failure to start: the caller raises it
             ready.set()
-            raise
         finally:
             await ranker.backend.close()
+            ranker.reader.close()
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), name="rank-server", daemon=True)
     thread.start()
     ready.wait(60)
     if "error" in started or "handle" not in started:
         thread.join(5)
-        raise RuntimeError(f"rank server did not start: {started.get('error')!r}")
+        raise RuntimeError(f"rank server did not start: {started.get('error')!r}") from started.get("error")
     try:
         yield started["handle"]
     finally:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
 import time
 import uuid
 
@@ -35,11 +37,12 @@ from infra.services import redis_server
 from models.hmat.inference import rank_candidates
 from models.hmat.sequence import UserSequence, build_stream
 from serving.backends import TritonBackend
+from serving.load import health_status
 from serving.online import OnlineReader
 from serving.profiles import Profiles
 from serving.ranking import Ranker, model_info
 from serving.repository import publish_version
-from serving.server import SERVICE_NAME, rank_server_thread
+from serving.server import SERVICE_NAME, health_deadline_s, rank_server_thread
 from stream import producer as prod
 from stream import records as rec
 from stream import topics as tp
@@ -317,6 +320,47 @@ def test_new_model_version_is_picked_up_and_drops_the_cache(env, tiny_export, re
     resp = wait_until(lambda: (r := _rank(env, WARM_USERS[1], cands)).cache_hit and r, 60, 0.1, "a cache of version 2")
     assert resp.model_version == "hmat-rolled" != old.model_version
     _assert_close(_scores(resp), _scores(old), CACHE_ATOL)  # same weights, new version
+
+
+def test_a_hung_triton_turns_health_not_serving_and_calls_end_at_the_cap(env) -> None:
+    """Triton paused (SIGSTOP: it accepts connections, answers nothing): bounded probes and calls."""
+    cap, interval, probe = 1.0, 0.2, 0.5
+    cands = env["items"][:5]
+    req = rank_pb2.RankRequest(user_id=WARM_USERS[0], item_ids=cands)
+
+    def make_ranker() -> Ranker:
+        return Ranker(
+            TritonBackend(env["triton"].server.url),
+            OnlineReader(open_stream_store(env["cfg"])),
+            Profiles(None, PROFILE),
+            model_info(env["repo"]),
+            default_timeout_s=cap,
+        )
+
+    def health_is(address: str, want: str) -> bool:
+        return health_status(address, timeout_s=0.5) == want
+
+    server = {"health_interval_s": interval, "health_timeout_s": probe}
+    with rank_server_thread(make_ranker, **server) as h, grpc.insecure_channel(h.address) as ch:
+        stub = rank_pb2_grpc.RankingServiceStub(ch)
+        want = _scores(stub.Rank(req, timeout=30))
+        wait_until(lambda: health_is(h.address, "SERVING"), 30, 0.05, "SERVING")
+        os.kill(env["triton"].server.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Rank(req, timeout=60)  # longer than the server's cap
+            took = time.monotonic() - t0
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "cap" in e.value.details()
+            assert took < cap + 3.0
+            t0 = time.monotonic()
+            wait_until(lambda: health_is(h.address, "NOT_SERVING"), 30, 0.05, "NOT_SERVING")
+            assert time.monotonic() - t0 <= health_deadline_s(interval, probe) + 1.5
+        finally:
+            os.kill(env["triton"].server.pid, signal.SIGCONT)
+        wait_until(lambda: health_is(h.address, "SERVING"), 30, 0.05, "SERVING again")
+        _assert_close(_scores(stub.Rank(req, timeout=30)), want, CACHE_ATOL)
+    wait_until(lambda: _try_rank(env, COLD_USER, cands), 30, 0.2, "the module's server answering")
 
 
 def test_triton_down_is_unavailable_and_the_server_recovers(env) -> None:
