@@ -111,6 +111,15 @@ STREAM_SAMPLES_PRODUCED = Counter("hisam_stream_samples_produced", "Training sam
 STREAM_DEAD_LETTERS = Counter(
     "hisam_stream_dead_letters", "Records sent to the dead-letter topic, by reason.", ["reason"]
 )
+STREAM_DEAD_LETTERS_SHRUNK = Counter(
+    "hisam_stream_dead_letters_shrunk",
+    "Dead letters the broker refused for their size and that were sent again without their value.",
+)
+STREAM_DEAD_LETTERS_DROPPED = Counter(
+    "hisam_stream_dead_letters_dropped",
+    "Dead letters the broker refused even without their value: logged (critical) and dropped, so that "
+    "they never stop their partition. Any increase needs an operator.",
+)
 STREAM_BATCH_LATENCY = Histogram(
     "hisam_stream_batch_latency_seconds",
     "One batch: process (store write) and emit (outputs acknowledged), by agent (actions, items).",

@@ -184,14 +184,16 @@ class ServeProcess:
             return ""
 
 
-def health_status(address: str, timeout_s: float = 1.0) -> str:
-    """The server's overall health: SERVING, NOT_SERVING, ..., or the gRPC error code of the check."""
+def health_status(address: str, timeout_s: float = 1.0, service: str = "") -> str:
+    """A health service's status (default: the server's overall health): SERVING, NOT_SERVING, ...,
+    or the gRPC error code of the check."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(address) as ch:
         try:
-            got = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            request = health_pb2.HealthCheckRequest(service=service)
+            got = health_pb2_grpc.HealthStub(ch).Check(request, timeout=timeout_s)
         except grpc.RpcError as e:
             return e.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(got.status)

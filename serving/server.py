@@ -32,6 +32,10 @@ load balancer stops sending traffic while a dependency is down and resumes when 
 Both probes run concurrently, each bounded by ``health_timeout_s`` (1 s by default): a
 dependency that hangs (accepts connections, never answers) turns health NOT_SERVING within
 ``health_interval_s + health_timeout_s`` (2 s by default; ``health_deadline_s``).
+A third name, ``liveness``, is SERVING from start to shutdown whatever the dependencies
+do: the chart's liveness probe asks for it, so a dependency outage makes the pod unready
+(no traffic) but never gets it restarted, which would not help.
+
 Reflection lists the ranking and health services (``grpcurl`` works without the .proto).
 
 When Triton stops (crash, restart, rollout), Rank fails fast and recovers by itself:
@@ -77,6 +81,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from features.store.base import OnlineStoreError
 from hisam_pb.v1 import rank_pb2, rank_pb2_grpc
 from infra import observability as obs
 from serving.ranking import DeadlineExceeded, InvalidRequest, ModelError, Ranker, RankResult, Unavailable
@@ -84,6 +89,8 @@ from serving.ranking import DeadlineExceeded, InvalidRequest, ModelError, Ranker
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = rank_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+# The health service name a liveness probe asks for (module docstring).
+LIVENESS_SERVICE = "liveness"
 
 # serving.ranking's errors -> gRPC status codes (module docstring).
 ERROR_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
@@ -91,6 +98,9 @@ ERROR_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ModelError, grpc.StatusCode.INTERNAL),
+    # The store holds this user's state in a layout it cannot read (a corrupt user): the
+    # message names the user and the key; other users are served as usual.
+    (OnlineStoreError, grpc.StatusCode.INTERNAL),
 )
 _MAPPED = tuple(e for e, _ in ERROR_CODES)
 
@@ -251,6 +261,9 @@ async def rank_server(
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()
+    # Liveness: SERVING while this process answers (it never follows the dependencies, so a
+    # Redis or Triton outage does not get the pod restarted; Kubernetes' gRPC probe names it).
+    await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     probe = asyncio.create_task(_probe(ranker, health, health_interval_s, health_timeout_s))
     log.info(
         "RankingService listening on %s:%d (backend %s; limits: %d bytes a request, %d calls at once, %gs a call)",

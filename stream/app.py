@@ -542,6 +542,9 @@ def create_app(settings: StreamSettings):
     # Batch topics: their agents get whole record batches (stream.transport's docstring).
     actions_topic = batch_topic(app, tp.USER_ACTIONS, settings.batch_size, settings.batch_within_s)
     store = open_stream_store(settings.store)
+    # A store written with another n_codes or T would be misread and mis-appended: refuse to
+    # start (OnlineStoreError, naming both layouts) rather than corrupt every stream.
+    store.claim_layout()
     sender = RecordSender(app.producer._ensure_producer)  # faust starts its producer after this
     actions = _action_loop(app, settings, store, sender)
 

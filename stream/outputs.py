@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from aiokafka.errors import MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
 
 from hisam_pb.v1 import events_pb2 as pb
+from infra.observability import STREAM_DEAD_LETTERS_DROPPED, STREAM_DEAD_LETTERS_SHRUNK
 from stream import records as rec
 from stream import topics as tp
 
@@ -111,8 +112,10 @@ async def deliver_dead_letters(sender: RecordSender, letters: Sequence[tuple[byt
     for (_, value), e in refused:
         small = rec.shrink_dead_letter(value)
         log.error("the broker refused a %d-byte dead letter (%r); sending it without its value", len(value), e)
+        STREAM_DEAD_LETTERS_SHRUNK.inc()
         again = await _send_one(sender, small)
         if again is not None:
             dropped += 1
+            STREAM_DEAD_LETTERS_DROPPED.inc()
             log.critical("dead letter refused twice (%r), dropped: %s", again, _describe(small[1]))
     return dropped

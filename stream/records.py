@@ -282,8 +282,6 @@ class DeadLetterLimits:
 
 # What a dead letter keeps when the broker refused it once (stream.outputs): no value.
 MINIMAL_DEAD_LETTER = DeadLetterLimits(key_bytes=64, value_bytes=0, detail_chars=256)
-# Marks the part of DeadLetter.detail that describes the full key and value.
-CONTENT_MARK = " [key "
 
 
 def _clip(text: str, n: int) -> str:
@@ -293,26 +291,14 @@ def _clip(text: str, n: int) -> str:
     return text[: n - 3] + "..." if n >= 3 else text[:n]
 
 
-def content_note(key: bytes, raw: bytes, limits: DeadLetterLimits) -> str:
-    """The full key's and value's sizes and SHA-256, and how much of each the dead letter keeps.
-
-    ``CONTENT_MARK`` + ``<n> B sha256:<hex> kept <k>; value <n> B sha256:<hex> kept <k>]``.
-    """
-    kept_key, kept_raw = min(len(key), limits.key_bytes), min(len(raw), limits.value_bytes)
-    return (
-        f"{CONTENT_MARK}{len(key)} B sha256:{hashlib.sha256(key).hexdigest()} kept {kept_key}; "
-        f"value {len(raw)} B sha256:{hashlib.sha256(raw).hexdigest()} kept {kept_raw}]"
-    )
-
-
 def dead_letter(
     msg: ConsumedRecord, reason: str, detail: str, now_ms: int, limits: DeadLetterLimits | None = None
 ) -> pb.DeadLetter:
     """The DeadLetter of a consumed record, bounded by ``limits``.
 
     It carries the record's topic, partition and offset, its key and value cut to the
-    limits, the reason, and the detail cut to its limit followed by the full key's and
-    value's sizes and SHA-256 (``content_note``), so a cut record can still be matched.
+    limits, the reason, the detail cut to its limit, and the whole key's and value's sizes
+    and SHA-256, so a cut record can still be matched to its source.
     """
     limits = limits or DeadLetterLimits()
     key, raw = msg.key or b"", msg.value or b""
@@ -323,28 +309,29 @@ def dead_letter(
         key=key[: limits.key_bytes],
         raw=raw[: limits.value_bytes],
         reason=reason,
-        detail=_clip(detail, limits.detail_chars) + content_note(key, raw, limits),
+        detail=_clip(detail, limits.detail_chars),
         error_time_ms=now_ms,
+        key_sha256=hashlib.sha256(key).digest(),
+        raw_sha256=hashlib.sha256(raw).digest(),
+        key_size=len(key),
+        raw_size=len(raw),
     )
 
 
 def shrink_dead_letter(value: bytes, limits: DeadLetterLimits = MINIMAL_DEAD_LETTER) -> tuple[bytes, bytes]:
     """A serialised DeadLetter cut to ``limits`` (by default: no value), as (Kafka key, value).
 
-    For a dead letter the broker refused: the content note (sizes and hashes) is kept, and
-    says the value was dropped. A value that is no DeadLetter becomes one that says so.
+    For a dead letter the broker refused: the whole record's sizes and hashes are kept, and
+    the detail says the value was dropped. A value that is no DeadLetter becomes one that says so.
     """
     try:
         d = pb.DeadLetter.FromString(value)
     except DecodeError:
         d = pb.DeadLetter(reason=DECODE_ERROR, detail=f"an unreadable dead letter of {len(value)} bytes")
-    head, mark, note = d.detail.rpartition(CONTENT_MARK)
-    if not mark:
-        head, note = d.detail, ""
-    note = (mark + note) if mark else ""
+    note = ""
     if len(d.raw) > limits.value_bytes:
-        note += f" (value dropped: the broker refused the {len(value)}-byte dead letter)"
-    d.detail = _clip(head, limits.detail_chars) + note
+        note = f" (value dropped: the broker refused the {len(value)}-byte dead letter)"
+    d.detail = _clip(d.detail, max(0, limits.detail_chars - len(note))) + note
     d.key = d.key[: limits.key_bytes]
     d.raw = d.raw[: limits.value_bytes]
     return d.key, d.SerializeToString()

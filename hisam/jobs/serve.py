@@ -47,10 +47,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-mb", type=float, default=256.0, help="anchor KV cache budget (0: always recompute)")
     parser.add_argument("--item-ttl", type=float, default=60.0, help="seconds an item's semantic IDs stay cached")
     parser.add_argument(
-        "--request-timeout", type=float, default=30.0, help="seconds a Rank call without a deadline may take"
+        "--unknown-ttl",
+        type=float,
+        default=2.0,
+        help="seconds an unknown item id stays cached as unknown; a newly ingested item is rankable within it",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a Rank call may take: the deadline of a call without one and the cap of longer ones",
+    )
+    parser.add_argument(
+        "--store-timeout", type=float, default=2.0, help="seconds one online-store read may take (UNAVAILABLE beyond)"
     )
     parser.add_argument(
         "--health-interval", type=float, default=1.0, help="seconds between health probes of Triton and the store"
+    )
+    parser.add_argument(
+        "--health-timeout",
+        type=float,
+        default=1.0,
+        help="seconds per health probe; a hung dependency is NOT_SERVING within --health-interval + --health-timeout",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest Rank request (RESOURCE_EXHAUSTED beyond); ~100x the 9,145-byte largest legitimate request "
+        "at 1,000 candidates",
+    )
+    parser.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=256,
+        help="calls served at once, health checks included (RESOURCE_EXHAUSTED beyond)",
     )
     add_store_arguments(parser)
     add_metrics_arguments(parser)
@@ -86,8 +117,13 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         max_candidates=args.max_candidates,
         cache_mb=args.cache_mb,
         item_ttl_s=args.item_ttl,
+        unknown_ttl_s=args.unknown_ttl,
         request_timeout_s=args.request_timeout,
+        store_timeout_s=args.store_timeout,
         health_interval_s=args.health_interval,
+        health_timeout_s=args.health_timeout,
+        max_message_bytes=args.max_message_bytes,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
     )
 
 

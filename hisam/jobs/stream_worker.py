@@ -14,10 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from features.store import OnlineStoreConfig
+from features.store.base import OnlineStoreError
 from infra.observability import add_metrics_arguments, metrics_server
 from stream.app import StreamSettings, run_worker
 
 log = logging.getLogger(__name__)
+
+# Exit status of a worker that refused to start because the online store holds another
+# layout (EX_DATAERR): a restart cannot help, the configuration or the store must change.
+EXIT_STORE_LAYOUT = 65
 
 
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +81,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--session-timeout", type=float, default=10.0, help="seconds before a dead worker's partitions move"
     )
+    d = StreamSettings
+    hostile = parser.add_argument_group("hostile input and topic safety (docs/operations.md)")
+    hostile.add_argument(
+        "--max-event-future",
+        type=float,
+        default=d.max_event_future_s,
+        help="seconds an event time may lie ahead of the worker's clock (beyond: dead letter event_time_out_of_range)",
+    )
+    hostile.add_argument(
+        "--max-event-past",
+        type=float,
+        default=d.max_event_past_s,
+        help="seconds an event time may lie behind the worker's clock (default: unbounded, replays carry old times)",
+    )
+    hostile.add_argument(
+        "--unknown-item-retry",
+        type=float,
+        default=d.unknown_item_retry_s,
+        help="seconds between retries of an action whose item has no semantic IDs yet",
+    )
+    hostile.add_argument(
+        "--unknown-item-max-age",
+        type=float,
+        default=d.unknown_item_max_age_s,
+        help="seconds an action waits for its item before it is dead-lettered as unknown_item (0: at once)",
+    )
+    hostile.add_argument(
+        "--dead-letter-value-bytes",
+        type=int,
+        default=d.dead_letter_value_bytes,
+        help="bytes of a bad record's value its dead letter keeps (sizes and SHA-256 of the whole are kept)",
+    )
+    hostile.add_argument(
+        "--producer-request-timeout",
+        type=float,
+        default=d.producer_request_timeout_s,
+        help="seconds the broker has to acknowledge a produce request (then the worker exits before its ack)",
+    )
+    hostile.add_argument(
+        "--topic-replication",
+        type=int,
+        default=d.topic_replication,
+        help="replication factor of topics this worker creates (production: 3)",
+    )
+    hostile.add_argument(
+        "--min-insync-replicas",
+        type=int,
+        default=d.min_insync_replicas,
+        help="min.insync.replicas of topics this worker creates (default: the broker's; production: 2)",
+    )
     add_metrics_arguments(parser)
 
 
@@ -94,6 +149,14 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
         partitions=args.partitions,
         session_timeout_s=args.session_timeout,
         instance_id=args.instance_id or None,
+        max_event_future_s=args.max_event_future,
+        max_event_past_s=args.max_event_past,
+        unknown_item_retry_s=args.unknown_item_retry,
+        unknown_item_max_age_s=args.unknown_item_max_age,
+        dead_letter_value_bytes=args.dead_letter_value_bytes,
+        producer_request_timeout_s=args.producer_request_timeout,
+        topic_replication=args.topic_replication,
+        min_insync_replicas=args.min_insync_replicas,
         idle_fetch_s=float(environ.get("HISAM_IDLE_FETCH_MS", "5")) / 1000,
         fault_exit_after_appends=int(environ.get("HISAM_FAULT_EXIT_AFTER_APPENDS", "0")) or None,
     )
@@ -103,7 +166,11 @@ def main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, os.environ)
     log.info("stream worker %s on %s, store %s", settings.app_id, settings.bootstrap, settings.store.backend)
     with metrics_server(args.metrics_port, args.metrics_addr):
-        run_worker(settings, loglevel="debug" if getattr(args, "verbose", False) else "info")
+        try:
+            run_worker(settings, loglevel="debug" if getattr(args, "verbose", False) else "info")
+        except OnlineStoreError as e:  # e.g. the stored layout differs from --n-codes / --stream-len
+            log.error("the stream worker cannot start: %s", e)
+            return EXIT_STORE_LAYOUT
     return 0
 
 

@@ -32,7 +32,7 @@ from serving.load import health_status
 from serving.online import OnlineReader, store_config_for_reads
 from serving.profiles import Profiles
 from serving.ranking import Ranker, model_info
-from serving.server import health_deadline_s, largest_request_bytes, rank_server_thread
+from serving.server import LIVENESS_SERVICE, health_deadline_s, largest_request_bytes, rank_server_thread
 
 pytestmark = [pytest.mark.redis]
 
@@ -228,6 +228,8 @@ def test_health_turns_not_serving_within_the_stated_time_when_the_store_hangs_an
             assert took <= stated + SLACK_S, f"NOT_SERVING after {took:.2f}s, stated {stated:.2f}s"
             time.sleep(2 * stated)  # still NOT_SERVING while the store hangs
             assert health_status(address) == "NOT_SERVING"
+            # ... while liveness (the chart's liveness probe) stays up: a restart would not help.
+            assert health_status(address, service=LIVENESS_SERVICE) == "SERVING"
         _wait_health(address, "SERVING", stated + 10)
 
 
@@ -269,3 +271,20 @@ def test_the_unknown_item_cache_is_bounded(env) -> None:
             reader.store.close()
 
     assert 0 < asyncio.run(go()) <= 10
+
+
+def test_a_user_whose_stored_state_is_corrupt_gets_internal_naming_it_and_others_are_served(env) -> None:
+    corrupt = USER + 1000
+    key = env["store"]._key(corrupt)
+    client = env["store"]._client
+    client.hset(key, mapping={b"garbage": b"x"})  # a hash, so that the stream fields below are read
+    for field in client.hkeys(env["store"]._key(USER)):
+        client.hset(key, field, b"\xff\xfe not a Feast Value")
+    try:
+        with serve(env) as (stub, _, _):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Rank(rank_pb2.RankRequest(user_id=corrupt, item_ids=[1, 2]), timeout=30)
+            assert e.value.code() == grpc.StatusCode.INTERNAL and str(corrupt) in e.value.details()
+            assert len(stub.Rank(rank_pb2.RankRequest(user_id=USER, item_ids=[1, 2]), timeout=30).items) == 2
+    finally:
+        client.delete(key)

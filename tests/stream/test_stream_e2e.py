@@ -47,6 +47,8 @@ def env(kafka_bootstrap, redis_url, tiny_tokenizer_dir, tmp_path_factory):
             # users in one uncommitted span, over T = 50: only the seen window (W = 1024 ids
             # per user, independent of T) keeps their redelivery from being appended twice.
             "--batch-size", "500",
+            # Actions on unknown items wait 2 s for their item (the retry topic), not 30.
+            "--unknown-item-max-age", "2",
         ]  # fmt: skip
 
     worker = WorkerProcess(worker_args(f"worker-{RUN}"), repo / "worker.log")
@@ -268,7 +270,7 @@ def test_bad_events_land_in_dead_letters_with_their_reason(env, tiny_tokenizer_d
                 found[case] = d
         return len(found) == len(cases)
 
-    # The unknown item's action is retried for StreamSettings.unknown_item_max_age_s (30 s) first.
+    # The unknown item's action is retried for --unknown-item-max-age (2 s) first.
     consume_all(env["bootstrap"], tp.DEAD_LETTERS, have_all, timeout_s=90)
     for case, (topic, value, reason) in cases.items():
         d = found[case]

@@ -73,11 +73,11 @@ def test_a_1mb_record_is_dead_lettered_bounded_and_the_partition_goes_on(env) ->
     p.flush()
     want = [e.event_id for e in evs]
     wait_until(lambda: _stream(store, user) == want, 60, 0.2, f"the actions behind the 1 MB record ({worker.log_path})")
-    key_hash = hashlib.sha256(key).hexdigest()
+    key_hash = hashlib.sha256(key).digest()
     found: list = []
 
     def mine(records) -> bool:
-        found[:] = [r for r in records if key_hash in pb.DeadLetter.FromString(r.value).detail]
+        found[:] = [r for r in records if pb.DeadLetter.FromString(r.value).key_sha256 == key_hash]
         return bool(found)
 
     consume_all(env["bootstrap"], tp.DEAD_LETTERS, mine, timeout_s=30)
@@ -85,7 +85,7 @@ def test_a_1mb_record_is_dead_lettered_bounded_and_the_partition_goes_on(env) ->
     d = pb.DeadLetter.FromString(r.value)
     assert (d.reason, d.topic, d.partition) == (rec.DECODE_ERROR, tp.USER_ACTIONS, 0)
     assert d.raw == value[: len(d.raw)] and 0 < len(d.raw) <= 64 * 1024 and len(d.key) <= 1024
-    assert hashlib.sha256(value).hexdigest() in d.detail
+    assert (d.raw_sha256, d.raw_size, d.key_size) == (hashlib.sha256(value).digest(), len(value), len(key))
     assert len(r.value) < 80_000 and len(r.key) <= 1024  # the record on the topic, key and value, is bounded
     assert worker.alive(), worker.log_tail()
 
@@ -142,14 +142,19 @@ def test_a_dead_letter_the_broker_refuses_is_sent_again_without_its_value(env, t
         finally:
             await app.producer.stop()
 
+    from infra.observability import STREAM_DEAD_LETTERS_DROPPED, STREAM_DEAD_LETTERS_SHRUNK
+
+    shrunk, dropped = STREAM_DEAD_LETTERS_SHRUNK._value.get(), STREAM_DEAD_LETTERS_DROPPED._value.get()
     assert asyncio.run(send()) == 0
-    value_hash = hashlib.sha256(value).hexdigest()
+    assert STREAM_DEAD_LETTERS_SHRUNK._value.get() == shrunk + 1  # counted for the operator
+    assert STREAM_DEAD_LETTERS_DROPPED._value.get() == dropped
+    value_hash = hashlib.sha256(value).digest()
     got: dict[int, pb.DeadLetter] = {}
 
     def both(records) -> bool:
         for r in records:
             d = pb.DeadLetter.FromString(r.value)
-            if value_hash in d.detail or d.raw == RUN.encode():
+            if d.raw_sha256 == value_hash or d.raw == RUN.encode():
                 got[d.offset] = d
         return len(got) == 2
 
@@ -194,3 +199,29 @@ def test_a_group_positioned_outside_the_log_fails_loudly_instead_of_replaying(en
         assert store.read_streams([BASE + 1]) == [None]  # nothing replayed into the store
     finally:
         store.close()
+
+
+def test_a_worker_refuses_a_store_of_another_layout(env, tmp_path) -> None:
+    """The layout guard at start-up: a worker configured with another T than the store was written
+    with exits with EXIT_STORE_LAYOUT and a message naming both, before it consumes anything."""
+    repo = tmp_path / "repo"
+    store = open_stream_store(OnlineStoreConfig(backend="sqlite", repo_dir=repo, stream_len=T, n_codes=N_CODES))
+    store.claim_layout()  # the store as a worker with T=20 left it
+    store.close()
+    from hisam.jobs.stream_worker import EXIT_STORE_LAYOUT
+
+    worker = WorkerProcess(
+        [
+            "--bootstrap", env["bootstrap"], "--backend", "sqlite", "--repo-dir", str(repo),
+            "--stream-len", str(T + 10), "--n-codes", str(N_CODES), "--app-id", f"hisam-layout-{RUN}",
+            "--instance-id", f"layout-{RUN}",
+        ],
+        tmp_path / "worker.log",
+    )  # fmt: skip
+    worker.start()
+    try:
+        assert worker.wait_exit(120) == EXIT_STORE_LAYOUT, worker.log_tail()
+        log = worker.log_tail(10**6)
+        assert "cannot start" in log and str(T) in log and str(T + 10) in log, log
+    finally:
+        worker.stop()

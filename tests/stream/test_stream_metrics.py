@@ -48,7 +48,7 @@ def _check_metrics(tmp_path, kafka_bootstrap: str, redis_url: str) -> None:
     worker = WorkerProcess(
         ["--bootstrap", kafka_bootstrap, "--backend", "redis", "--redis-url", redis_url, "--repo-dir",
          str(cfg.repo_dir), "--stream-len", "20", "--app-id", f"hisam-metrics-{run}", "--instance-id", f"m-{run}",
-         "--metrics-port", str(port)],
+         "--metrics-port", str(port), "--unknown-item-max-age", "2"],
         tmp_path / "worker.log",
     )  # fmt: skip
     worker.start()
@@ -67,7 +67,7 @@ def _check_metrics(tmp_path, kafka_bootstrap: str, redis_url: str) -> None:
                 return False
             return m.get(consumed, 0) >= 53 and m.get(unknown_item, 0) >= 3
 
-        # The actions on the unknown item are retried for StreamSettings.unknown_item_max_age_s first.
+        # The actions on the unknown item are retried for --unknown-item-max-age (2 s) first.
         wait_until(done, 120, 0.3, "the worker consuming all 53 actions and dead-lettering the unknown item's")
         time.sleep(1.0)
         m = _scrape(port)

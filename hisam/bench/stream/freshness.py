@@ -58,7 +58,8 @@ def bench_freshness(
         def probe(i: int, timeout_s: float) -> float:
             """Send one probe action; ms until a Feast read returns it (> timeout: not seen)."""
             user = user_base + 40_000_000 + i
-            ev = rec.action_event(f"probe-{tag}-{i}", user, i % args.items, 2, 1_900_000_000_000 + i)
+            # Event times near the worker's clock: it refuses times too far ahead (stream.records.EventTimeBounds).
+            ev = rec.action_event(f"probe-{tag}-{i}", user, i % args.items, 2, int(time.time() * 1000))
             t0 = time.perf_counter()
             probe_producer.send(tp.USER_ACTIONS, key=rec.user_key(user), value=ev.SerializeToString())
             probe_producer.flush()
@@ -160,10 +161,10 @@ def _produce_load(
             keys = [rec.user_key(user_base + u) for u in range(users)]
             rng = np.random.default_rng(1)
 
+            t0_ms = int(time.time() * 1000) - 3_600_000  # an hour back, one ms per action: never ahead of the clock
+
             def event(k: int, u: int, i: int) -> bytes:
-                return rec.action_event(
-                    f"load-{tag}-{k}", user_base + u, i, 1 + k % 5, 1_800_000_000_000 + k
-                ).SerializeToString()
+                return rec.action_event(f"load-{tag}-{k}", user_base + u, i, 1 + k % 5, t0_ms + k).SerializeToString()
 
             n_pre = int(rate * LOAD_PREBUILT_S)
             pre_u, pre_i = rng.integers(users, size=n_pre).tolist(), rng.integers(items, size=n_pre).tolist()
