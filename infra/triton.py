@@ -19,6 +19,10 @@ version published by ``repository.publish_version`` (atomic renames) is picked u
 call to the server; with ``version_policy latest 1`` the old version is unloaded after its
 in-flight requests finish.
 
+``models_ready`` / ``wait_models_ready`` ask Triton (gRPC) whether a version of some models is
+ready, every call bounded by a deadline: a Triton that accepts connections and never answers
+fails the wait on time instead of stalling the caller (the trainer's publish).
+
 ``supervised_triton_server`` is the embedded server of ``hisam serve``: a watcher thread
 restarts tritonserver on the same ports when it exits (with a growing pause, up to
 ``max_backoff_s``, while it keeps failing), so the Rank server, which reconnects by itself,
@@ -117,6 +121,48 @@ def is_ready(http_url: str, timeout_s: float = 1.0) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def models_ready(url: str, models: list[str], version: int | str, timeout_s: float = 2.0) -> tuple[bool, str]:
+    """(whether every model serves ``version``, why not) from Triton's gRPC ``url``; every call bounded.
+
+    A server that does not answer within ``timeout_s`` (stuck, or a socket that accepts and
+    never speaks) counts as not ready; nothing here waits longer than ``timeout_s``.
+    """
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        for m in models:
+            if not client.is_model_ready(m, str(version), client_timeout=timeout_s):
+                return False, f"{m} version {version} not ready"
+        return True, ""
+    except Exception as e:  # noqa: BLE001 - not answering (refused, deadline, ...) means not ready yet
+        return False, f"{type(e).__name__}: {str(e).strip()[:200]}"
+    finally:
+        client.close()
+
+
+def wait_models_ready(
+    url: str, models: list[str], version: int | str, timeout_s: float, poll_s: float = 0.1, call_timeout_s: float = 2.0
+) -> float:
+    """Seconds until Triton at ``url`` serves ``version`` of every model; raises TimeoutError after ``timeout_s``.
+
+    Each readiness call is bounded too (``models_ready``), so a hung server fails the wait on
+    time instead of stalling the caller.
+    """
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    why = "not asked"
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        ok, why = models_ready(url, models, version, max(0.05, min(call_timeout_s, left)))
+        if ok:
+            return time.monotonic() - t0
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+    raise TimeoutError(f"Triton at {url} did not serve version {version} of {models} within {timeout_s:.1f}s: {why}")
 
 
 def wait_ready(server: TritonServer, timeout_s: float, proc: subprocess.Popen | None = None) -> None:

@@ -19,9 +19,29 @@ cache per content version.
 
 Publishing is atomic per model: everything is written under ``<repo's parent>/.<repo
 name>.staging-*`` first (beside the repository, on the same file system, outside what
-Triton's poller scans) and then moved into place with ``rename``, so a polling Triton never
+Triton's poller scans), fsynced, and then moved into place with ``rename``, so a polling Triton never
 sees a half-written version. The config of a model is replaced (``os.replace``) only when it changes. A
 content version already in the repository is not published twice.
+
+Crash safety. One writer at a time: publishing, hiding (rollback, retention) and repair
+hold ``repository_lock`` (``flock`` on ``.<repo name>.lock`` beside the repository, with a
+timeout). Every rename that publishes or withdraws something is ``durable_rename``: the
+files and their directory are fsynced before it, both directories after it. Each operation
+is an ordered sequence of steps, and ``repair`` (run at the start of every publish and
+hide, and by the trainer at start-up before it publishes anything) brings any intermediate
+state back to one complete version served:
+
+- publish: stage + fsync; rename encode_history, score_with_cache, ranking (``_PUBLISH_ORDER``).
+  A version counts as published only when all three are in place. Cut short, the staging
+  directory and the version's directories in some models are removed (the publish is undone;
+  its number is never given again if Triton could have seen it: ``.<repo name>.seen``);
+- hide (``hide_versions``): write the intent ``.<repo name>.hiding`` (the versions, fsynced);
+  move ranking, then score_with_cache, then encode_history of each version to
+  ``<repo>.retired/`` (the exact reverse of a publish, so a hide in progress looks like a
+  publish being undone and no Rank answer mixes two models' graphs); remove the intent.
+  Cut short, ``repair`` finishes the moves the intent names: a rollback that started always
+  completes, it never leaves the withdrawn model on the paths it was being removed from nor
+  reverts to it.
 
 Two targets, chosen per repository:
 
@@ -43,11 +63,16 @@ dynamic batcher only concatenates equal shapes.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -197,6 +222,118 @@ def read_config(path: str | Path) -> mc.ModelConfig:
     return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
 
 
+# --- Durability and the one writer --------------------------------------------------------------
+
+
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and directory under ``root`` (a file: just it), deepest first, then ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        fsync_file(root)
+        return
+    for here, _dirs, files in os.walk(root, topdown=False):
+        for f in files:
+            fsync_file(Path(here) / f)
+        fsync_dir(here)
+
+
+def durable_rename(src: str | Path, dst: str | Path, *, replace: bool = False) -> None:
+    """Rename ``src`` (a file or a tree) to ``dst`` so that a power cut keeps it whole.
+
+    ``src``'s contents and its directory are fsynced before the rename, the directories on
+    both sides after it.
+    """
+    src, dst = Path(src), Path(dst)
+    fsync_tree(src)
+    fsync_dir(src.parent)
+    (os.replace if replace else os.rename)(src, dst)
+    fsync_dir(dst.parent)
+    if src.parent.resolve() != dst.parent.resolve():
+        fsync_dir(src.parent)
+
+
+def write_json_durable(path: str | Path, obj: object) -> None:
+    """Write ``path`` by write, fsync, rename, fsync of the directory."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    durable_rename(tmp, path, replace=True)
+
+
+class RepositoryLocked(RepositoryError):
+    """Another process (or thread) holds the repository's writer lock for longer than the timeout."""
+
+
+LOCK_TIMEOUT_S = 60.0
+_held = threading.local()  # lock path -> depth: the lock is re-entrant within one thread
+
+
+def _beside(repo: str | Path, suffix: str) -> Path:
+    """``<repo's parent>/.<repo name><suffix>``: beside the repository, outside what Triton scans."""
+    repo = Path(repo).resolve()
+    return repo.parent / f".{repo.name}{suffix}"
+
+
+@contextlib.contextmanager
+def repository_lock(repo: str | Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the repository's writer lock (``flock`` on ``.<repo>.lock`` beside it) for the body.
+
+    Every publish, hide (rollback, retention, a version Triton did not serve) and repair
+    takes it, so a ``hisam trainer rollback`` never races a background publish. Re-entrant
+    within a thread; between threads and processes it waits up to ``timeout_s``, then
+    raises ``RepositoryLocked`` naming the holder.
+    """
+    path = _beside(repo, ".lock")
+    depth = getattr(_held, "depth", {})
+    _held.depth = depth
+    if depth.get(path):
+        depth[path] += 1
+        try:
+            yield
+        finally:
+            depth[path] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                    raise RepositoryLocked(
+                        f"the model repository {Path(repo)} is locked by another publish or rollback "
+                        f"({holder}) for over {timeout_s:.0f}s; try again when it has finished"
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+        depth[path] = 1
+        try:
+            yield
+        finally:
+            depth.pop(path, None)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 # --- Publishing ---------------------------------------------------------------------------------
 
 
@@ -223,6 +360,7 @@ def publish_version(
     instances: int = 1,
     threads: int = 1,
     fault_point: FaultPoint | None = None,
+    lock_timeout_s: float = LOCK_TIMEOUT_S,
 ) -> PublishedVersion:
     """Publish a model as a new version of the three Triton models of ``repo`` (module docstring).
 
@@ -231,7 +369,7 @@ def publish_version(
     ``export_all``), or a mapping graph -> ModelProto or path. ``version``: Triton's integer
     version (default: one more than the newest). ``instances``: model instances per model;
     ``threads``: ONNX Runtime intra-op threads per instance (CPU target). ``fault_point``:
-    tests only, where to die (``FaultPoint``).
+    tests only, where to die (``FaultPoint``). Holds the writer lock (``repository_lock``).
     """
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
@@ -243,36 +381,36 @@ def publish_version(
         )
     content = versions.pop()
     tokenizer = metadata(graphs["ranking"]).get("tokenizer_version", "")
-    for n, v in published_versions(repo).items():
-        if v == content and version in (None, n):
-            log.info("%s is already published as version %d in %s", content, n, repo)
-            return PublishedVersion(repo, n, content, tokenizer, created=False)
-    seen = repair(repo)
-    existing = published_versions(repo)
-    # Never reuse a number Triton may have seen (an interrupted publish's, repaired away).
-    n = version if version is not None else max([*existing, *seen], default=0) + 1
-    if n < 1:
-        raise ValueError(f"Triton versions start at 1, got {n}")
-
-    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(repo), dir=repo.resolve().parent))
-    try:
-        for graph, name in _PUBLISH_ORDER:
-            proto = with_version_output(graphs[graph], content)
-            mdir = staging / name
-            vdir = mdir / str(n)
-            vdir.mkdir(parents=True)
-            onnx.save(proto, str(vdir / MODEL_FILE))
-            if target == "cpu":
-                shutil.copyfile(PYTHON_MODEL, vdir / "model.py")
-            (vdir / "MODEL_VERSION").write_text(content + "\n")
-            (mdir / "config.pbtxt").write_text(config_text(model_config(name, proto, target, instances, threads)))
-        _fault_point("staged", fault_point)
-        for k, (_, name) in enumerate(_PUBLISH_ORDER):
-            _move_into_place(staging / name, repo / name, str(n))
-            if k == 0:
-                _fault_point("first_moved", fault_point)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with repository_lock(repo, lock_timeout_s):
+        seen = repair(repo)
+        existing = published_versions(repo)
+        for n, v in existing.items():
+            if v == content and version in (None, n):
+                log.info("%s is already published as version %d in %s", content, n, repo)
+                return PublishedVersion(repo, n, content, tokenizer, created=False)
+        # Never reuse a number Triton may have seen (an interrupted publish's, repaired away).
+        n = version if version is not None else max([*existing, *seen], default=0) + 1
+        if n < 1:
+            raise ValueError(f"Triton versions start at 1, got {n}")
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(repo), dir=repo.resolve().parent))
+        try:
+            for graph, name in _PUBLISH_ORDER:
+                proto = with_version_output(graphs[graph], content)
+                mdir = staging / name
+                vdir = mdir / str(n)
+                vdir.mkdir(parents=True)
+                onnx.save(proto, str(vdir / MODEL_FILE))
+                if target == "cpu":
+                    shutil.copyfile(PYTHON_MODEL, vdir / "model.py")
+                (vdir / "MODEL_VERSION").write_text(content + "\n")
+                (mdir / "config.pbtxt").write_text(config_text(model_config(name, proto, target, instances, threads)))
+            fsync_tree(staging)
+            _fault_point("staged", fault_point)
+            for k, (_, name) in enumerate(_PUBLISH_ORDER):
+                _move_into_place(staging / name, repo / name, str(n))
+                _fault_point(("first_moved", "second_moved", "moved")[k], fault_point)  # type: ignore[arg-type]
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     log.info("published %s as version %d of %s (%s target)", content, n, repo, target)
     return PublishedVersion(repo, n, content, tokenizer, created=True)
 
@@ -280,21 +418,34 @@ def publish_version(
 # The cached Rank path's two graphs go first and the full-path graph last: while a publish is
 # between its renames, encode_history and score_with_cache may differ in version (Rank then
 # falls back to the full ranking graph, still the old version) or both be new (the new model,
-# complete for that path); no answer mixes two models' graphs.
+# complete for that path); no answer mixes two models' graphs. A version is complete (counts
+# as published) only once the last of them is in place.
 _PUBLISH_ORDER = [(g, GRAPH_MODELS[g]) for g in ("encode_history", "score_with_cache", "ranking")]
+# Hiding is the exact reverse (module docstring, "Crash safety").
+_HIDE_ORDER = [name for _, name in reversed(_PUBLISH_ORDER)]
 
-# Fault injection (the reliability tests): with ``fault_point="staged"`` the publishing process
-# exits abruptly (os._exit, like SIGKILL) after the staging directory is written and before any
-# rename; with "first_moved", right after the first model's version is renamed into place. A
-# job that publishes takes the point from the environment variable FAULT_ENV
-# (hisam/jobs/trainer_run.py); nothing here reads it.
-FaultPoint = Literal["staged", "first_moved"]
+# Fault injection (the reliability tests): the process exits abruptly (os._exit, like SIGKILL)
+# at that step. A publish: "staged" (staging written and fsynced, nothing renamed),
+# "first_moved" / "second_moved" / "moved" (after the first, second, third rename). A hide:
+# "hide_intent" (the intent written, nothing moved), "hide_first_moved" / "hide_second_moved",
+# "hidden" (all moved, the intent not yet cleared). A job takes the point from the environment
+# variable FAULT_ENV (hisam/jobs/trainer_run.py); nothing here reads it.
+FaultPoint = Literal[
+    "staged",
+    "first_moved",
+    "second_moved",
+    "moved",
+    "hide_intent",
+    "hide_first_moved",
+    "hide_second_moved",
+    "hidden",
+]
 FAULT_ENV = "HISAM_FAULT_EXIT_IN_PUBLISH"
 
 
-def _fault_point(name: FaultPoint, armed: FaultPoint | None) -> None:
+def _fault_point(name: FaultPoint, armed: str | None) -> None:
     if armed == name:
-        log.critical("fault injection: exiting in the middle of a publish (%s)", name)
+        log.critical("fault injection: exiting in the middle of a publish or rollback (%s)", name)
         logging.shutdown()
         os._exit(137)
 
@@ -303,44 +454,117 @@ def _staging_prefix(repo: Path) -> str:
     return f".{repo.resolve().name}.staging-"
 
 
-def repair(repo: str | Path) -> set[int]:
-    """Undo what an interrupted publish left; returns every version number found in any model.
+def retired_root(repo: str | Path) -> Path:
+    """Where hidden versions go: ``<repo>.retired/<model>/<n>-<time>-<pid>`` (same file system)."""
+    repo = Path(repo).resolve()
+    return repo.with_name(repo.name + ".retired")
 
-    One writer publishes into a repository (the trainer; ``hisam serve`` only before it
-    starts), so at the start of a publish any staging directory beside the repository is a
-    dead publish's, and a version present in some models but not all is one whose renames
-    were cut short: both are removed (Triton's poller then unloads such a version and goes
-    back to the newest complete one). The numbers are returned so that the next version
-    takes a number no Triton has loaded before.
+
+def _move_out(repo: Path, name: str, version: int) -> Path | None:
+    src = repo / name / str(version)
+    if not src.exists():
+        return None
+    dest = retired_root(repo) / name / f"{version}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    durable_rename(src, dest)
+    return dest
+
+
+def hide_versions(
+    repo: str | Path,
+    versions: list[int],
+    *,
+    fault_point: FaultPoint | None = None,
+    lock_timeout_s: float = LOCK_TIMEOUT_S,
+) -> list[Path]:
+    """Move ``versions`` (in this order) out of ``repo`` (module docstring, "Crash safety"); returns where to.
+
+    Under the writer lock: the intent (``.<repo>.hiding``, the versions) is written durably
+    first, then each version's model directories are moved ranking, score_with_cache,
+    encode_history, then the intent is removed. A crash in between is completed by ``repair``.
     """
     repo = Path(repo)
-    for stale in repo.resolve().parent.glob(_staging_prefix(repo) + "*"):
-        log.warning("removing %s, left by an interrupted publish", stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    seen: set[int] = set()
-    complete = set(published_versions(repo))
-    for name in GRAPH_MODELS.values():
-        mdir = repo / name
-        if not mdir.is_dir():
-            continue
-        for d in mdir.iterdir():
-            if d.name.isdigit():
-                seen.add(int(d.name))
-                if int(d.name) not in complete:
-                    log.warning("removing %s: a version the other models do not have (interrupted publish)", d)
-                    shutil.rmtree(d, ignore_errors=True)
-    return seen
+    moved: list[Path] = []
+    with repository_lock(repo, lock_timeout_s):
+        repair(repo)
+        intent = _beside(repo, ".hiding")
+        write_json_durable(intent, {"versions": [int(v) for v in versions], "pid": os.getpid()})
+        _fault_point("hide_intent", fault_point)
+        for v in versions:
+            for k, name in enumerate(_HIDE_ORDER):
+                dest = _move_out(repo, name, v)
+                if dest is not None:
+                    moved.append(dest)
+                if k < 2:
+                    _fault_point(("hide_first_moved", "hide_second_moved")[k], fault_point)  # type: ignore[arg-type]
+        _fault_point("hidden", fault_point)
+        intent.unlink()
+        fsync_dir(intent.parent)
+    log.info("hid version(s) %s of %s (%d model dirs)", versions, repo, len(moved))
+    return moved
+
+
+def repair(repo: str | Path) -> set[int]:
+    """Complete or undo what an interrupted publish or hide left; returns the numbers Triton may have seen.
+
+    Under the writer lock. A hide's intent is completed first: the versions it names are
+    moved out of every model that still has them (a rollback cut short finishes, it is
+    never reverted). Then any staging directory beside the repository is a dead publish's,
+    and a version present in some models but not all is one whose renames were cut short:
+    both are removed (Triton's poller then unloads such a version and goes back to the
+    newest complete one). The numbers of such versions are kept (``.<repo>.seen``) and
+    returned with every number present, so that a later version takes a number no Triton
+    has loaded before.
+    """
+    repo = Path(repo)
+    with repository_lock(repo):
+        intent = _beside(repo, ".hiding")
+        if intent.is_file():
+            try:
+                pending = [int(v) for v in json.loads(intent.read_text())["versions"]]
+            except (ValueError, KeyError, TypeError) as e:
+                raise RepositoryError(f"{intent} is unreadable ({e}): finish the rollback it names by hand") from e
+            for v in pending:
+                for name in _HIDE_ORDER:
+                    if _move_out(repo, name, v) is not None:
+                        log.warning("completed the interrupted hide of version %d of %s (%s)", v, repo, name)
+            intent.unlink()
+            fsync_dir(intent.parent)
+        for stale in repo.resolve().parent.glob(_staging_prefix(repo) + "*"):
+            log.warning("removing %s, left by an interrupted publish", stale)
+            shutil.rmtree(stale, ignore_errors=True)  # its numbers were never renamed where Triton looks
+        seen_file = _beside(repo, ".seen")
+        kept: set[int] = set(json.loads(seen_file.read_text())) if seen_file.is_file() else set()
+        complete = set(published_versions(repo))
+        present = {
+            (name, int(d.name))
+            for name in GRAPH_MODELS.values()
+            if (repo / name).is_dir()
+            for d in (repo / name).iterdir()
+            if d.name.isdigit()
+        }
+        partial = {(name, n) for name, n in present if n not in complete}
+        if {n for _, n in partial} - kept:
+            kept |= {n for _, n in partial}
+            write_json_durable(seen_file, sorted(kept))  # before the removal: a crash in it forgets nothing
+        for name, n in sorted(partial):
+            log.warning(
+                "removing %s: a version the other models do not have (interrupted publish)", repo / name / str(n)
+            )
+            shutil.rmtree(repo / name / str(n), ignore_errors=True)
+            fsync_dir(repo / name)
+        return kept | {n for _, n in present}
 
 
 def _move_into_place(staged: Path, final: Path, version: str) -> None:
     """Rename a staged model dir (config + one version) into ``final`` without partial states."""
     if not final.exists():
-        os.rename(staged, final)  # a new model appears whole
+        durable_rename(staged, final)  # a new model appears whole
         return
     if (final / version).exists():
         raise RepositoryError(f"{final / version} already exists; pass another version")
     new_cfg = (staged / "config.pbtxt").read_text()
     cfg = final / "config.pbtxt"
     if not cfg.is_file() or cfg.read_text() != new_cfg:
-        os.replace(staged / "config.pbtxt", cfg)
-    os.rename(staged / version, final / version)
+        durable_rename(staged / "config.pbtxt", cfg, replace=True)
+    durable_rename(staged / version, final / version)

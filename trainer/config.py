@@ -69,6 +69,7 @@ class ServiceConfig:
     max_wait_s: float = 2.0  # a micro-batch closes this long after its first record
     triton_url: str | None = None  # confirm that Triton serves each published version
     publish_timeout_s: float = 120.0
+    lock_timeout_s: float = 60.0  # waiting for the repository's writer lock (a rollback from outside)
     template_dir: Path | None = None  # traced ONNX templates (default: <state_dir>/onnx_templates)
     full_export: bool = False  # trace every candidate instead of re-weighting the template
     target: str = "cpu"

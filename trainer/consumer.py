@@ -13,7 +13,7 @@ service calls ``commit`` only after the snapshot that holds them (service.py).
 Rejected samples (undecodable, another tokenizer's codes, wrong shapes: samples.py) are
 counted by reason and written to the dead-letters topic with the reason (stream/records.py's
 DeadLetter); the service flushes them before it commits the offsets past them, so nothing
-is skipped silently.
+is skipped silently: ``flush`` checks every send's result and raises when one failed.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ def advance(offsets: dict[str, int], records: Iterable) -> None:
         offsets[key] = max(offsets.get(key, 0), r.offset + 1)
 
 
+class DeliveryError(RuntimeError):
+    """Dead letters the broker did not acknowledge: the offsets past them must not be committed."""
+
+
 class SampleConsumer:
     """The training-samples topic in, dead letters out (module docstring)."""
 
@@ -47,6 +51,7 @@ class SampleConsumer:
         self.cfg = cfg
         self._consumer = None
         self._producer = None
+        self._pending: list = []  # (future, key, value, send error) of dead letters sent since the last flush
 
     def connect(self, offsets: dict[str, int]) -> None:
         """Assign every partition and seek to ``offsets`` (the durable state's) where it has one."""
@@ -120,12 +125,52 @@ class SampleConsumer:
                 log.warning("rejecting %s[%d]@%d: %s", r.topic, r.partition, r.offset, e)
                 msg = RawMessage(r.topic, r.partition, r.offset, r.key, r.value)
                 dl = dead_letter(msg, e.reason, e.detail, int(time.time() * 1000))
-                self._producer.send(self.cfg.dead_letter_topic, key=r.key or b"", value=dl.SerializeToString())
+                self.send_dead_letter(r.key or b"", dl.SerializeToString())
         return examples, rejected
 
-    def flush(self) -> None:
-        """Dead letters are durable when this returns."""
-        self._producer.flush()
+    def send_dead_letter(self, key: bytes, value: bytes) -> None:
+        """Queue one dead letter; ``flush`` checks that the broker acknowledged it."""
+        try:
+            future = self._producer.send(self.cfg.dead_letter_topic, key=key, value=value)
+        except Exception as e:  # noqa: BLE001 - refused before it left (too large, no metadata): flush reports it
+            self._pending.append((None, key, value, f"{type(e).__name__}: {e}"))
+            return
+        self._pending.append((future, key, value, None))
+
+    def flush(self, attempts: int = 3, timeout_s: float = 30.0) -> None:
+        """Dead letters are durable when this returns; raises ``DeliveryError`` when one is not.
+
+        Each send's result is checked (a producer's ``flush`` returns even when a send
+        failed); a failed one is sent again, ``attempts`` times in all. The service calls this
+        before the snapshot and the commit, so an error leaves the offsets uncommitted: the
+        trainer exits and the batch, with its dead letters, is redelivered after the restart.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                self._producer.flush(timeout=timeout_s)
+            except Exception as e:  # noqa: BLE001 - timed out: the sends not done are reported below
+                log.warning("flushing dead letters: %s", e)
+            failed = []
+            for future, key, value, error in self._pending:
+                if future is None:
+                    failed.append((key, value, error))
+                elif not future.is_done:
+                    failed.append((key, value, f"not acknowledged within {timeout_s:.0f}s"))
+                elif future.failed():
+                    failed.append((key, value, f"{type(future.exception).__name__}: {future.exception}"))
+            self._pending = []
+            if not failed:
+                return
+            why = failed[0][2]
+            if attempt == attempts:
+                raise DeliveryError(
+                    f"{len(failed)} dead letter(s) to {self.cfg.dead_letter_topic} not delivered after "
+                    f"{attempts} attempts ({why}): offsets not committed"
+                )
+            log.warning("%d dead letter(s) not delivered (%s): sending again", len(failed), why)
+            time.sleep(0.2 * attempt)
+            for key, value, _ in failed:
+                self.send_dead_letter(key, value)
 
     def commit(self, offsets: dict[str, int]) -> None:
         from infra.kafka import OffsetAndMetadata, TopicPartition

@@ -9,12 +9,15 @@ in the trainer it runs as a child process. None is armed by default.
   candidate (``corrupt``): ``scramble`` permutes and sign-flips every weight tensor (finite
   but wrong), ``nan`` fills them with NaN. The gate must refuse what follows.
 - ``exit_in_publish``: the process exits abruptly (``os._exit``, as SIGKILL would leave it)
-  at that point of a publish (serving/repository.py's ``FaultPoint``).
+  at that step of a publish or a rollback: serving/repository.py's ``FaultPoint`` (the
+  renames of a publish, the moves of a hide), or the trainer's own ``TrainerFaultPoint``:
+  ``weights_saved`` (the version's weights saved in the state, nothing published yet).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -26,6 +29,8 @@ from serving.repository import FaultPoint
 log = logging.getLogger(__name__)
 
 Corruption = Literal["scramble", "nan"]
+TrainerFaultPoint = Literal["weights_saved"]
+FAULT_POINTS = (*get_args(FaultPoint), *get_args(TrainerFaultPoint))
 
 
 @dataclass(frozen=True)
@@ -34,13 +39,20 @@ class Faults:
 
     corrupt_after_publishes: int | None = None
     corrupt: Corruption = "scramble"
-    exit_in_publish: FaultPoint | None = None
+    exit_in_publish: FaultPoint | TrainerFaultPoint | None = None
 
     def __post_init__(self) -> None:
         if self.corrupt not in get_args(Corruption):
             raise ValueError(f"corrupt must be one of {get_args(Corruption)}, got {self.corrupt!r}")
-        if self.exit_in_publish is not None and self.exit_in_publish not in get_args(FaultPoint):
-            raise ValueError(f"exit_in_publish must be one of {get_args(FaultPoint)}, got {self.exit_in_publish!r}")
+        if self.exit_in_publish is not None and self.exit_in_publish not in FAULT_POINTS:
+            raise ValueError(f"exit_in_publish must be one of {FAULT_POINTS}, got {self.exit_in_publish!r}")
+
+    def exit_at(self, point: TrainerFaultPoint) -> None:
+        """Exit abruptly here when ``point`` is the armed one (module docstring)."""
+        if self.exit_in_publish == point:
+            log.critical("fault injection: exiting in the middle of a publish (%s)", point)
+            logging.shutdown()
+            os._exit(137)
 
 
 def corrupt(model: HMAT, how: Corruption) -> None:

@@ -60,6 +60,7 @@ from models.hmat.model import HMAT
 from models.hmat.sequence import TokenStream, TokenType, UserSequence, build_stream
 from recipes.ranker.train import TrainConfig, build_optimizer
 from trainer.config import TrainerConfig
+from trainer.lineage import load_tensors
 from trainer.prequential import Window
 from trainer.samples import Example
 
@@ -132,7 +133,7 @@ class Learner:
         """
         if not path.is_file():
             return False
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = load_tensors(path)  # weights_only: a planted pickle is refused (UnsafeStateError)
         if saved.get("stage") != "sft":
             return False
         opt = saved["optimizer"]

@@ -9,7 +9,8 @@ Layout of a state directory::
 
     CURRENT                       name of the live snapshot (replaced atomically)
     snapshots/<seq>/              candidate weights (checkpoint layout of recipes/ranker/train.py),
-                                  optimizer.pt (AdamW moments, RNG), state.json (offsets consumed
+                                  optimizer.pt (AdamW moments, RNG: tensors and plain containers only,
+                                  loaded with ``weights_only=True``), state.json (offsets consumed
                                   per partition, counters, rolling windows, seen event ids, ...)
     versions/<content version>/   weights of every version this trainer published or adopted (hmat-<hash>)
     lineage.jsonl                 one JSON record per publish, refusal, verdict, rollback (append-only)
@@ -26,12 +27,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from serving.repository import durable_rename, write_json_durable
 
 CURRENT = "CURRENT"
 STATE_JSON = "state.json"
@@ -40,25 +44,29 @@ LINEAGE = "lineage.jsonl"
 KEEP_SNAPSHOTS = 2
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+class UnsafeStateError(ValueError):
+    """A state file that is not plain tensors and containers: loading it could run code, so it is refused."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def load_tensors(path: str | Path) -> Any:
+    """``torch.load`` of a state file with ``weights_only=True``: tensors, numbers, strings and containers only.
+
+    Anyone who can write the state volume could otherwise make the trainer run code (a
+    pickle). Every state file this project writes is of that kind (also those of earlier
+    releases, which load unchanged); anything else is refused with ``UnsafeStateError``.
+    """
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeStateError(
+            f"refusing {path}: it holds objects other than tensors and plain containers, and loading it would "
+            f"run code ({str(e).splitlines()[-1] if str(e) else type(e).__name__}); it was not written by hisam, "
+            "or was tampered with: remove it (and start from a checkpoint) or restore it from a backup"
+        ) from None
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    _fsync_file(tmp)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_json_durable(path, obj)
 
 
 class StateDir:
@@ -91,17 +99,10 @@ class StateDir:
         write_weights(tmp)
         torch.save(optimizer_state, tmp / OPTIMIZER)
         (tmp / STATE_JSON).write_text(json.dumps(state))
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
         final = self.snapshots / name
-        os.rename(tmp, final)
-        _fsync_dir(self.snapshots)
-        pointer = self.root / CURRENT
+        durable_rename(tmp, final)  # every file, the directory, then the rename
         (self.root / (CURRENT + ".tmp")).write_text(name + "\n")
-        _fsync_file(self.root / (CURRENT + ".tmp"))
-        os.replace(self.root / (CURRENT + ".tmp"), pointer)
-        _fsync_dir(self.root)
+        durable_rename(self.root / (CURRENT + ".tmp"), self.root / CURRENT, replace=True)
         for old in sorted(p for p in self.snapshots.iterdir() if p.name.isdigit())[:-KEEP_SNAPSHOTS]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.snapshots.glob(".tmp-*"):  # a crash's leftovers
@@ -114,7 +115,7 @@ class StateDir:
         if cur is None:
             return None
         state = json.loads((cur / STATE_JSON).read_text())
-        opt = torch.load(cur / OPTIMIZER, map_location="cpu", weights_only=False)
+        opt = load_tensors(cur / OPTIMIZER)  # weights_only: a planted pickle is refused
         return cur, state, opt
 
     # --- lineage -----------------------------------------------------------------------------

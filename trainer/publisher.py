@@ -37,17 +37,36 @@ The repository's configs use ``version_policy latest 1`` and Triton polls the re
 - retention keeps the newest K versions and never removes the served one or its parent
   (the rollback target).
 
+Crash safety: every step below is one durable rename or one fsynced append, in this order,
+and every state between two steps is repaired at the next start (``repair_at_start``, run
+before the trainer adopts or publishes anything; serving/repository.py's "Crash safety"
+gives the repository's part). Publish: (1) the weights under ``versions/<content>``
+(fsynced, renamed); (2) the three renames into the repository, ranking last; (3) Triton
+serves it; (4) the lineage record; (5) the snapshot, then the offsets' commit. Cut in (2),
+the repair undoes the half publish; after (2) and before (5), the restart adopts the
+complete version on probation (``recover_unrecorded``; with a Triton to watch, only once
+Triton serves it, else it is withdrawn as ``not_served``). Rollback: (1) the intent and the
+three moves out of the repository, ranking first, under the repository's lock; (2) the
+trainer serves the parent; (3) the lineage record; (4) the snapshot. Cut in (1), the repair
+completes the moves (a rollback that started is never reverted); after (1) and before (4),
+the restart finds its serving version withdrawn and serves the repository's newest
+(``follow_external_rollback``). The repository's writer lock (``repository_lock``, with a
+timeout) serialises the trainer's publishes and retention with ``hisam trainer rollback``:
+a publish that finds it held is refused (``repository_locked``) and retried by the gate; a
+rollback or a withdrawal that finds it held is retried at the next batch.
+
 ``TritonWatch.wait_serving`` polls Triton's model readiness for the exact version number of
-every model: the publish latency the trainer reports ends there. Every change of the serving
-version (the warm start at start-up, a publish Triton serves, a recovery, a rollback either
-way) is a lineage record (lineage.py) and sets the ``hisam_trainer_published_version`` gauge.
+every model, each call bounded (a Triton that accepts and never answers fails the wait at
+``publish_timeout_s``, and the version is withdrawn; the trainer goes on): the publish
+latency the trainer reports ends there. Every change of the serving version (the warm start
+at start-up, a publish Triton serves, a recovery, a rollback either way) is a lineage record
+(lineage.py) and sets the ``hisam_trainer_published_version`` gauge.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,9 +76,20 @@ from pathlib import Path
 from export.graphs import model_version
 from export.template import ParityError, Template, check_parity, export_graphs, probe_sequences
 from infra import observability as obs
+from infra.triton import models_ready, wait_models_ready
 from models.hmat.checkpoint import load_checkpoint, save_checkpoint
 from models.hmat.model import HMAT
-from serving.repository import GRAPH_MODELS, publish_version, published_versions
+from serving.repository import (
+    GRAPH_MODELS,
+    LOCK_TIMEOUT_S,
+    RepositoryLocked,
+    durable_rename,
+    hide_versions,
+    publish_version,
+    published_versions,
+    repair,
+    repository_lock,
+)
 from trainer.config import ServiceConfig
 from trainer.faults import corrupt
 from trainer.gate import GateDecision, paired_summary, summary
@@ -69,85 +99,69 @@ from trainer.nearline import NearlineTrainer
 
 log = logging.getLogger(__name__)
 
-# --- the repository: hide, roll back, retain ---------------------------------------------------
+# --- the repository: hide, roll back, retain (serving/repository.py holds the lock and the steps) ---
 
 
-def retired_root(repo: str | Path) -> Path:
-    repo = Path(repo).resolve()
-    return repo.with_name(repo.name + ".retired")
-
-
-def hide_version(repo: str | Path, version: int) -> list[Path]:
+def hide_version(
+    repo: str | Path, version: int, *, fault_point: str | None = None, lock_timeout_s: float = LOCK_TIMEOUT_S
+) -> list[Path]:
     """Move version ``version`` of every model out of ``repo`` (module docstring); returns where to."""
-    repo = Path(repo)
-    moved = []
-    dest_root = retired_root(repo)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    for model in GRAPH_MODELS.values():
-        src = repo / model / str(version)
-        if not src.exists():
-            continue
-        dest = dest_root / model / f"{version}-{stamp}-{os.getpid()}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(src, dest)
-        moved.append(dest)
-    log.info("hid version %d of %s (%d model dirs)", version, repo, len(moved))
-    return moved
+    return hide_versions(repo, [version], fault_point=fault_point, lock_timeout_s=lock_timeout_s)  # type: ignore[arg-type]
 
 
-def rollback_to(repo: str | Path, target: int | None = None) -> tuple[int, list[int]]:
-    """Hide every version newer than ``target`` (default: the one before the newest); returns (served, hidden)."""
-    versions = sorted(published_versions(repo))
-    if len(versions) < 2 and target is None:
-        raise ValueError(f"{repo} has {len(versions)} version(s): nothing to roll back to")
-    target = versions[-2] if target is None else target
-    if target not in versions:
-        raise ValueError(f"version {target} is not in {repo} (present: {versions})")
-    newer = [v for v in versions if v > target]
-    for v in reversed(newer):
-        hide_version(repo, v)
+def rollback_to(
+    repo: str | Path,
+    target: int | None = None,
+    *,
+    lock_timeout_s: float = LOCK_TIMEOUT_S,
+    fault_point: str | None = None,
+) -> tuple[int, list[int]]:
+    """Hide every version newer than ``target`` (default: the one before the newest); returns (served, hidden).
+
+    Under the repository's writer lock (raises ``RepositoryLocked`` after ``lock_timeout_s``),
+    after repairing what an interrupted publish or rollback left; the versions are hidden
+    newest first, under one intent (serving/repository.py, "Crash safety").
+    """
+    with repository_lock(repo, lock_timeout_s):
+        repair(repo)
+        versions = sorted(published_versions(repo))
+        if len(versions) < 2 and target is None:
+            raise ValueError(f"{repo} has {len(versions)} version(s): nothing to roll back to")
+        target = versions[-2] if target is None else target
+        if target not in versions:
+            raise ValueError(f"version {target} is not in {repo} (present: {versions})")
+        newer = [v for v in versions if v > target]
+        hide_versions(repo, list(reversed(newer)), fault_point=fault_point)  # type: ignore[arg-type]
     return target, newer
 
 
-def retain(repo: str | Path, keep: int, protect: set[int]) -> list[int]:
+def retain(repo: str | Path, keep: int, protect: set[int], lock_timeout_s: float = LOCK_TIMEOUT_S) -> list[int]:
     """Delete all but the newest ``keep`` versions, never one in ``protect``; returns the deleted versions."""
-    repo = Path(repo)
-    versions = sorted(published_versions(repo))
-    doomed = [v for v in versions[: max(0, len(versions) - keep)] if v not in protect]
-    for v in doomed:
-        for moved in hide_version(repo, v):  # out of Triton's sight first, then delete
-            shutil.rmtree(moved, ignore_errors=True)
-    if doomed:
-        log.info("retention: removed versions %s of %s (keeping %d)", doomed, repo, keep)
+    with repository_lock(repo, lock_timeout_s):
+        versions = sorted(published_versions(repo))
+        doomed = [v for v in versions[: max(0, len(versions) - keep)] if v not in protect]
+        if doomed:
+            for moved in hide_versions(repo, doomed):  # out of Triton's sight first, then delete
+                shutil.rmtree(moved, ignore_errors=True)
+            log.info("retention: removed versions %s of %s (keeping %d)", doomed, repo, keep)
     return doomed
 
 
 @dataclass
 class TritonWatch:
-    """Polls a Triton server (gRPC ``host:port``) until a version of every HMAT model is ready."""
+    """Polls a Triton server (gRPC ``host:port``) until a version of every HMAT model is ready; every call bounded."""
 
     url: str
     poll_s: float = 0.1
+    call_timeout_s: float = 2.0
 
     def serving(self, version: int) -> bool:
-        import tritonclient.grpc as grpcclient
-
-        client = grpcclient.InferenceServerClient(self.url)
-        try:
-            return all(client.is_model_ready(m, str(version)) for m in GRAPH_MODELS.values())
-        except Exception:  # noqa: BLE001 - not answering means not serving yet
-            return False
-        finally:
-            client.close()
+        return models_ready(self.url, list(GRAPH_MODELS.values()), version, self.call_timeout_s)[0]
 
     def wait_serving(self, version: int, timeout_s: float) -> float:
-        """Seconds until every model serves ``version``; raises TimeoutError."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout_s:
-            if self.serving(version):
-                return time.monotonic() - t0
-            time.sleep(self.poll_s)
-        raise TimeoutError(f"Triton at {self.url} did not serve version {version} within {timeout_s:.0f}s")
+        """Seconds until every model serves ``version``; raises TimeoutError (also when Triton hangs)."""
+        models = list(GRAPH_MODELS.values())
+        return wait_models_ready(self.url, models, version, timeout_s, self.poll_s, self.call_timeout_s)
 
 
 # --- the trainer's publisher ---------------------------------------------------------------------
@@ -194,8 +208,10 @@ class Publisher:
         out = self.state.versions / content
         if not (out / "model.safetensors").is_file():
             tmp = self.state.versions / f".tmp-{content}"
+            shutil.rmtree(tmp, ignore_errors=True)  # a crash's leftovers
             save_checkpoint(tmp, model, tokenizer_version=self.trainer.tokenizer_version, meta=meta)
-            tmp.rename(out)
+            shutil.rmtree(out, ignore_errors=True)  # a directory without weights: a crash's leftovers
+            durable_rename(tmp, out)  # fsynced first: a version is never published before its weights are on disk
         return out
 
     def load_version(self, content: str) -> HMAT:
@@ -215,13 +231,15 @@ class Publisher:
         t_parity = time.monotonic()
         content = model_version(model)
         self.save_weights(model, content, meta)
+        self.cfg.faults.exit_at("weights_saved")
         pv = publish_version(
             self.cfg.repo,
             graphs,
             target=self.cfg.target,  # type: ignore[arg-type]
             instances=self.cfg.instances,
             threads=self.cfg.threads,
-            fault_point=self.cfg.faults.exit_in_publish,
+            fault_point=self.cfg.faults.exit_in_publish,  # type: ignore[arg-type]
+            lock_timeout_s=self.cfg.lock_timeout_s,
         )
         t_written = time.monotonic()
         return {
@@ -244,7 +262,13 @@ class Publisher:
         version = staged["version"]
         served_s = self.watch.wait_serving(version, self.cfg.publish_timeout_s) if self.watch else None
         t_served = time.monotonic()
-        deleted = retain(self.cfg.repo, self.trainer.config.keep_versions, protect | {version})
+        try:
+            deleted = retain(
+                self.cfg.repo, self.trainer.config.keep_versions, protect | {version}, self.cfg.lock_timeout_s
+            )
+        except RepositoryLocked as e:  # retention waits for the next publish; the version serves all the same
+            log.warning("retention skipped: %s", e)
+            deleted = []
         out = {k: v for k, v in staged.items() if k not in ("t0", "model")}
         return out | {
             "served_s": served_s,
@@ -285,11 +309,21 @@ class Publisher:
         self._serving_changed({**record, "parent": None, "offsets": {}})
         log.info("serving version %d (%s) at start", record["version"], content)
 
+    def repair_at_start(self) -> None:
+        """Before anything is adopted or published: finish an interrupted rollback, undo a half publish.
+
+        serving/repository.py's ``repair`` (module docstring there, "Crash safety"); after it
+        the repository holds only complete versions and its newest is what Triton serves.
+        """
+        repair(self.cfg.repo)
+
     def recover_unrecorded(self) -> None:
         """A crash after a publish and before its snapshot: the repository's newest version is ours but unrecorded.
 
         Its weights were saved before the publish (``stage``), so it is adopted as the
-        serving version with the recorded one as its parent, on probation.
+        serving version with the recorded one as its parent, on probation. With a Triton to
+        watch, only once Triton serves it (within ``publish_timeout_s``): a version Triton
+        does not serve is withdrawn and refused (``not_served``), as a publish would be.
         """
         t = self.trainer
         versions = published_versions(self.cfg.repo)
@@ -298,6 +332,13 @@ class Publisher:
         newest, content = max(versions), versions[max(versions)]
         if not (self.state.versions / content).is_dir():
             return
+        if self.watch is not None:
+            try:
+                self.watch.wait_serving(newest, self.cfg.publish_timeout_s)
+            except TimeoutError as e:
+                log.error("version %d (%s), published before a crash, is not served: %s", newest, content, e)
+                self._withdraw(newest, {"detail": str(e), "model_version": content}, dict(t.offsets))
+                return
         t.version_content[newest] = content
         t.on_published(newest, model=self.load_version(content))  # the candidate keeps its snapshot
         self._serving_changed(
@@ -315,6 +356,9 @@ class Publisher:
         except ParityError as e:
             obs.TRAINER_GATE_DECISIONS.labels(outcome="parity_failed").inc()
             self.refused("parity_failed", {"detail": str(e), **decision.metrics}, offsets)
+            return
+        except RepositoryLocked as e:  # a rollback from outside holds the repository: the gate asks again
+            self.refused("repository_locked", {"detail": str(e), **decision.metrics}, offsets)
             return
         if not staged["created"]:  # the candidate equals a version already there (it did not train)
             log.info(
@@ -343,10 +387,10 @@ class Publisher:
         try:
             result = flight.future.result()
         except TimeoutError as e:
-            hide_version(self.cfg.repo, version)  # never let a version Triton could not load become the newest
-            self.refused(
-                "not_served", {"version": version, "detail": str(e), **flight.decision.metrics}, flight.offsets
-            )
+            log.error("publish of version %d failed: %s", version, e)
+            if not self._withdraw(version, flight.decision.metrics | {"detail": str(e)}, flight.offsets):
+                self.in_flight = flight  # the repository is locked: withdraw it at the next batch
+                return False
             return True
         t.version_content[version] = result["model_version"]
         t.on_published(version, model=flight.staged["model"])
@@ -372,12 +416,38 @@ class Publisher:
             corrupt(t.learner.candidate, self.cfg.faults.corrupt)
         return True
 
+    def _withdraw(self, version: int, metrics: dict, offsets: dict) -> bool:
+        """Hide a version Triton did not serve (never let it become the newest) and refuse it; False: locked."""
+        try:
+            hide_version(
+                self.cfg.repo,
+                version,
+                fault_point=self.cfg.faults.exit_in_publish,
+                lock_timeout_s=self.cfg.lock_timeout_s,
+            )
+        except RepositoryLocked as e:
+            log.warning("cannot withdraw version %d yet: %s", version, e)
+            return False
+        self.refused("not_served", {"version": version, **metrics}, offsets)
+        return True
+
     def roll_back(self, verdict: GateDecision, offsets: dict) -> None:
-        """The version on probation underperforms its parent (gate.py): withdraw it, serve the parent again."""
+        """The version on probation underperforms its parent (gate.py): withdraw it, serve the parent again.
+
+        The repository first (serving/repository.py's ``hide_versions``: a crash in it is
+        completed at start-up), then the trainer's state and the lineage record; a crash
+        before the snapshot is seen at start-up as a withdrawal (``follow_external_rollback``).
+        """
         t = self.trainer
         bad, parent = t.serving_version, t.parent_version
+        try:
+            hide_version(
+                self.cfg.repo, bad, fault_point=self.cfg.faults.exit_in_publish, lock_timeout_s=self.cfg.lock_timeout_s
+            )
+        except RepositoryLocked as e:  # the verdict stands: the next batch asks again
+            log.warning("rollback of version %s deferred: %s", bad, e)
+            return
         obs.TRAINER_ROLLBACKS.labels(trigger="probation").inc()
-        hide_version(self.cfg.repo, bad)
         t.on_rolled_back()
         self._serving_changed(
             {

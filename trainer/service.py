@@ -62,7 +62,13 @@ class TrainerService:
     # --- start -------------------------------------------------------------------------------
 
     def restore_or_bootstrap(self) -> None:
-        """Resume from the durable state, or adopt / publish the warm start as the first serving version."""
+        """Repair the repository, then resume from the durable state, or adopt / publish the warm start.
+
+        The repair comes first (publisher.py's ``repair_at_start``): a rollback cut short is
+        completed and a half publish undone before the trainer adopts anything, so the version
+        it then serves is the repository's newest complete one, which is what Triton serves.
+        """
+        self.publisher.repair_at_start()
         loaded = self.state.load()
         if loaded is None:
             self.publisher.bootstrap()

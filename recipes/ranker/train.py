@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import pickle
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -207,7 +208,13 @@ def _trainer_state(state: _State, config: TrainConfig, optimizer, scheduler, sca
 
 def _resume(directory: Path, model: HMAT, config: TrainConfig, optimizer, scheduler, scaler) -> _State:
     """Restore everything a bit-exact continuation needs; refuses a checkpoint of another stage or schedule."""
-    saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    try:  # tensors and plain containers only: a planted pickle must not run code here
+        saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refusing {directory / STATE_FILE}: it holds objects other than tensors and plain containers "
+            f"(loading it would run code): {str(e).splitlines()[-1] if str(e) else ''}"
+        ) from None
     if saved["stage"] != config.stage:
         raise ValueError(f"{directory} holds a {saved['stage']} run; cannot resume it as {config.stage}")
     for key in ("epochs", "batch_size", "seed", "lr"):
