@@ -54,7 +54,13 @@ class SampleConsumer:
         self._pending: list = []  # (future, key, value, send error) of dead letters sent since the last flush
 
     def connect(self, offsets: dict[str, int]) -> None:
-        """Assign every partition and seek to ``offsets`` (the durable state's) where it has one."""
+        """Assign every partition and seek to ``offsets`` (the durable state's) where it has one.
+
+        The trainer resumes from its own record of what it trained, never from the group's
+        committed offsets alone; ``earliest`` applies only to a partition the state has never
+        read, or one whose recorded offset retention has already deleted (then the samples in
+        between are gone, none is trained twice).
+        """
         from infra.kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
         c = KafkaConsumer(
@@ -125,7 +131,7 @@ class SampleConsumer:
                 log.warning("rejecting %s[%d]@%d: %s", r.topic, r.partition, r.offset, e)
                 msg = RawMessage(r.topic, r.partition, r.offset, r.key, r.value)
                 dl = dead_letter(msg, e.reason, e.detail, int(time.time() * 1000))
-                self.send_dead_letter(r.key or b"", dl.SerializeToString())
+                self.send_dead_letter(dl.key, dl.SerializeToString())  # the bounded key
         return examples, rejected
 
     def send_dead_letter(self, key: bytes, value: bytes) -> None:

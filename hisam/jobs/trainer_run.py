@@ -34,6 +34,11 @@ from data import default_data_dir
 log = logging.getLogger(__name__)
 
 
+# Exit status when dead letters stayed undelivered after retries (EX_IOERR): offsets past
+# them were not committed, so a restart reprocesses and sends them again.
+EXIT_UNDELIVERED = 74
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, help="warm-start (serving) ranker checkpoint")
     parser.add_argument("--state-dir", type=Path, default=Path("artifacts/trainer"), help="durable trainer state")
@@ -72,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probation", type=int, default=1000, help="samples a new version is watched")
     parser.add_argument("--rollback-margin", type=float, default=0.01)
     parser.add_argument("--keep", type=int, default=5, help="versions kept in the repository")
+    parser.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a publish or rollback waits for the repository's writer lock (then it is refused, retried later)",
+    )
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda'")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -146,6 +157,7 @@ def build_service(args: argparse.Namespace):
         idle_exit_s=args.idle_exit,
         max_samples=args.max_samples,
         background_publish=not args.foreground_publish,
+        lock_timeout_s=args.lock_timeout,
         faults=faults_from_environment(),
     )
     return TrainerService(trainer, cfg)
@@ -170,8 +182,14 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    from trainer.consumer import DeliveryError
+
     with metrics_server(args.metrics_port, args.metrics_addr):
-        service.run(stop)
+        try:
+            service.run(stop)
+        except DeliveryError as e:  # nothing past the undelivered dead letters was committed
+            log.error("trainer stopped: %s; restart it to retry from the last commit", e)
+            return EXIT_UNDELIVERED
     return 0
 
 

@@ -35,9 +35,18 @@ MODEL_FILE, CONFIG_FILE, STATE_FILE, HISTORY_FILE = (
 
 
 def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file, fsync it, rename it over ``path``, fsync the directory:
+    a crash leaves the old file or the new one, never a torn one."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(

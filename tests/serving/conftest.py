@@ -60,7 +60,7 @@ def tiny_export(build_cache) -> TinyExport:
         ex.export_all(model, tmp, tokenizer_version=None)
         tmp.rename(cache)
     model = HMAT(config)
-    model.load_state_dict(torch.load(cache / "weights.pt"))
+    model.load_state_dict(torch.load(cache / "weights.pt", weights_only=True))
     return TinyExport(model.eval(), {g: onnx.load(str(cache / f"{g}.onnx")) for g in ex.GRAPHS})
 
 

@@ -12,6 +12,7 @@ template; Triton itself is in test_trainer_triton_e2e.py and test_trainer_killed
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import shutil
@@ -258,6 +259,11 @@ def test_a_held_repository_lock_defers_publish_and_rollback_with_a_clear_error(
         assert holder.stdout.readline().strip() == "held"  # a `hisam trainer rollback` in progress, say
         with pytest.raises(RepositoryLocked, match=f"pid {holder.pid}"):
             rollback_to(repo, 1, lock_timeout_s=0.3)
+        # The command says so and exits EX_TEMPFAIL, having changed nothing.
+        from hisam.jobs import trainer_rollback
+
+        args = argparse.Namespace(model_repo=repo, state_dir=root / "state", to=1, reason="test", lock_timeout=0.3)
+        assert trainer_rollback.main(args) == trainer_rollback.EXIT_LOCKED
         feed(svc, 320, 352)
         svc.step()  # the gate passes; the publish finds the repository locked
         refused = svc.state.lineage()[-1]
