@@ -27,8 +27,12 @@ store cannot take the event loop's default executor from anything else) and is a
 after ``read_timeout_s`` (2 s by default; a healthy read takes milliseconds), answering
 ``StoreUnavailable``; a health probe passes its own, shorter bound. The thread itself is
 freed by the store client's socket timeout: ``store_config_for_reads`` gives redis-py a
-``socket_timeout`` equal to the read bound (redis-py then retries a timed-out command up to
-3 times before it gives the thread back).
+``socket_timeout`` equal to the read bound (the store's client retries a dropped connection
+once and a timed-out command never: features/store/redis.py).
+
+A key of the wrong type in Redis (WRONGTYPE: a corrupt user, not an outage) is reported as
+``OnlineStoreError`` naming what was read, like any other stored state the store cannot
+decode: the server answers INTERNAL for that user and stays SERVING for the others.
 
 Metrics (infra/observability.py): each read's latency and failures (``read``: user_stream,
 item_sids, ping), and the item-ID cache's hits and misses, one per candidate.
@@ -55,6 +59,7 @@ import redis
 
 from features.actions import label_of
 from features.store import ItemSids, OnlineStoreConfig, StreamStore, UserStream
+from features.store.base import OnlineStoreError
 from infra import observability as obs
 
 log = logging.getLogger(__name__)
@@ -162,6 +167,13 @@ class OnlineReader:
             raise StoreUnavailable(
                 f"online store ({self.store.config.backend}) did not answer within {timeout_s:g}s while reading {what}"
             ) from e
+        except redis.exceptions.ResponseError as e:
+            if "WRONGTYPE" not in str(e):  # a pipeline prefixes "Command # n (...) of pipeline caused error"
+                obs.STORE_ERRORS.labels(read).inc()
+                raise StoreUnavailable(
+                    f"online store ({self.store.config.backend}) refused a read of {what}: {e}"
+                ) from e
+            raise OnlineStoreError(f"{what} is stored under a key of another type: {e}") from e
         except STORE_ERRORS as e:
             obs.STORE_ERRORS.labels(read).inc()
             raise StoreUnavailable(

@@ -99,7 +99,7 @@ ERROR_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ModelError, grpc.StatusCode.INTERNAL),
     # The store holds this user's state in a layout it cannot read (a corrupt user): the
-    # message names the user and the key; other users are served as usual.
+    # message names the user; other users are served as usual.
     (OnlineStoreError, grpc.StatusCode.INTERNAL),
 )
 _MAPPED = tuple(e for e, _ in ERROR_CODES)

@@ -286,5 +286,13 @@ def test_a_user_whose_stored_state_is_corrupt_gets_internal_naming_it_and_others
                 stub.Rank(rank_pb2.RankRequest(user_id=corrupt, item_ids=[1, 2]), timeout=30)
             assert e.value.code() == grpc.StatusCode.INTERNAL and str(corrupt) in e.value.details()
             assert len(stub.Rank(rank_pb2.RankRequest(user_id=USER, item_ids=[1, 2]), timeout=30).items) == 2
+        # A key of another type (WRONGTYPE) is the same kind of fault, not an outage.
+        client.delete(key)
+        client.set(key, b"a string where a hash belongs")
+        with serve(env) as (stub, address, _):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Rank(rank_pb2.RankRequest(user_id=corrupt, item_ids=[1, 2]), timeout=30)
+            assert e.value.code() == grpc.StatusCode.INTERNAL and str(corrupt) in e.value.details()
+            assert health_status(address) == "SERVING"
     finally:
         client.delete(key)
