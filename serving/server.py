@@ -77,6 +77,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -156,6 +157,24 @@ class RankingService(rank_pb2_grpc.RankingServiceServicer):
             obs.RANK_IN_FLIGHT.dec()
             obs.RANK_REQUESTS.labels(code.name).inc()
             obs.RANK_LATENCY.labels(code.name).observe(time.perf_counter() - t0)
+
+    async def RankBytes(self, raw: bytes, context: grpc.aio.ServicerContext) -> rank_pb2.RankResponse:
+        """``Rank`` as registered (``add_to_server``): the request arrives as bytes and is parsed
+        here, so bytes that are no RankRequest (garbage, a request_id that is not UTF-8) are
+        INVALID_ARGUMENT and counted, not the UNKNOWN that gRPC's own deserializer answers."""
+        try:
+            request = rank_pb2.RankRequest.FromString(raw)
+        except DecodeError as e:
+            obs.RANK_REQUESTS.labels(grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a RankRequest: {e}")
+        return await self.Rank(request, context)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register the service, its Rank method taking raw bytes (``RankBytes``)."""
+        rank = grpc.unary_unary_rpc_method_handler(
+            self.RankBytes, request_deserializer=None, response_serializer=rank_pb2.RankResponse.SerializeToString
+        )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Rank": rank}),))
 
 
 def check_request_id(request_id: str) -> None:
@@ -252,7 +271,7 @@ async def rank_server(
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", max_receive_bytes)],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
-    rank_pb2_grpc.add_RankingServiceServicer_to_server(RankingService(ranker), server)
+    RankingService(ranker).add_to_server(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

@@ -296,3 +296,16 @@ def test_a_user_whose_stored_state_is_corrupt_gets_internal_naming_it_and_others
             assert health_status(address) == "SERVING"
     finally:
         client.delete(key)
+
+
+def test_bytes_that_are_no_rank_request_are_invalid_argument(env) -> None:
+    """Parsed in the servicer (serving/server.py RankBytes), not by gRPC's deserializer (UNKNOWN)."""
+    bad_utf8 = b"\x08\x07\x12\x01\x01\x1a\x02\xff\xfe"  # user 7, item 1, request_id: invalid UTF-8
+    with serve(env) as (stub, address, _), grpc.insecure_channel(address) as ch:
+        raw = ch.unary_unary("/hisam.pb.v1.RankingService/Rank")
+        for garbage in (b"\xff" * 64, bad_utf8):
+            with pytest.raises(grpc.RpcError) as e:
+                raw(garbage, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+            assert "not a RankRequest" in e.value.details()
+        assert len(stub.Rank(rank_pb2.RankRequest(user_id=USER, item_ids=[1, 2]), timeout=30).items) == 2
