@@ -28,6 +28,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("stream worker", "hisam.jobs.stream_worker", "run the stream agents (appends, item ingestion, dead letters)"),
     ("events produce", "hisam.jobs.events_produce", "replay a dataset's items and interactions into the topics"),
     ("bench stream", "hisam.bench.stream", "stream throughput and freshness vs Feast's write path"),
+    ("bench faults", "hisam.bench.faults", "hostile inputs vs the stream worker and Rank: nothing lost or doubled"),
     ("ranker pretrain", "hisam.jobs.ranker_pretrain", "pre-train the HMAT ranker (PT, next-token)"),
     ("ranker finetune", "hisam.jobs.ranker_finetune", "fine-tune the HMAT ranker (SFT on actions)"),
     ("ranker eval", "hisam.jobs.ranker_eval", "evaluate ranker runs and write the Table 2 report"),
