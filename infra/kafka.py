@@ -6,7 +6,9 @@ and every module takes its clients from here. The stream worker's own clients ar
 (aiokafka) and do not come through this module.
 
 ``Offsets`` reads topics' end offsets and consumer groups' committed offsets (the run loop's
-progress and lag); ``commit_at_end`` makes a group start at a topic's current end. Every
+progress and lag); ``commit_offsets`` sets where a group resumes, ``commit_at_end`` makes it
+start at a topic's current end (both from an unjoined consumer: a group with members refuses
+such a commit, kafka-python's CommitFailedError). Every
 client made here has an explicit request timeout (``REQUEST_TIMEOUT_S``), whatever the
 installed kafka-python's default.
 """
@@ -19,6 +21,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
     from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+    from kafka.errors import KafkaError
     from kafka.structs import OffsetAndMetadata
 
 __all__ = [
@@ -27,12 +30,14 @@ __all__ = [
     "ConfigResourceType",
     "KafkaAdminClient",
     "KafkaConsumer",
+    "KafkaError",
     "KafkaProducer",
     "OffsetAndMetadata",
     "Offsets",
     "TopicPartition",
     "admin_client",
     "commit_at_end",
+    "commit_offsets",
 ]
 
 # How long an admin or consumer request of the helpers below may take.
@@ -79,14 +84,24 @@ class Offsets:
         self.admin.close()
 
 
-def commit_at_end(offsets: Offsets, bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    """Commit ``group``'s offsets at the topic's current end: it starts with what comes next."""
-    ends = offsets.end(topic)
-    c = consumer(bootstrap, group_id=group)
+def commit_offsets(
+    bootstrap: str, group: str, topic: str, positions: dict[int, int], timeout_s: float = REQUEST_TIMEOUT_S
+) -> None:
+    """Commit ``group``'s offsets of ``topic`` (partition -> the next offset to read), from a
+    consumer that assigns the partitions and never joins the group."""
+    if not positions:
+        return
+    c = consumer(bootstrap, timeout_s, group_id=group)
     try:
-        tps = {TopicPartition(topic, p): off for p, off in ends.items()}
+        tps = {TopicPartition(topic, p): off for p, off in positions.items()}
         c.assign(list(tps))
         c.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in tps.items()})
     finally:
         c.close()
+
+
+def commit_at_end(offsets: Offsets, bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """Commit ``group``'s offsets at the topic's current end: it starts with what comes next."""
+    ends = offsets.end(topic)
+    commit_offsets(bootstrap, group, topic, ends)
     return ends

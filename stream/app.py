@@ -52,7 +52,7 @@ appended in their partition's offset order, except those whose item was unknown 
 they came: each is appended when a retry finds its item, after whatever of that user was
 appended meanwhile. A fetch position outside its partition's log makes the worker exit
 (``transport.EXIT_OFFSET_OUT_OF_RANGE``) instead of silently replaying from the earliest
-offset; a new group still starts at the earliest.
+offset; a group without offsets resumes from the store's applied record (stream/resume.py).
 
 Fault injection (tests): with ``StreamSettings.fault_exit_after_appends`` = N (the worker's
 ``HISAM_FAULT_EXIT_AFTER_APPENDS``) the worker exits abruptly (``os._exit``, like SIGKILL:
@@ -79,6 +79,7 @@ from stream import records as rec
 from stream import topics as tp
 from stream.outputs import RecordSender, deliver_dead_letters
 from stream.processing import ActionProcessor, BatchOutput, ItemProcessor, RetryProcessor, UnknownItemRetry
+from stream.resume import resume_from_store
 
 __all__ = ["RecordSender", "StreamSettings", "create_app", "run_worker"]
 
@@ -584,5 +585,11 @@ def run_worker(settings: StreamSettings, loglevel: str = "info") -> None:
     )
     tp.ensure_topics(settings.bootstrap, topics)
     app = create_app(settings)
+    store = open_stream_store(settings.store)  # a group without offsets: from what it applied
+    resumed = [tp.USER_ACTIONS, tp.action_retries(settings.app_id)]
+    try:
+        resume_from_store(settings.bootstrap, settings.app_id, store, resumed)
+    finally:
+        store.close()
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

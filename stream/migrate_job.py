@@ -154,12 +154,16 @@ def run_migration(
     events beside it. Returns the report and the unmapped events' path."""
     from features.store import open_feature_store, open_stream_store
     from stream.retokenize import migrate_namespace
+    from stream.topics import USER_ACTIONS
 
     report_path.parent.mkdir(parents=True, exist_ok=True)
     unmapped_path = report_path.with_suffix(".unmapped.jsonl")
     src = open_stream_store(source)
     dst = None if options.dry_run else open_stream_store(target)
     fs = open_feature_store(target) if options.feast and not options.dry_run else None  # the target's own repo
+    # What the source had applied before the copy: its streams hold at least that, so the
+    # target's workers (a new group) resume from it rather than replay the topic (stream/resume.py).
+    applied = {(USER_ACTIONS, p): a for p, a in src.applied_offsets(USER_ACTIONS).items()}
     try:
         with open(unmapped_path, "w") as unmapped_file:
             report = migrate_namespace(
@@ -168,6 +172,8 @@ def run_migration(
                 overwrite=options.overwrite, feast_store=fs, progress=options.progress,
                 on_unmapped=lambda u: unmapped_file.write(json.dumps({**asdict(u), "old_tokens": list(u.old_tokens)}) + "\n"),
             )  # fmt: skip
+        if dst is not None and applied:
+            dst.append_batch([], applied=applied)
     finally:
         src.close()
         if dst is not None:

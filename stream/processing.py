@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from features.store import ItemSids, SidClaim, StreamAction, StreamStore
+from features.store import AppliedOffset, ItemSids, SidClaim, StreamAction, StreamStore
 from hisam_pb.v1 import events_pb2 as pb
 from infra.observability import STREAM_DEAD_LETTERS
 from stream import records as rec
@@ -55,6 +55,21 @@ def reject(
     STREAM_DEAD_LETTERS.labels(reason=reason).inc()
     d = rec.dead_letter(msg, reason, detail, now_ms(), limits)
     out.dead_letters.append((d.key, d.SerializeToString()))
+
+
+def batch_applied(batch: Sequence[rec.ConsumedRecord]) -> dict[tuple[str, int], AppliedOffset]:
+    """(topic, partition) -> the batch's highest offset and its record's timestamp: what the store
+    records as applied with the batch's appends (``StreamStore.append_batch``), and a group
+    without committed offsets resumes from (stream/resume.py). Every record of a batch is done
+    with once its appends are written: appended, a duplicate, refused, or dead-lettered or
+    retried by the same batch."""
+    out: dict[tuple[str, int], AppliedOffset] = {}
+    for m in batch:
+        k = (m.topic, m.partition)
+        if k not in out or m.offset > out[k].offset:
+            ts = getattr(m, "timestamp", None)  # aiokafka's records have it (ms), RawMessage not
+            out[k] = AppliedOffset(m.offset, ts if isinstance(ts, int) and ts >= 0 else -1)
+    return out
 
 
 @dataclass(frozen=True)
@@ -100,7 +115,9 @@ class ActionProcessor:
     (``AppendResult.resampled``), so a crash after a batch's store write and before its
     samples were acknowledged loses no sample; samples carry the event id and the trainer
     drops repeats. A duplicate older than the stream gets no sample (none can be rebuilt).
-    Duplicates are counted (``BatchOutput.duplicates``) and logged, never silent.
+    Duplicates are counted (``BatchOutput.duplicates``) and logged, never silent. The store
+    records the batch's highest offset per partition with its appends (``batch_applied``);
+    a batch none of whose actions reaches the store records nothing.
     """
 
     def __init__(
@@ -124,11 +141,20 @@ class ActionProcessor:
                 pending.append(_Pending(msg, rec.decode_action(msg.value, self.times, t), t))
             except rec.EventRejected as e:
                 reject(out, msg, e.reason, e.detail, self.limits)
-        self.append(out, pending, t)
+        self.append(out, pending, t, batch_applied(batch))
         return out
 
-    def append(self, out: BatchOutput, pending: Sequence[_Pending], now: int) -> None:
-        """Append decoded actions (in order) into ``out``; unknown items are retried or dead-lettered."""
+    def append(
+        self,
+        out: BatchOutput,
+        pending: Sequence[_Pending],
+        now: int,
+        applied: Mapping[tuple[str, int], AppliedOffset] | None = None,
+    ) -> None:
+        """Append decoded actions (in order) into ``out``; unknown items are retried or dead-lettered.
+
+        ``applied``: the source offsets the store records with the appends (``batch_applied``).
+        """
         if not pending:
             return
         items = self.store.read_item_sids(sorted({p.ev.item_id for p in pending}))
@@ -159,7 +185,7 @@ class ActionProcessor:
             for p, it in known
         ]
         try:
-            results = self.store.append_batch(actions)
+            results = self.store.append_batch(actions, applied=applied)
         except ValueError:
             # One invalid action (e.g. an item stored with the wrong token count) must not
             # block the partition: retry one by one and dead-letter only the bad ones.
@@ -170,6 +196,8 @@ class ActionProcessor:
                 except ValueError as e:
                     results.append(None)
                     reject(out, p.msg, rec.INVALID_FIELD, str(e), self.limits)
+            if applied:
+                self.store.append_batch([], applied=applied)  # after the appends: never ahead of them
         for (p, it), res in zip(known, results):
             if res is None:
                 continue
@@ -225,7 +253,9 @@ class RetryProcessor:
     delay. Each action is then appended if its item is now known, retried again while it is
     younger than ``retry.max_age_ms``, else dead-lettered as ``unknown_item`` with its
     original record's coordinates. A record that is not a retry envelope is dead-lettered
-    as ``decode_error``.
+    as ``decode_error``. The store records the retry topic's own offsets (under its name,
+    ``batch_applied``) with the appends, never user-actions': a retry record's original
+    offset lies behind what its partition's later batches recorded already.
     """
 
     def __init__(self, actions: ActionProcessor, sleep=time.sleep, clock=now_ms):
@@ -252,7 +282,7 @@ class RetryProcessor:
         wait_s = min(due - self.clock(), self.retry.delay_ms) / 1000.0
         if pending and wait_s > 0:
             self.sleep(wait_s)
-        self.actions.append(out, pending, self.clock())
+        self.actions.append(out, pending, self.clock(), batch_applied(batch))
         return out
 
 

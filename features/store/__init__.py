@@ -25,6 +25,11 @@ key and what is wrong, nothing written for it, and the batch's other users are a
 ``claim_layout`` guards the store's layout (n_codes, T) against a store configured
 otherwise; the stream worker claims it at start.
 
+The applied record: ``append_batch(..., applied=...)`` also raises, atomically with the
+appends, the namespace's record of the highest source offset per (topic, partition) applied
+(with that record's Kafka timestamp); ``applied_offsets`` reads it. A consumer group without
+committed offsets resumes from it instead of replaying the topic (stream/resume.py).
+
 Reads for everything but the hot path go through Feast (``feast_read_streams``); serving
 may use ``StreamStore.read_streams``, a direct read of the same bytes that skips Feast's
 protobuf-to-Python conversion (``hisam bench stream`` measures both).
@@ -41,11 +46,12 @@ from __future__ import annotations
 from features.store.base import NamespaceStore, StreamStore
 from features.store.config import OnlineStoreConfig, open_feature_store
 from features.store.feast_reads import feast_read_item_sids, feast_read_streams
-from features.store.records import ItemSids, SidClaim, StreamAction, UserState, UserStream
+from features.store.records import AppliedOffset, ItemSids, SidClaim, StreamAction, UserState, UserStream
 from features.store.redis import RedisStreamStore
 from features.store.sqlite import SqliteStreamStore
 
 __all__ = [
+    "AppliedOffset",
     "ItemSids",
     "NamespaceStore",
     "OnlineStoreConfig",

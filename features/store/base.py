@@ -5,14 +5,25 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
 
 from features import encoding as enc
 from features.store.config import OnlineStoreConfig
-from features.store.records import AppendResult, ItemSids, SidClaim, StreamAction, UserState, UserStream
+from features.store.records import (
+    AppendResult,
+    AppliedOffset,
+    ItemSids,
+    SidClaim,
+    StreamAction,
+    UserState,
+    UserStream,
+)
+
+# What ``append_batch`` takes as ``applied``: (topic, partition) -> an offset, or an offset and its timestamp.
+Applied = Mapping[tuple[str, int], "int | AppliedOffset"]
 
 
 class OnlineStoreError(RuntimeError):
@@ -26,7 +37,21 @@ class StreamStore(Protocol):
 
     def append(self, action: StreamAction, want_history: bool = True) -> AppendResult: ...
 
-    def append_batch(self, actions: Sequence[StreamAction], want_history: bool = True) -> list[AppendResult]: ...
+    def append_batch(
+        self,
+        actions: Sequence[StreamAction],
+        want_history: bool = True,
+        applied: Applied | None = None,
+    ) -> list[AppendResult]:
+        """Append in order; ``applied`` ((topic, partition) -> the highest source offset the batch
+        applied: appended, duplicate or refused; with its record's timestamp) raises the applied
+        record to at least that, atomically with the appends (a batch that fails does not move it)."""
+        ...
+
+    def applied_offsets(self, topic: str) -> dict[int, AppliedOffset]:
+        """The applied record of ``topic`` (partition -> offset and timestamp), one per namespace,
+        whatever the consumer group: where a group without committed offsets resumes (stream/resume.py)."""
+        ...
 
     def read_streams(self, user_ids: Sequence[int]) -> list[UserStream | None]: ...
 
@@ -51,6 +76,18 @@ class NamespaceStore(StreamStore, Protocol):
     def read_user_states(self, user_ids: Sequence[int]) -> list[UserState | None]: ...
 
     def write_user_states(self, states: Sequence[UserState]) -> None: ...
+
+
+def applied_rows(applied: Applied | None) -> list[tuple[str, int, int, int]]:
+    """``applied`` as (topic, partition, offset, timestamp ms) rows; ValueError on a topic that is
+    not a Kafka topic name or a negative offset (checked before anything is written)."""
+    rows = []
+    for (topic, part), a in (applied or {}).items():
+        off, ts = (a.offset, a.timestamp_ms) if isinstance(a, tuple) else (a, -1)
+        if not topic or any(c in topic for c in ": =@\t\n") or int(part) < 0 or int(off) < 0:
+            raise ValueError(f"not a source partition and offset: {topic!r}[{part}] @ {off}")
+        rows.append((str(topic), int(part), int(off), int(ts if ts is not None and ts >= 0 else -1)))
+    return rows
 
 
 # ---- the stored layout (claim_layout) ------------------------------------------------

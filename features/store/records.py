@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -20,6 +21,15 @@ CORRUPT_USER_STATE = "corrupt_user_state"
 def _unpack(packed: bytes) -> np.ndarray:
     """Packed protobuf varints (a repeated int64 field's payload) -> int64 array."""
     return np.asarray(enc.unpack_varints(packed), np.int64)
+
+
+class AppliedOffset(NamedTuple):
+    """A source partition's highest offset a batch applied, and that record's Kafka timestamp
+    (ms; -1: unknown): the applied record (``StreamStore.append_batch``). The timestamp tells
+    whether a partition's log is still the one recorded (stream/resume.py)."""
+
+    offset: int
+    timestamp_ms: int = -1
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,12 @@
   here (the callers retry), a dropped connection once.
 * ``claim_layout`` records n_codes and T in ``_hisam:<project>:layout`` and refuses a
   store configured otherwise.
+* The applied record (``append_batch``'s ``applied``, ``applied_offsets``): the hash
+  ``_hisam:<project>:applied``, field ``<topic>:<partition>`` -> the highest source offset
+  a batch applied and its record's timestamp (``offset@ms``), set to max(old, new) by the
+  same script call as the batch's appends (features/store/lua/applied.lua). Redis Cluster:
+  a second call once every append of the batch succeeded (the record lives in another
+  slot), so it never runs ahead of the appends.
 
 Thread-safe: one connection pool per store.
 """
@@ -46,7 +52,9 @@ import numpy as np
 from features import encoding as enc
 from features.store.base import (
     I64,
+    Applied,
     OnlineStoreError,
+    applied_rows,
     check_layout,
     decode_user_stream,
     entity_key_head,
@@ -61,6 +69,7 @@ from features.store.config import OnlineStoreConfig
 from features.store.records import (
     CORRUPT_USER_STATE,
     AppendResult,
+    AppliedOffset,
     ItemSids,
     SidClaim,
     StreamAction,
@@ -84,6 +93,7 @@ def _lua(name: str) -> str:
 _PRELUDE_LUA = _lua("prelude")
 _APPEND_LUA = _lua("append")
 _CLAIM_LUA = _lua("claim")
+_APPLIED_LUA = _lua("applied")
 _MULTI_HMGET_LUA = _lua("multi_hmget")
 
 
@@ -116,7 +126,7 @@ def build_append_lua(config: OnlineStoreConfig) -> str:
         "__M_TOTAL__": _lua_bytes(redis_meta_field("total")),
         "__M_SIG__": _lua_bytes(redis_meta_field("sig")),
     }
-    script = _PRELUDE_LUA + "\n" + _APPEND_LUA
+    script = _PRELUDE_LUA + "\n" + _APPLIED_LUA + "\n" + _APPEND_LUA
     for k, v in subs.items():
         script = script.replace(k, v)
     return script
@@ -125,6 +135,11 @@ def build_append_lua(config: OnlineStoreConfig) -> str:
 def stream_signature(tok: bytes, act: bytes, eids: bytes, tim: bytes, n: int) -> bytes:
     """The append script's ``signature``: the stream fields' byte lengths and item count."""
     return b"%d:%d:%d:%d:%d" % (len(tok), len(act), len(eids), len(tim), n)
+
+
+def _applied_spec(applied: Applied | None) -> bytes:
+    """The applied record's argument of the scripts (lua/applied.lua): ``topic:partition=offset@ts`` words."""
+    return " ".join(f"{t}:{p}={o}@{ts}" for t, p, o, ts in applied_rows(applied)).encode()
 
 
 def _glob_escape(b: bytes) -> bytes:
@@ -158,6 +173,11 @@ class RedisStreamStore:
         self._claim = self._client.register_script(_PRELUDE_LUA + "\n" + _CLAIM_LUA)
         self._sid_index_key = f"_hisam:{config.project}:item_sids".encode()
         self._layout_key = f"_hisam:{config.project}:layout".encode()
+        self._applied_key = f"_hisam:{config.project}:applied".encode()
+        # Redis Cluster only: the applied record on its own (the append's call holds one user's key)
+        self._record_applied = self._client.register_script(
+            _APPLIED_LUA + "\ncheck_applied(KEYS[1])\nrecord_applied(KEYS[1], ARGV[1])\nreturn 1"
+        )
         fv = enc.USER_STREAM_FV
         self._stream_fields = [enc.redis_field(fv, f) for f in enc.STREAM_FEATURES]
         self._item_fields = [enc.redis_field(enc.ITEM_SID_FV, f) for f in enc.ITEM_FEATURES]
@@ -217,7 +237,12 @@ class RedisStreamStore:
         """Append one action: one EVALSHA round trip, atomic on the server."""
         return self.append_batch([action], want_history)[0]
 
-    def append_batch(self, actions: Sequence[StreamAction], want_history: bool = True) -> list[AppendResult]:
+    def append_batch(
+        self,
+        actions: Sequence[StreamAction],
+        want_history: bool = True,
+        applied: Applied | None = None,
+    ) -> list[AppendResult]:
         """Append many actions in order, in one round trip.
 
         Single-node Redis: one EVALSHA over all the batch's keys (the script is atomic as
@@ -225,16 +250,26 @@ class RedisStreamStore:
         since a script may only touch keys of one hash slot. The actions of a user whose
         stored state is corrupt come back refused (``CORRUPT_USER_STATE``), nothing written
         for that user; the others are appended.
+
+        ``applied``: (topic, partition) -> the highest source offset the batch applied; the
+        applied record (module doc) takes the max, in the same script call (Cluster: after
+        every append succeeded). Given with no actions, only the record is written.
         """
-        if not actions:
+        spec = _applied_spec(applied)
+        if not actions and not spec:
             return []
         calls = [(self._key(a.user_id), self._record(a, want_history)) for a in actions]
-        groups = [calls] if not self.config.redis_cluster else [[c] for c in calls]
+        cluster = self.config.redis_cluster
+        groups = [[c] for c in calls] if cluster else [calls]
+        tail = (self._applied_key, spec) if spec and not cluster else None
         for attempt in (0, 1):
             pipe = self._client.pipeline(transaction=False)
             for group in groups:
-                pipe.evalsha(self._sha, len(group), *[k for k, _ in group], b"".join(r for _, r in group))
-            replies = pipe.execute(raise_on_error=False)
+                keys, args = [k for k, _ in group], [b"".join(r for _, r in group)]
+                if tail is not None:
+                    keys, args = [*keys, tail[0]], [*args, tail[1]]
+                pipe.evalsha(self._sha, len(keys), *keys, *args)
+            replies = pipe.execute(raise_on_error=False) if groups else []
             if attempt == 0 and any(isinstance(r, self._redis.exceptions.NoScriptError) for r in replies):
                 # Only a server that lost its scripts raises this, and then for every
                 # call: none of them ran, so re-running the batch appends nothing twice.
@@ -244,11 +279,26 @@ class RedisStreamStore:
         errors = [r for r in replies if isinstance(r, Exception)]
         if errors:
             raise OnlineStoreError(f"{len(errors)} of {len(groups)} append calls failed; first: {errors[0]}")
+        if spec and cluster:
+            try:
+                self._record_applied(keys=[self._applied_key], args=[spec])
+            except self._redis.exceptions.ResponseError as e:
+                raise OnlineStoreError(f"the applied record was not written: {e}") from e
         results = [res for group, reply in zip(groups, replies) for res in self._results(reply, [k for k, _ in group])]
         refused = {k: r.detail for (k, _), r in zip(calls, results) if r.refused}
         for detail in refused.values():
             log.warning("online store: corrupt state of %s; its actions were refused, nothing written for it", detail)
         return results
+
+    def applied_offsets(self, topic: str) -> dict[int, AppliedOffset]:
+        """The applied record of ``topic``: partition -> the highest source offset a batch applied."""
+        head = f"{topic}:".encode()
+        out = {}
+        for f, v in self._client.hgetall(self._applied_key).items():
+            off, _, ts = v.partition(b"@")
+            if f.startswith(head) and f[len(head) :].isdigit() and off.isdigit():
+                out[int(f[len(head) :])] = AppliedOffset(int(off), int(ts) if ts.lstrip(b"-").isdigit() else -1)
+        return out
 
     def read_streams(self, user_ids: Sequence[int]) -> list[UserStream | None]:
         """Direct read (one pipelined HMGET round trip); None for a user with no stream."""

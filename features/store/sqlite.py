@@ -10,7 +10,10 @@ is refused: its actions come back ``refused=CORRUPT_USER_STATE`` with the entity
 what is wrong, nothing is written for it, and the other users are written in the same
 transaction. As in Redis, nothing else remembers a refused user: its later actions are
 checked, and refused, again. ``claim_layout`` records n_codes and T in the side table
-``{project}_hisam_meta``.
+``{project}_hisam_meta``. The applied record (``append_batch``'s ``applied``,
+``applied_offsets``) is the side table ``{project}_hisam_applied``: (topic, partition) ->
+the highest source offset a batch applied (and its record's timestamp), max(old, new),
+written in the batch's transaction.
 
 One connection per thread (SQLite connections are not shareable); Feast's own SQLite
 store must likewise stay on one thread.
@@ -28,11 +31,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from features import encoding as enc
-from features.store.base import I64, check_layout, decode_user_stream, entity_key_head, layout_record
+from features.store.base import (
+    I64,
+    Applied,
+    applied_rows,
+    check_layout,
+    decode_user_stream,
+    entity_key_head,
+    layout_record,
+)
 from features.store.config import OnlineStoreConfig
 from features.store.records import (
     CORRUPT_USER_STATE,
     AppendResult,
+    AppliedOffset,
     ItemSids,
     SidClaim,
     StreamAction,
@@ -65,6 +77,17 @@ _SID_DDL = 'CREATE TABLE IF NOT EXISTS "{t}" (sid BLOB PRIMARY KEY, item_id INTE
 
 # hisam's own bookkeeping of the namespace (``claim_layout``): name -> value. Not a Feast table.
 _META_DDL = 'CREATE TABLE IF NOT EXISTS "{t}" (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID'
+
+# What the appends applied (``applied_offsets``): per source partition, the highest offset and
+# its record's timestamp (ms, -1: unknown). Not a Feast table. SET reads the old row's values.
+_APPLIED_DDL = (
+    'CREATE TABLE IF NOT EXISTS "{t}" (topic TEXT NOT NULL, part INTEGER NOT NULL, applied INTEGER NOT NULL, '
+    "ts INTEGER NOT NULL, PRIMARY KEY(topic, part)) WITHOUT ROWID"
+)
+_APPLIED_UPSERT = (
+    'INSERT INTO "{t}" (topic, part, applied, ts) VALUES (?, ?, ?, ?) ON CONFLICT(topic, part) DO UPDATE SET '
+    "ts = CASE WHEN excluded.applied > applied THEN excluded.ts ELSE ts END, applied = max(applied, excluded.applied)"
+)
 
 # The Value type each user feature must have (an absent row has none).
 _KINDS = {
@@ -168,6 +191,7 @@ class SqliteStreamStore:
         self._seen_t = f"{config.project}_hisam_seen"
         self._sid_t = f"{config.project}_hisam_item_sids"
         self._meta_t = f"{config.project}_hisam_meta"
+        self._applied_t = f"{config.project}_hisam_applied"
         w = f'FROM "{self._seen_t}" WHERE entity_key = ?1 ORDER BY'
         self._seen_types_q = (
             f"SELECT (SELECT typeof(seq) {w} seq DESC LIMIT 1), (SELECT typeof(event_id) {w} event_id LIMIT 1), "
@@ -181,6 +205,7 @@ class SqliteStreamStore:
             conn.execute(ddl.format(t=self._seen_t))
         conn.execute(_SID_DDL.format(t=self._sid_t))
         conn.execute(_META_DDL.format(t=self._meta_t))
+        conn.execute(_APPLIED_DDL.format(t=self._applied_t))
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -297,20 +322,31 @@ class SqliteStreamStore:
     def append(self, action: StreamAction, want_history: bool = True) -> AppendResult:
         return self.append_batch([action], want_history)[0]
 
-    def append_batch(self, actions: Sequence[StreamAction], want_history: bool = True) -> list[AppendResult]:
+    def append_batch(
+        self,
+        actions: Sequence[StreamAction],
+        want_history: bool = True,
+        applied: Applied | None = None,
+    ) -> list[AppendResult]:
         """Append many actions in order, in one write transaction.
 
         The actions of a user whose stored rows are corrupt come back refused
         (``CORRUPT_USER_STATE``), nothing written for that user; the others are written.
+        ``applied``: (topic, partition) -> the highest source offset the batch applied; the
+        applied record takes the max, in the same transaction (rolled back with it).
         """
         for a in actions:
             a.validate(self.config.n_codes)
+        rows = applied_rows(applied)
+        if not actions and not rows:
+            return []
         conn = self._conn()
 
         def refusal(detail: str) -> AppendResult:
             return AppendResult(False, b"", b"", self.config.n_codes, refused=CORRUPT_USER_STATE, detail=detail)
 
         with _write_transaction(conn):
+            conn.executemany(_APPLIED_UPSERT.format(t=self._applied_t), rows)
             users: dict[int, _SqliteUser] = {}
             refused: dict[int, str] = {}  # user -> what is wrong with its stored state
             at: dict[int, list[int]] = {}  # user -> its actions' positions in results
@@ -339,6 +375,11 @@ class SqliteStreamStore:
         for detail in refused.values():
             log.warning("online store: corrupt state of %s; its actions were refused, nothing written for it", detail)
         return results
+
+    def applied_offsets(self, topic: str) -> dict[int, AppliedOffset]:
+        """The applied record of ``topic``: partition -> the highest source offset a batch applied."""
+        q = f'SELECT part, applied, ts FROM "{self._applied_t}" WHERE topic = ?'
+        return {int(p): AppliedOffset(int(o), int(ts)) for p, o, ts in self._conn().execute(q, (topic,))}
 
     def _describe(self, user_id: int, e: Exception) -> str:
         """A refused user's entity key, printable, with what is wrong."""

@@ -16,6 +16,7 @@ import pytest
 
 from features import encoding as enc
 from features.store import (
+    AppliedOffset,
     ItemSids,
     OnlineStoreConfig,
     StreamAction,
@@ -441,6 +442,7 @@ def test_command_migrates_from_the_item_topic(tmp_path, kafka_bootstrap, tokeniz
         producer.close()
     src_cfg = OnlineStoreConfig(repo_dir=tmp_path / "src", project="hisam", stream_len=T, seen_window=W)
     src, _ = _fill_source(open_store, src_cfg, a, feats, present, n_users=4)
+    src.append_batch([], applied={(tp.USER_ACTIONS, 1): AppliedOffset(41, 1_700_000_000_000)})
     src.close()  # the command opens the store itself
     report_path = tmp_path / "report.json"
     argv = [
@@ -460,6 +462,8 @@ def test_command_migrates_from_the_item_topic(tmp_path, kafka_bootstrap, tokeniz
     assert json.loads((dst_cfg.repo_dir / "feature_store.yaml").read_text())["project"] == project
     dst = open_store(dst_cfg)
     assert len(dst.entity_ids()) == 4
+    # The source's applied record goes with its streams: the target's workers resume after it.
+    assert dst.applied_offsets(tp.USER_ACTIONS) == {1: AppliedOffset(41, 1_700_000_000_000)}
     dst.close()
     # Running it again refuses to overwrite the target that now holds streams.
     assert main(argv) == 2

@@ -40,14 +40,18 @@ def test_worker_metrics_count_exactly_what_it_did(tmp_path, redis_url) -> None:
 def _check_metrics(tmp_path, kafka_bootstrap: str, redis_url: str) -> None:
     run = uuid.uuid4().hex[:8]
     base = 30_000_000 + (int(run, 16) % 100_000) * 100
-    cfg = OnlineStoreConfig(backend="redis", redis_url=redis_url, repo_dir=tmp_path / "fr", stream_len=20, n_codes=6)
+    # A namespace of its own: the session's Redis holds other tests' (of other layouts: the layout guard).
+    cfg = OnlineStoreConfig(
+        backend="redis", redis_url=redis_url, repo_dir=tmp_path / "fr", project=f"m_{run}", stream_len=20, n_codes=6
+    )
     store = open_stream_store(cfg)
     store.put_item_sids([ItemSids(base + i, tuple(range(i * 6, i * 6 + 6)), "m-v", 0) for i in range(5)])
     tp.ensure_topics(kafka_bootstrap, tp.default_topics(4))
     port = free_port()
     worker = WorkerProcess(
         ["--bootstrap", kafka_bootstrap, "--backend", "redis", "--redis-url", redis_url, "--repo-dir",
-         str(cfg.repo_dir), "--stream-len", "20", "--app-id", f"hisam-metrics-{run}", "--instance-id", f"m-{run}",
+         str(cfg.repo_dir), "--project", cfg.project, "--stream-len", "20", "--app-id", f"hisam-metrics-{run}",
+         "--instance-id", f"m-{run}",
          "--metrics-port", str(port), "--unknown-item-max-age", "2"],
         tmp_path / "worker.log",
     )  # fmt: skip

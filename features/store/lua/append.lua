@@ -2,6 +2,9 @@
 -- layout (see features/encoding.py). KEYS[i]: the i-th action's user hash key.
 -- ARGV[1], per action: u32-length-prefixed event_id, token varints, action varint,
 -- time varint, time ms (decimal), Timestamp proto bytes; then a u8 want_history.
+-- ARGV[2] (optional): the source offsets the call applied ('topic:partition=offset' words);
+-- KEYS[#KEYS] is then the namespace's applied-offsets hash (applied.lua), not a user's. It
+-- is checked before anything is written and set after every append: all in the one call.
 -- Reply: an array. First, one status byte per action (1 appended, 0 duplicate, 2
 -- duplicate still in the stream, 3 refused); then, per action, the user's stored token and
 -- action Values before it (the history, in their int64 list wrappers; empty when not
@@ -394,8 +397,15 @@ end
 -- reply are each one length-prefixed blob: parsing thousands of separate arguments and
 -- reply elements costs the client far more than the appends cost the server. Each user is
 -- checked at its first action, before anything is written for it.
+local n_acts, applied_key = #KEYS, nil
+if ARGV[2] then
+  applied_key = KEYS[n_acts]
+  n_acts = n_acts - 1
+  check_applied(applied_key)
+end
 local acts, touched = {}, {}
-for i, key in ipairs(KEYS) do
+for i = 1, n_acts do
+  local key = KEYS[i]
   local a = {field(), field(), field(), field(), field(), field()}
   local want
   want, pos = struct.unpack('<B', blob, pos)
@@ -414,7 +424,8 @@ for i, key in ipairs(KEYS) do
 end
 
 local status, out, verdict = {}, {''}, {}
-for i, key in ipairs(KEYS) do
+for i = 1, n_acts do
+  local key = KEYS[i]
   local v, cur = verdict[key], nil
   if v == nil then
     local ok, got = pcall(check_user, key, touched[key].list)
@@ -435,4 +446,5 @@ for i, key in ipairs(KEYS) do
   out[2 * i], out[2 * i + 1] = tok, act
 end
 out[1] = table.concat(status)
+if applied_key then record_applied(applied_key, ARGV[2]) end
 return out
