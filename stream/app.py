@@ -40,8 +40,8 @@ exceed W (``_pipeline``): at full load every batch, at a moderate one (small bat
 every few batches. ``create_app`` refuses W < 2 x batch size.
 
 Hostile input (docs/design.md, Guarantees) never stops a partition. A dead letter is
-bounded (``StreamSettings.dead_letter_*``: key and value cut, their sizes and SHA-256 in
-the detail), and one the broker still refuses for its size is sent again without its
+bounded (``StreamSettings.dead_letter_*``: key and value cut, the whole ones' sizes and
+SHA-256 in DeadLetter's own fields), and one the broker still refuses for its size is sent again without its
 value, or else logged and dropped (``stream.outputs``). An action is refused at decode
 when its event id exceeds the store's limit or its event time lies outside the bounds
 (``max_event_*_s``). An action whose item has no semantic IDs yet goes to the group's
@@ -131,7 +131,7 @@ class StreamSettings:
     producer_request_timeout_s: float = 30.0
     # How much of a bad record its dead letter carries (stream.records.DeadLetterLimits):
     # the value is cut to this, the key to dead_letter_key_bytes; sizes and SHA-256 of
-    # the full ones go in the detail. Well within a broker's 1 MB message.max.bytes.
+    # the full ones go in DeadLetter's fields. Well within a broker's 1 MB message.max.bytes.
     dead_letter_value_bytes: int = 64 * 1024
     dead_letter_key_bytes: int = 1024
     # Accepted event times around the worker's clock (stream.records.EventTimeBounds).
