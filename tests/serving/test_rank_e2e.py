@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import signal
@@ -79,14 +80,21 @@ def env(kafka_bootstrap, redis_url, tokenizer_dir, tiny_export, restamp, restart
     tok = FrozenTokenizer.load(tokenizer_dir)
     assert tok.codebook_size == tiny_export.model.config.codebook_size and tok.n_codes == 6
     work = tmp_path_factory.mktemp("rank_e2e")
+    # A namespace of this module's own on the session's Redis: the worker records its layout
+    # and its applied offsets per namespace (features/store), other modules use other T.
     cfg = OnlineStoreConfig(
-        backend="redis", redis_url=redis_url, repo_dir=work / "feature_repo", stream_len=T, n_codes=6
+        backend="redis",
+        redis_url=redis_url,
+        repo_dir=work / "feature_repo",
+        project=f"t_rank_{RUN}",
+        stream_len=T,
+        n_codes=6,
     )
     tp.ensure_topics(kafka_bootstrap, tp.default_topics(4))
     worker = WorkerProcess(
         [
             "--bootstrap", kafka_bootstrap, "--backend", "redis", "--redis-url", redis_url,
-            "--repo-dir", str(cfg.repo_dir), "--stream-len", str(T), "--n-codes", "6",
+            "--repo-dir", str(cfg.repo_dir), "--project", cfg.project, "--stream-len", str(T), "--n-codes", "6",
             "--tokenizer", str(tokenizer_dir), "--app-id", f"hisam-rank-{RUN}", "--within-ms", "20",
             "--session-timeout", "6", "--instance-id", f"rank-{RUN}",
         ],
@@ -395,7 +403,7 @@ def test_online_store_down_is_unavailable_and_the_server_recovers(env) -> None:
     codes = env["store"].read_item_sids(cands)
     with contextlib.ExitStack() as stack:
         r = stack.enter_context(redis_server())
-        cfg = OnlineStoreConfig(backend="redis", redis_url=r.url, repo_dir=env["cfg"].repo_dir, stream_len=T, n_codes=6)
+        cfg = dataclasses.replace(env["cfg"], redis_url=r.url)
 
         def fill() -> None:
             s = open_stream_store(cfg)

@@ -34,13 +34,16 @@ BASE = (int(time.time()) % 100_000) * 10_000  # user/item id base, likewise
 @pytest.fixture(scope="module")
 def env(kafka_bootstrap, redis_url, tiny_tokenizer_dir, tmp_path_factory):
     repo = tmp_path_factory.mktemp("stream_repo")
-    cfg = OnlineStoreConfig(backend="redis", redis_url=redis_url, repo_dir=repo, stream_len=T, n_codes=N_CODES)
+    # A namespace of this module's own on the session's Redis (layout and applied offsets are per namespace).
+    cfg = OnlineStoreConfig(
+        backend="redis", redis_url=redis_url, repo_dir=repo, project=f"t_e2e_{RUN}", stream_len=T, n_codes=N_CODES
+    )
     tp.ensure_topics(kafka_bootstrap, tp.default_topics(4))
 
     def worker_args(instance_id: str) -> list[str]:
         return [
             "--bootstrap", kafka_bootstrap, "--backend", "redis", "--redis-url", redis_url,
-            "--repo-dir", str(repo), "--stream-len", str(T), "--n-codes", str(N_CODES),
+            "--repo-dir", str(repo), "--project", cfg.project, "--stream-len", str(T), "--n-codes", str(N_CODES),
             "--tokenizer", str(tiny_tokenizer_dir), "--app-id", f"hisam-test-{RUN}",
             "--within-ms", "20", "--session-timeout", "6", "--instance-id", instance_id,
             # Batches of 500 (the default) put up to ~100 actions of one of the crash tests'

@@ -75,6 +75,7 @@ def _worker(tmp_path, bootstrap: str, redis_url: str, repo, run: str) -> WorkerP
     w = WorkerProcess(
         [
             "--bootstrap", bootstrap, "--backend", "redis", "--redis-url", redis_url, "--repo-dir", str(repo),
+            "--project", f"t_rel_{run}",
             "--stream-len", str(T), "--n-codes", str(N_CODES), "--app-id", f"hisam-rel-{run}",
             "--instance-id", f"rel-{run}", "--within-ms", "5", "--session-timeout", "6",
         ],
@@ -87,7 +88,10 @@ def _worker(tmp_path, bootstrap: str, redis_url: str, repo, run: str) -> WorkerP
 def _setup(tmp_path, bootstrap: str, redis_url: str):
     run = uuid.uuid4().hex[:8]
     repo = tmp_path / "feature_repo"
-    cfg = OnlineStoreConfig(backend="redis", redis_url=redis_url, repo_dir=repo, stream_len=T, n_codes=N_CODES)
+    # A namespace of this test's own (layout and applied offsets are per namespace; the session's Redis is shared).
+    cfg = OnlineStoreConfig(
+        backend="redis", redis_url=redis_url, repo_dir=repo, project=f"t_rel_{run}", stream_len=T, n_codes=N_CODES
+    )
     tp.ensure_topics(bootstrap, tp.default_topics(4))
     store = open_stream_store(cfg)
     store.put_item_sids([ItemSids(i, tuple(i * 10 + j for j in range(N_CODES)), "rel-v", 0) for i in range(N_ITEMS)])
