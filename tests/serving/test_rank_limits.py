@@ -213,7 +213,11 @@ def test_a_hung_store_is_unavailable_after_the_store_timeout(env) -> None:
             with pytest.raises(grpc.RpcError) as e:
                 stub.Rank(req, timeout=30)
             took = time.monotonic() - t0
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "did not answer within 1s" in e.value.details()
+        # The read's own bound and the client's socket timeout (set to the same 1 s by
+        # store_config_for_reads) race; either way the call ends UNAVAILABLE within the bound.
+        details = e.value.details()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, details
+        assert "did not answer within 1s" in details or "Timeout reading" in details, details
         assert took < 1.0 + SLACK_S + 2.0
 
 
