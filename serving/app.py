@@ -14,11 +14,12 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from features.store import OnlineStoreConfig
+from serving.security import ServerSecurity
 
 if TYPE_CHECKING:
     from features.profiles import ProfileVocab
@@ -47,6 +48,9 @@ class ServeConfig:
     health_timeout_s: float = 1.0  # one health probe of each dependency
     max_message_bytes: int = 1 << 20  # the largest Rank request received (serving/server.py)
     max_concurrent_rpcs: int = 256  # calls served at once; beyond: RESOURCE_EXHAUSTED
+    # TLS, mutual TLS, bearer tokens (serving/security.py); the default protects nothing
+    security: ServerSecurity = field(default_factory=ServerSecurity)
+    reflection: bool = False  # gRPC server reflection (grpcurl without the .proto)
 
 
 def checkpoint_profile_vocab(checkpoint: Path) -> ProfileVocab | None:
@@ -106,6 +110,8 @@ async def serve(
             health_timeout_s=config.health_timeout_s,
             max_receive_bytes=config.max_message_bytes,
             max_concurrent_rpcs=config.max_concurrent_rpcs,
+            security=config.security,
+            reflection=config.reflection,
         ) as handle:
             on_listening(handle.address)
             await stop.wait()

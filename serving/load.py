@@ -21,6 +21,10 @@ in-flight calls) on exit.
 ``RankCaller`` is the other kind of caller: not a load but a steady trickle, one client in a
 thread making one call every ``interval_s``, each call kept as a row (``rank_call``), so that
 what answered (which model version, how fast, which errors) can be followed over time.
+
+Every helper takes ``security`` (serving/security.py ``ClientSecurity``: TLS, a client
+certificate, a bearer token; None: plaintext, no token) and builds its channels with
+``rank_channel``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from pathlib import Path
 from typing import Self
 
 import numpy as np
+
+from serving.security import ClientSecurity, rank_channel
 
 Request = tuple[int, list[int]]  # (user id, candidate item ids)
 
@@ -123,6 +129,7 @@ async def rank_load(
     timeout_s: float = 30.0,
     check: Callable[[int, object], str | None] | None = None,
     keep: int = 10,
+    security: ClientSecurity | None = None,
 ) -> LoadResult:
     """``clients`` closed-loop clients for ``seconds`` (module docstring).
 
@@ -136,7 +143,7 @@ async def rank_load(
     out = LoadResult(clients, seconds, answered_per_client=[0] * clients)
 
     async def client(c: int, stop_at: float) -> None:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with rank_channel(address, security, aio=True) as channel:
             stub = rank_pb2_grpc.RankingServiceStub(channel)
             n = c
             while time.perf_counter() < stop_at:
@@ -184,13 +191,15 @@ class ServeProcess:
             return ""
 
 
-def health_status(address: str, timeout_s: float = 1.0, service: str = "") -> str:
+def health_status(
+    address: str, timeout_s: float = 1.0, service: str = "", security: ClientSecurity | None = None
+) -> str:
     """A health service's status (default: the server's overall health): SERVING, NOT_SERVING, ...,
     or the gRPC error code of the check."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as ch:
+    with rank_channel(address, security) as ch:
         try:
             request = health_pb2.HealthCheckRequest(service=service)
             got = health_pb2_grpc.HealthStub(ch).Check(request, timeout=timeout_s)
@@ -199,21 +208,30 @@ def health_status(address: str, timeout_s: float = 1.0, service: str = "") -> st
     return health_pb2.HealthCheckResponse.ServingStatus.Name(got.status)
 
 
-def wait_health(address: str, want: str, timeout_s: float, proc: subprocess.Popen | None = None) -> float:
+def wait_health(
+    address: str,
+    want: str,
+    timeout_s: float,
+    proc: subprocess.Popen | None = None,
+    security: ClientSecurity | None = None,
+) -> float:
     """Seconds until the server's health is ``want``; raises TimeoutError (or RuntimeError if it exited)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"hisam serve exited with code {proc.returncode}")
-        if health_status(address) == want:
+        if health_status(address, security=security) == want:
             return time.monotonic() - t0
         time.sleep(0.1)
     raise TimeoutError(f"Rank server at {address} not {want} after {timeout_s:.0f}s")
 
 
 @contextlib.contextmanager
-def serve_process(args: Sequence[str], log_path: Path, timeout_s: float = 180.0) -> Iterator[ServeProcess]:
-    """``python -m hisam.jobs.serve --port <free> ARGS`` until the ``with`` body ends (module docstring)."""
+def serve_process(
+    args: Sequence[str], log_path: Path, timeout_s: float = 180.0, security: ClientSecurity | None = None
+) -> Iterator[ServeProcess]:
+    """``python -m hisam.jobs.serve --port <free> ARGS`` until the ``with`` body ends (module docstring);
+    ``security``: how to reach it when ARGS protect its port (its health is checked through it)."""
     from infra.ports import free_port
 
     port = free_port()
@@ -225,7 +243,7 @@ def serve_process(args: Sequence[str], log_path: Path, timeout_s: float = 180.0)
     served = ServeProcess(f"127.0.0.1:{port}", proc, Path(log_path))
     try:
         try:
-            wait_health(served.address, "SERVING", timeout_s, proc)
+            wait_health(served.address, "SERVING", timeout_s, proc, security)
         except (TimeoutError, RuntimeError) as e:
             raise RuntimeError(f"{e}; log: {served.log_tail()}") from e
         yield served
@@ -265,13 +283,13 @@ def rank_call(stub, request: Request, timeout_s: float, request_id: str = "") ->
     }
 
 
-def rank_calls(address: str, requests: Sequence[Request], timeout_s: float = 10.0) -> list[dict]:
+def rank_calls(
+    address: str, requests: Sequence[Request], timeout_s: float = 10.0, security: ClientSecurity | None = None
+) -> list[dict]:
     """``rank_call`` for each request in turn, on one channel."""
-    import grpc
-
     from hisam_pb.v1 import rank_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with rank_channel(address, security) as channel:
         stub = rank_pb2_grpc.RankingServiceStub(channel)
         return [rank_call(stub, r, timeout_s) for r in requests]
 
@@ -290,16 +308,15 @@ class RankCaller:
         interval_s: float,
         timeout_s: float = 10.0,
         request_id: str = "",
+        security: ClientSecurity | None = None,
     ) -> None:
         import threading
-
-        import grpc
 
         from hisam_pb.v1 import rank_pb2_grpc
 
         self.address, self.next_request = address, next_request
         self.interval_s, self.timeout_s, self.request_id = interval_s, timeout_s, request_id
-        self.channel = grpc.insecure_channel(address)
+        self.channel = rank_channel(address, security)
         self.stub = rank_pb2_grpc.RankingServiceStub(self.channel)
         self.calls: list[dict] = []
         self._stop = threading.Event()
@@ -343,6 +360,13 @@ class RankProbe(RankCaller):
     a trainer crash or a dependency outage.
     """
 
-    def __init__(self, address: str, user: int, items: Sequence[int], interval_s: float = 0.1) -> None:
+    def __init__(
+        self,
+        address: str,
+        user: int,
+        items: Sequence[int],
+        interval_s: float = 0.1,
+        security: ClientSecurity | None = None,
+    ) -> None:
         request = (user, list(items))
-        super().__init__(address, lambda: request, interval_s, timeout_s=30.0, request_id="probe")
+        super().__init__(address, lambda: request, interval_s, timeout_s=30.0, request_id="probe", security=security)

@@ -36,7 +36,13 @@ A third name, ``liveness``, is SERVING from start to shutdown whatever the depen
 do: the chart's liveness probe asks for it, so a dependency outage makes the pod unready
 (no traffic) but never gets it restarted, which would not help.
 
-Reflection lists the ranking and health services (``grpcurl`` works without the .proto).
+Reflection (``reflection=True``, ``hisam serve --reflection``; off by default) lists the
+ranking and health services (``grpcurl`` works without the .proto).
+
+Security (serving/security.py, docs/operations.md "Security: the Rank port"): with TLS the
+server listens with TLS only, optionally requiring client certificates (mutual TLS); with a
+token file every call but health checks needs a bearer token, a call without a valid one
+is UNAUTHENTICATED and counted in the Rank request metric.
 
 When Triton stops (crash, restart, rollout), Rank fails fast and recovers by itself:
 
@@ -80,16 +86,18 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection as grpc_reflection
 
 from features.store.base import OnlineStoreError
 from hisam_pb.v1 import rank_pb2, rank_pb2_grpc
 from infra import observability as obs
 from serving.ranking import DeadlineExceeded, InvalidRequest, ModelError, Ranker, RankResult, Unavailable
+from serving.security import ServerSecurity
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = rank_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+RANK_METHOD = f"/{SERVICE_NAME}/Rank"
 # The health service name a liveness probe asks for (module docstring).
 LIVENESS_SERVICE = "liveness"
 
@@ -238,6 +246,12 @@ async def _probe(ranker: Ranker, health: HealthServicer, interval_s: float, time
         await asyncio.sleep(interval_s)
 
 
+def _count_refused(method: str) -> None:
+    """A Rank call refused for want of a valid token counts as UNAUTHENTICATED in the request metric."""
+    if method == RANK_METHOD:
+        obs.RANK_REQUESTS.labels(grpc.StatusCode.UNAUTHENTICATED.name).inc()
+
+
 @dataclass(frozen=True)
 class ServerHandle:
     address: str  # host:port the server listens on
@@ -255,8 +269,11 @@ async def rank_server(
     health_timeout_s: float = HEALTH_TIMEOUT_S,
     max_receive_bytes: int = MAX_RECEIVE_BYTES,
     max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS,
+    security: ServerSecurity | None = None,
+    reflection: bool = False,
 ) -> AsyncIterator[ServerHandle]:
-    """Serve ``ranker`` on host:port (0: a free port) for the ``async with`` body (limits: module docstring)."""
+    """Serve ``ranker`` on host:port (0: a free port) for the ``async with`` body (limits, security,
+    reflection: module docstring)."""
     largest = largest_request_bytes(ranker.max_candidates)
     if max_receive_bytes < largest:
         raise ValueError(
@@ -267,16 +284,23 @@ async def rank_server(
         raise ValueError(
             f"need max_concurrent_rpcs >= 1 and health_timeout_s > 0, got {max_concurrent_rpcs}, {health_timeout_s}"
         )
+    security = security or ServerSecurity()
     server = grpc.aio.server(
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", max_receive_bytes)],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
+        interceptors=security.interceptors(on_refused=_count_refused),
     )
     RankingService(ranker).add_to_server(server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if reflection:
+        names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, grpc_reflection.SERVICE_NAME)
+        grpc_reflection.enable_server_reflection(names, server)
+    credentials = security.credentials()
+    if credentials is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()
@@ -285,8 +309,9 @@ async def rank_server(
     await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     probe = asyncio.create_task(_probe(ranker, health, health_interval_s, health_timeout_s))
     log.info(
-        "RankingService listening on %s:%d (backend %s; limits: %d bytes a request, %d calls at once, %gs a call)",
-        host, bound, ranker.backend.name, max_receive_bytes, max_concurrent_rpcs, ranker.default_timeout_s,
+        "RankingService listening on %s:%d (backend %s; %s; limits: %d bytes a request, %d calls at once, %gs a call)",
+        host, bound, ranker.backend.name, security.describe(), max_receive_bytes, max_concurrent_rpcs,
+        ranker.default_timeout_s,
     )  # fmt: skip
     try:
         yield ServerHandle(f"{host}:{bound}", bound)

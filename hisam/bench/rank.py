@@ -101,11 +101,10 @@ def _requests(args, rng: np.random.Generator, n: int) -> list[tuple[int, list[in
 
 
 async def _each_once(address: str, requests) -> None:
-    import grpc
-
     from hisam_pb.v1 import rank_pb2, rank_pb2_grpc
+    from serving.security import rank_channel
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with rank_channel(address, aio=True) as channel:
         stub = rank_pb2_grpc.RankingServiceStub(channel)
         for user, items in requests:
             await stub.Rank(rank_pb2.RankRequest(user_id=user, item_ids=items), timeout=60)

@@ -12,6 +12,10 @@ latency by status, Triton latency, caches, the model version answering, dependen
 When Triton stops, Rank answers UNAVAILABLE and health NOT_SERVING until it is back, with no
 restart of this server (serving/server.py); the embedded Triton is restarted by this
 process when it exits (serving/app.py).
+
+``--tls-cert``/``--tls-key`` (TLS only), ``--tls-client-ca`` (mutual TLS) and
+``--auth-token-file`` (bearer tokens) protect the port (serving/security.py,
+docs/operations.md "Security: the Rank port"); ``--reflection`` turns reflection on.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING
 from data import default_data_dir
 from hisam.jobs.stream_worker import add_store_arguments, store_config_from_args
 from infra.observability import add_metrics_arguments, metrics_server
+from serving.security import add_server_security_arguments, server_security_from_args
 
 if TYPE_CHECKING:
     from serving.app import ServeConfig
@@ -83,6 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=256,
         help="calls served at once, health checks included (RESOURCE_EXHAUSTED beyond)",
     )
+    parser.add_argument("--reflection", action="store_true", help="turn on gRPC server reflection (off by default)")
+    add_server_security_arguments(parser)
     add_store_arguments(parser)
     add_metrics_arguments(parser)
 
@@ -124,6 +131,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         health_timeout_s=args.health_timeout,
         max_message_bytes=args.max_message_bytes,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        security=server_security_from_args(args),
+        reflection=args.reflection,
     )
 
 

@@ -138,7 +138,7 @@ def env(kafka_bootstrap, redis_url, tokenizer_dir, tiny_export, restamp, restart
             max_candidates=MAX_CANDIDATES,
         )
 
-    with rank_server_thread(make_ranker, health_interval_s=0.2) as handle:
+    with rank_server_thread(make_ranker, health_interval_s=0.2, reflection=True) as handle:
         channel = grpc.insecure_channel(handle.address)
         yield {
             "stub": rank_pb2_grpc.RankingServiceStub(channel),

@@ -131,7 +131,9 @@ class RankClient:
     """Raw calls on the Rank method: bytes in, bytes out (identity serializers)."""
 
     def __init__(self, address: str):
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 16 << 20)])
+        from serving.security import rank_channel
+
+        self.channel = rank_channel(address, options=[("grpc.max_send_message_length", 16 << 20)])
         self.raw = self.channel.unary_unary(RANK_METHOD, request_serializer=None, response_deserializer=None)
 
     def call(self, c: Call, tally: RankTally, timeout_s: float = 30.0) -> str:
