@@ -13,15 +13,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=os.environ.get("HISAM_RANK_ADDRESS", "127.0.0.1:50051"))
     parser.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
     parser.add_argument("--request-id", default="")
+    from serving.security import add_client_security_arguments
+
+    add_client_security_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     import grpc
 
     from hisam_pb.v1 import rank_pb2, rank_pb2_grpc
+    from serving.security import client_security_from_args, rank_channel
 
     request = rank_pb2.RankRequest(user_id=args.user, item_ids=args.items, request_id=args.request_id)
-    with grpc.insecure_channel(args.address) as channel:
+    with rank_channel(args.address, client_security_from_args(args)) as channel:
         try:
             resp = rank_pb2_grpc.RankingServiceStub(channel).Rank(request, timeout=args.timeout)
         except grpc.RpcError as e:

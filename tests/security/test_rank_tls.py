@@ -323,3 +323,21 @@ def test_hisam_serve_with_tls_and_a_token(model_repo, sqlite_store, pki, tmp_pat
         assert _code(served.address, ClientSecurity(tls_ca=pki["ca"]), sqlite_store.requests[0]) == (
             grpc.StatusCode.UNAUTHENTICATED
         )
+
+
+def test_hisam_rank_reaches_a_mutual_tls_server_with_the_client_options(mtls_server, pki, sqlite_store, capsys) -> None:
+    """The `hisam rank` command takes the same client options (serving/security.py)."""
+    import argparse
+
+    from hisam.jobs import rank as rank_cmd
+
+    user, items = sqlite_store.requests[0]
+    parser = argparse.ArgumentParser()
+    rank_cmd.add_arguments(parser)
+    argv = [str(user), *map(str, items), "--address", mtls_server, "--timeout", str(TIMEOUT_S)]
+    assert rank_cmd.main(parser.parse_args(argv)) == 2  # plaintext against a TLS port
+    assert "Rank failed: UNAVAILABLE" in capsys.readouterr().err
+    tls = ["--tls-ca", str(pki["ca"]), "--tls-client-cert", str(pki["client_cert"])]
+    assert rank_cmd.main(parser.parse_args([*argv, *tls, "--tls-client-key", str(pki["client_key"])])) == 0
+    out = capsys.readouterr().out
+    assert f"user {user}:" in out and "scored" in out
