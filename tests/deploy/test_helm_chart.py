@@ -106,7 +106,9 @@ def test_pods_run_as_non_root_with_resources_and_probes(name: str) -> None:
     for served in ("triton", "rank-server"):
         c = specs[served]["containers"][0]
         assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(c), served
-    assert "grpc" in specs["rank-server"]["containers"][0]["readinessProbe"]  # grpc.health.v1
+    # grpc.health.v1: the kubelet's gRPC probe, or with TLS on (production) the same check over TLS from
+    # inside the pod (tests/security/test_chart_security.py).
+    assert ("exec" if name == "production" else "grpc") in specs["rank-server"]["containers"][0]["readinessProbe"]
 
 
 def test_production_values_place_gpu_work_on_gpu_nodes() -> None:
@@ -127,7 +129,8 @@ def test_kafka_and_redis_endpoints_reach_every_component() -> None:
     for component in ("stream-worker", "trainer", "rank-server"):
         env = {e["name"]: e.get("value") for e in specs[component]["containers"][0]["env"]}
         assert env["HISAM_KAFKA_BOOTSTRAP"] == "broker-a:9093,broker-b:9093", component
-        assert env["HISAM_REDIS_URL"] == "rediss://cache:6380/2", component
+        # The trainer does not use Redis: it gets no Redis URL (nor, with a Secret, its password).
+        assert env.get("HISAM_REDIS_URL") == (None if component == "trainer" else "rediss://cache:6380/2"), component
     assert "--bootstrap=broker-a:9093,broker-b:9093" in specs["stream-worker"]["containers"][0]["args"]
 
 
@@ -153,8 +156,10 @@ def test_bad_values_are_refused_by_the_schema(values: dict, field: str) -> None:
 
 def test_disabled_components_render_nothing() -> None:
     off = {c: {"enabled": False} for c in ("streamWorker", "trainer", "triton", "rankServer")}
-    kinds = {d["kind"] for d in render(off)}
-    assert kinds == {"ServiceAccount", "PersistentVolumeClaim"}
+    docs = render(off)
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "PersistentVolumeClaim", "NetworkPolicy"}
+    # networkPolicy.enabled (default true): only the release's default deny is left.
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"] == ["hisam-default-deny"]
 
 
 @pytest.mark.parametrize("name", VALUES)
@@ -175,7 +180,7 @@ def test_metrics_are_exposed_when_enabled(name: str) -> None:
     specs, annotations, svcs = pod_specs(docs), pod_annotations(docs), services(docs)
     for component in HISAM_COMPONENTS:
         c = specs[component]["containers"][0]
-        assert c["args"][-2:] == ["--metrics-port=9100", "--metrics-addr=0.0.0.0"], component
+        assert c["args"][-2:] == ["--metrics-port=9100", "--metrics-addr=$(POD_IP)"], component  # the pod IP
         assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in c["ports"], component
         assert annotations[component] == {
             "prometheus.io/scrape": "true",
@@ -218,7 +223,7 @@ def test_metrics_port_and_annotations_follow_the_values() -> None:
     specs, annotations = pod_specs(docs), pod_annotations(docs)
     for component in HISAM_COMPONENTS:
         c = specs[component]["containers"][0]
-        assert "--metrics-port=9200" in c["args"] and "--metrics-addr=0.0.0.0" in c["args"], component
+        assert "--metrics-port=9200" in c["args"] and "--metrics-addr=$(POD_IP)" in c["args"], component
         assert {"name": "metrics", "containerPort": 9200, "protocol": "TCP"} in c["ports"], component
     assert all(not a for a in annotations.values()), annotations  # endpoints stay, the annotations go
     assert services(docs)["rank-server"]["spec"]["ports"][-1]["port"] == 9200

@@ -44,18 +44,39 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-artifacts" (include "hisam.fullname" .)) .Values.artifacts.existingClaim -}}
 {{- end -}}
 
-{{/* Environment every hisam container gets: where Kafka and Redis are, a writable HOME. */}}
+{{/* Environment every hisam container gets: where Kafka is, a writable HOME, the pod IP (what
+     /metrics binds to). */}}
 {{- define "hisam.env" -}}
 - name: HISAM_KAFKA_BOOTSTRAP
   value: {{ .Values.kafka.bootstrap | quote }}
-- name: HISAM_REDIS_URL
-  value: {{ .Values.redis.url | quote }}
 - name: HISAM_ONLINE_BACKEND
   value: redis
 - name: HOME
   value: /tmp
 - name: PYTHONUNBUFFERED
   value: "1"
+{{- if .Values.metrics.enabled }}
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+{{- end }}
+{{- end -}}
+
+{{/* HISAM_REDIS_URL, the default of --redis-url (hisam/jobs/stream_worker.py add_store_arguments),
+     for the components that use Redis (stream workers, Rank servers; not the trainer). With
+     redis.existingSecret, a reference to the Secret's key: the URL and its password never
+     appear in the manifest (and never in args, which `ps` and `kubectl describe` show). */}}
+{{- define "hisam.redisEnv" -}}
+- name: HISAM_REDIS_URL
+{{- if .Values.redis.existingSecret }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.existingSecret }}
+      key: {{ .Values.redis.existingSecretKey }}
+{{- else }}
+  value: {{ .Values.redis.url | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* Scheduling fields of a component's values. */}}
@@ -104,11 +125,12 @@ affinity:
 {{- end -}}
 
 {{/* /metrics of a hisam process (infra/observability.py), when metrics are on: the CLI options,
-     then the container port. The address is 0.0.0.0: the CLI default, 127.0.0.1, is unreachable
-     from the rest of the cluster. */}}
+     then the container port. The address is the pod IP (POD_IP, from the downward API, which
+     Kubernetes substitutes into $(POD_IP)): reachable by Prometheus, not on every interface
+     (the CLI default, 127.0.0.1, is unreachable from the rest of the cluster). */}}
 {{- define "hisam.metricsArgs" -}}
 - --metrics-port={{ .Values.metrics.port }}
-- --metrics-addr=0.0.0.0
+- --metrics-addr=$(POD_IP)
 {{- end -}}
 
 {{- define "hisam.metricsContainerPort" -}}
@@ -125,4 +147,90 @@ prometheus.io/scrape: "true"
 prometheus.io/port: {{ .port | quote }}
 prometheus.io/path: /metrics
 {{- end -}}
+{{- end -}}
+
+{{/* The Rank server's exec probe with TLS on: include with (dict "root" $ "service" "liveness").
+     grpc.health.v1 Check of `service` over TLS to 127.0.0.1, the server certificate verified
+     against /etc/hisam/tls/ca.crt under the name rankServer.tls.serverName; with mutual TLS the
+     probe presents the server's own certificate. Exit 0 only when SERVING. */}}
+{{- define "hisam.rankTlsProbe" -}}
+{{- $c := .root.Values.rankServer -}}
+exec:
+  command:
+    - python
+    - -c
+    - |
+      import sys, grpc
+      from grpc_health.v1 import health_pb2 as pb, health_pb2_grpc as rpc
+      port, name, service, ca, *pair = sys.argv[1:]
+      read = lambda path: open(path, "rb").read()
+      key, cert = (read(pair[1]), read(pair[0])) if pair else (None, None)
+      creds = grpc.ssl_channel_credentials(read(ca), key, cert)
+      opts = [("grpc.ssl_target_name_override", name)]
+      with grpc.secure_channel(f"127.0.0.1:{port}", creds, options=opts) as ch:
+          try:
+              got = rpc.HealthStub(ch).Check(pb.HealthCheckRequest(service=service), timeout=3).status
+          except grpc.RpcError as e:
+              sys.exit(f"{e.code().name}: {e.details()}")
+      sys.exit(0 if got == pb.HealthCheckResponse.SERVING else pb.HealthCheckResponse.ServingStatus.Name(got))
+    - {{ $c.port | quote }}
+    - {{ default (printf "%s-rank-server.%s.svc" (include "hisam.fullname" .root) .root.Release.Namespace) $c.tls.serverName | quote }}
+    - {{ .service | quote }}
+    - /etc/hisam/tls/ca.crt
+    {{- if $c.tls.mutual }}
+    - /etc/hisam/tls/tls.crt
+    - /etc/hisam/tls/tls.key
+    {{- end }}
+{{- end -}}
+
+{{/* NetworkPolicy pieces (templates/networkpolicy.yaml). An ingress rule for /metrics on `port`
+     from networkPolicy.metricsScrapers (none when metrics are off or no scraper is listed). */}}
+{{- define "hisam.np.metricsIngress" -}}
+{{- if and .root.Values.metrics.enabled .root.Values.networkPolicy.metricsScrapers -}}
+- from:
+    {{- toYaml .root.Values.networkPolicy.metricsScrapers | nindent 4 }}
+  ports:
+    - port: {{ .port }}
+      protocol: TCP
+{{- end -}}
+{{- end -}}
+
+{{/* An egress rule to `ports` (TCP) of the peers `to` (any address when empty). */}}
+{{- define "hisam.np.egress" -}}
+- ports:
+    {{- range .ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with .to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
+
+{{/* Egress to the release's Triton pods, gRPC port. */}}
+{{- define "hisam.np.tritonEgress" -}}
+- ports:
+    - port: 8001
+      protocol: TCP
+  to:
+    - podSelector:
+        matchLabels:
+          {{- include "hisam.selectorLabels" (dict "root" . "component" "triton") | nindent 10 }}
+{{- end -}}
+
+{{/* Egress to DNS: networkPolicy.egress.dns.ports, UDP and TCP. */}}
+{{- define "hisam.np.dnsEgress" -}}
+{{- $dns := .Values.networkPolicy.egress.dns -}}
+- ports:
+    {{- range $dns.ports }}
+    - port: {{ . }}
+      protocol: UDP
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with $dns.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end -}}
