@@ -53,10 +53,13 @@ class RedisServer:
     port: int
     data_dir: Path
     pid: int
+    tls: bool = False  # the port speaks TLS only (``rediss://``)
+    username: str | None = None  # the ACL user made at start (the default user is then off)
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        """The URL without credentials (pass the password separately, e.g. as a file)."""
+        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/0"
 
     @property
     def connection_string(self) -> str:
@@ -130,26 +133,63 @@ def kafka_broker(
         log.info("kafka-compatible broker on %s stopped", broker.bootstrap)
 
 
+@dataclass(frozen=True)
+class RedisTls:
+    """TLS for a private Redis: its certificate and key, the CA its clients' certificates
+    must chain to, and whether clients must present one (``auth_clients``: no|optional|yes)."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    auth_clients: str = "optional"
+
+
 @contextlib.contextmanager
 def redis_server(
-    port: int | None = None, data_dir: Path | None = None, timeout_s: float = 10.0, durable: bool = False
+    port: int | None = None,
+    data_dir: Path | None = None,
+    timeout_s: float = 10.0,
+    durable: bool = False,
+    acl_user: tuple[str, str] | None = None,
+    tls: RedisTls | None = None,
 ) -> Iterator[RedisServer]:
     """Run a private ``redis-server`` bound to 127.0.0.1 for the ``with`` body.
 
     Not persistent by default. ``durable=True`` turns on the append-only file with an fsync
     per write (``appendfsync always``): a restart on the same ``data_dir`` keeps every write
     that was acknowledged, as a production Redis holding an online store is configured.
+    ``acl_user=(name, password)`` writes an ACL file (mode 0600, in the data dir) with that
+    user, all rights, and the ``default`` user off. ``tls`` serves TLS only on the port
+    (``--port 0 --tls-port``). docs/operations.md "Security: Redis".
     """
     exe = _binary("redis-server", "run `bash scripts/services.sh install` (apt-get install redis-server)")
     owns_dir = data_dir is None
     ddir = Path(tempfile.mkdtemp(prefix="hisam-redis-")) if owns_dir else Path(data_dir)
     ddir.mkdir(parents=True, exist_ok=True)
+    security: list[str] = []
+    if acl_user is not None:
+        name, password = acl_user
+        if not name or any(c.isspace() for c in name + password) or not password:
+            raise ValueError("acl_user: a non-empty name and password without whitespace")
+        aclfile = ddir / "users.acl"
+        fd = os.open(aclfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"user default off\nuser {name} on >{password} ~* &* +@all\n")
+        security += ["--aclfile", str(aclfile)]
     for attempt in range(3):
         chosen = port or free_port()
         logfile = ddir / "redis.log"
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
+        if tls is not None:
+            listen = [
+                "--port", "0", "--tls-port", str(chosen), "--tls-cert-file", str(tls.cert_file),
+                "--tls-key-file", str(tls.key_file), "--tls-ca-cert-file", str(tls.ca_file),
+                "--tls-auth-clients", tls.auth_clients,
+            ]  # fmt: skip
+        else:
+            listen = ["--port", str(chosen)]
         cmd = [
-            exe, "--port", str(chosen), "--bind", HOST, "--save", "", *persistence,
+            exe, *listen, "--bind", HOST, "--save", "", *persistence, *security,
             "--dir", str(ddir), "--logfile", str(logfile), "--daemonize", "no",
         ]  # fmt: skip
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -163,7 +203,7 @@ def redis_server(
                     shutil.rmtree(ddir, ignore_errors=True)
                 raise ServiceError(f"redis-server did not start: {e}; log: {_tail(logfile)}") from e
             log.debug("redis port %d clashed, retrying: %s", chosen, e)
-    server = RedisServer(HOST, chosen, ddir, proc.pid)
+    server = RedisServer(HOST, chosen, ddir, proc.pid, tls=tls is not None, username=acl_user and acl_user[0])
     try:
         log.info("private redis up on %s (pid %d)", server.connection_string, proc.pid)
         yield server

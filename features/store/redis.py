@@ -147,6 +147,19 @@ def _glob_escape(b: bytes) -> bytes:
     return b"".join(b"\\" + bytes((c,)) if c in b"*?[]\\" else bytes((c,)) for c in b)
 
 
+class _Credentials:
+    """redis-py's credential provider: the user and the password, read for each new connection."""
+
+    def __init__(self, config: OnlineStoreConfig) -> None:
+        self._config = config
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        pw = self._config.redis_password()
+        if pw is None:
+            return ()
+        return (self._config.redis_user, pw)
+
+
 class RedisStreamStore:
     """Appends and direct reads on Feast's Redis layout; thread-safe (a connection pool)."""
 
@@ -159,15 +172,39 @@ class RedisStreamStore:
         from redis.retry import Retry
 
         self._client = redis.Redis.from_url(
-            self.config.redis_url,
+            self.config.redis_url_bare,
             socket_timeout=config.redis_socket_timeout_s,
             socket_connect_timeout=config.redis_connect_timeout_s,
             # redis-py's default retries a timeout with backoff (10 times in redis-py 8),
             # which would stretch the timeout into minutes.
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+            # ACL login, asked for at each new connection (a rotated password file is read then).
+            credential_provider=_Credentials(config),
+            **config.redis_tls_kwargs(),
         )
         self._script = build_append_lua(self.config)
-        self._sha = self._client.script_load(self._script)
+        try:
+            self._sha = self._client.script_load(self._script)
+        except redis.exceptions.AuthenticationError as e:
+            raise redis.exceptions.AuthenticationError(
+                f"Redis at {config.redis_address} refused user {config.redis_user!r}: wrong password, unknown "
+                f'or disabled user ({type(e).__name__}; docs/operations.md "Security: Redis")'
+            ) from None
+        except redis.exceptions.ResponseError as e:
+            if "NOAUTH" not in str(e) and "NOPERM" not in str(e):
+                raise
+            raise redis.exceptions.AuthenticationError(
+                f"Redis at {config.redis_address} needs a login or more rights for user {config.redis_user!r}: {e}"
+            ) from None
+        except redis.exceptions.ConnectionError as e:
+            hint = (
+                "TLS: check the CA (--redis-tls-ca) and the client certificate"
+                if config.redis_tls
+                else ("if the server speaks TLS, use a rediss:// URL")
+            )
+            raise redis.exceptions.ConnectionError(
+                f"cannot talk to Redis at {config.redis_address} ({hint}): {e}"
+            ) from e
         # redis-py's Script runs EVALSHA and loads the script again if the server lost it.
         self._mget = self._client.register_script(_MULTI_HMGET_LUA)
         self._claim = self._client.register_script(_PRELUDE_LUA + "\n" + _CLAIM_LUA)

@@ -31,8 +31,24 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend", choices=["sqlite", "redis"], default=os.environ.get("HISAM_ONLINE_BACKEND", "sqlite")
     )
     parser.add_argument(
-        "--redis-url", default=os.environ.get("HISAM_REDIS_URL"), help="redis://host:port/db (backend redis)"
+        "--redis-url",
+        default=os.environ.get("HISAM_REDIS_URL"),
+        help="redis://[user@]host:port/db, rediss:// for TLS (backend redis); keep the password out of it",
     )
+    parser.add_argument(
+        "--redis-username", default=os.environ.get("HISAM_REDIS_USERNAME"), help="Redis ACL user (else the URL's)"
+    )
+    parser.add_argument(
+        "--redis-password-file",
+        type=Path,
+        default=os.environ.get("HISAM_REDIS_PASSWORD_FILE"),
+        help="file holding the Redis password (read at each new connection: rotation needs no restart)",
+    )
+    parser.add_argument(
+        "--redis-tls-ca", type=Path, default=os.environ.get("HISAM_REDIS_TLS_CA"), help="CA file (rediss://)"
+    )
+    parser.add_argument("--redis-tls-cert", type=Path, default=None, help="client certificate (rediss://)")
+    parser.add_argument("--redis-tls-key", type=Path, default=None, help="client certificate's key (rediss://)")
     parser.add_argument(
         "--repo-dir", type=Path, default=Path("artifacts/feature_repo"), help="Feast repo (yaml, registry, SQLite db)"
     )
@@ -56,6 +72,11 @@ def store_config_from_args(args: argparse.Namespace) -> OnlineStoreConfig:
         backend=args.backend,
         repo_dir=args.repo_dir,
         redis_url=args.redis_url,
+        redis_username=getattr(args, "redis_username", None),
+        redis_password_file=getattr(args, "redis_password_file", None),
+        redis_tls_ca=getattr(args, "redis_tls_ca", None),
+        redis_tls_cert=getattr(args, "redis_tls_cert", None),
+        redis_tls_key=getattr(args, "redis_tls_key", None),
         project=args.project,
         stream_len=args.stream_len,
         n_codes=args.n_codes,

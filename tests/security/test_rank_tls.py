@@ -10,20 +10,15 @@ with a bearer-token file (reflection off, the default), and mutual TLS with refl
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from pki import _cert, _key, _write_pair
 from prometheus_client import REGISTRY
 
 from features.store import open_stream_store
@@ -40,41 +35,6 @@ TIMEOUT_S = 10.0
 
 
 # --- certificates ---------------------------------------------------------------------------------
-
-
-def _key():
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _pem_key(key) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _cert(subject: str, key, issuer=None, issuer_key=None, *, ca: bool = False, server: bool = False):
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer.subject if issuer is not None else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(issuer_key if issuer_key is not None else key, hashes.SHA256())
-
-
-def _write_pair(d: Path, name: str, cert, key) -> tuple[Path, Path]:
-    (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / f"{name}.key").write_bytes(_pem_key(key))
-    return d / f"{name}.pem", d / f"{name}.key"
 
 
 @pytest.fixture(scope="module")
