@@ -28,6 +28,9 @@ restarts tritonserver on the same ports when it exits (with a growing pause, up 
 ``max_backoff_s``, while it keeps failing), so the Rank server, which reconnects by itself,
 recovers from a Triton crash with nobody's help. In Kubernetes Triton is its own Deployment
 and the kubelet restarts it.
+
+``access`` (infra/triton_access.py) restricts Triton's APIs to key holders and puts TLS on its
+gRPC port; the readiness helpers here take the client side of the same object.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.ports import HOST, ServiceError, free_port
+from infra.triton_access import OPEN, TritonAccess
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +127,9 @@ def is_ready(http_url: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
-def models_ready(url: str, models: list[str], version: int | str, timeout_s: float = 2.0) -> tuple[bool, str]:
+def models_ready(
+    url: str, models: list[str], version: int | str, timeout_s: float = 2.0, access: TritonAccess = OPEN
+) -> tuple[bool, str]:
     """(whether every model serves ``version``, why not) from Triton's gRPC ``url``; every call bounded.
 
     A server that does not answer within ``timeout_s`` (stuck, or a socket that accepts and
@@ -131,10 +137,14 @@ def models_ready(url: str, models: list[str], version: int | str, timeout_s: flo
     """
     import tritonclient.grpc as grpcclient
 
-    client = grpcclient.InferenceServerClient(url)
+    try:
+        client = grpcclient.InferenceServerClient(url, **access.client_kwargs())
+        headers = access.headers()
+    except Exception as e:  # noqa: BLE001 - unreadable TLS or key files: not ready, and why
+        return False, f"{type(e).__name__}: {str(e).strip()[:200]}"
     try:
         for m in models:
-            if not client.is_model_ready(m, str(version), client_timeout=timeout_s):
+            if not client.is_model_ready(m, str(version), headers=headers, client_timeout=timeout_s):
                 return False, f"{m} version {version} not ready"
         return True, ""
     except Exception as e:  # noqa: BLE001 - not answering (refused, deadline, ...) means not ready yet
@@ -144,7 +154,13 @@ def models_ready(url: str, models: list[str], version: int | str, timeout_s: flo
 
 
 def wait_models_ready(
-    url: str, models: list[str], version: int | str, timeout_s: float, poll_s: float = 0.1, call_timeout_s: float = 2.0
+    url: str,
+    models: list[str],
+    version: int | str,
+    timeout_s: float,
+    poll_s: float = 0.1,
+    call_timeout_s: float = 2.0,
+    access: TritonAccess = OPEN,
 ) -> float:
     """Seconds until Triton at ``url`` serves ``version`` of every model; raises TimeoutError after ``timeout_s``.
 
@@ -158,7 +174,7 @@ def wait_models_ready(
         left = deadline - time.monotonic()
         if left <= 0:
             break
-        ok, why = models_ready(url, models, version, max(0.05, min(call_timeout_s, left)))
+        ok, why = models_ready(url, models, version, max(0.05, min(call_timeout_s, left)), access)
         if ok:
             return time.monotonic() - t0
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
@@ -176,7 +192,13 @@ def wait_ready(server: TritonServer, timeout_s: float, proc: subprocess.Popen | 
     raise ServiceError(f"tritonserver not ready after {timeout_s:.0f}s; log: {server.log_tail()}")
 
 
-def _command(inst: TritonInstall, repo: str | Path, ports: tuple[int, int, int], poll_s: float) -> list[str]:
+def _command(
+    inst: TritonInstall, repo: str | Path, ports: tuple[int, int, int], poll_s: float, access: TritonAccess = OPEN
+) -> list[str]:
+    return [*_base_command(inst, repo, ports, poll_s), *access.server_args()]
+
+
+def _base_command(inst: TritonInstall, repo: str | Path, ports: tuple[int, int, int], poll_s: float) -> list[str]:
     return [
         str(inst.server), f"--model-repository={Path(repo).resolve()}", f"--backend-directory={inst.backends}",
         f"--grpc-address={HOST}", f"--grpc-port={ports[0]}", f"--http-address={HOST}", f"--http-port={ports[1]}",
@@ -219,13 +241,14 @@ def triton_server(
     timeout_s: float = 90.0,
     log_dir: Path | None = None,
     home: str | Path | None = None,
+    access: TritonAccess = OPEN,
 ) -> Iterator[TritonServer]:
     """Run tritonserver on ``repo`` for the ``with`` body; yields once every model is ready."""
     inst = find_triton(home)
     ports = (grpc_port or free_port(), http_port or free_port(), metrics_port or free_port())
     with _log_dir(log_dir) as ldir:
         log_path = ldir / "tritonserver.log"
-        proc = _launch(inst, _command(inst, repo, ports, poll_s), log_path)
+        proc = _launch(inst, _command(inst, repo, ports, poll_s, access), log_path)
         server = TritonServer(HOST, *ports, Path(repo), log_path, proc.pid)
         try:
             wait_ready(server, timeout_s, proc)
@@ -312,11 +335,12 @@ def supervised_triton_server(
     home: str | Path | None = None,
     check_s: float = 0.5,
     max_backoff_s: float = 30.0,
+    access: TritonAccess = OPEN,
 ) -> Iterator[TritonSupervisor]:
     """``triton_server`` restarted on the same ports whenever it exits, for the ``with`` body."""
     inst = find_triton(home)
     ports = (free_port(), free_port(), free_port())
-    cmd = _command(inst, repo, ports, poll_s)
+    cmd = _command(inst, repo, ports, poll_s, access)
     with _log_dir(log_dir) as ldir:
         log_path = ldir / "tritonserver.log"
         proc = _launch(inst, cmd, log_path)

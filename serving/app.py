@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from features.store import OnlineStoreConfig
+from infra.triton_access import TritonAccess
 from serving.security import ServerSecurity
 
 if TYPE_CHECKING:
@@ -51,6 +52,10 @@ class ServeConfig:
     # TLS, mutual TLS, bearer tokens (serving/security.py); the default protects nothing
     security: ServerSecurity = field(default_factory=ServerSecurity)
     reflection: bool = False  # gRPC server reflection (grpcurl without the .proto)
+    # Keys and TLS of the Triton hop (infra/triton_access.py): the client side, and the embedded
+    # Triton's admin key (its client key is triton_access.key_file)
+    triton_access: TritonAccess = field(default_factory=TritonAccess)
+    triton_admin_key_file: Path | None = None
 
 
 def checkpoint_profile_vocab(checkpoint: Path) -> ProfileVocab | None:
@@ -70,7 +75,7 @@ def make_ranker(config: ServeConfig, triton_url: str | None, profiles: Profiles)
     from serving.ranking import Ranker, model_info
 
     if config.inference == "triton":
-        backend = TritonBackend(triton_url)
+        backend = TritonBackend(triton_url, config.triton_access)
     else:
         backend = OrtBackend(config.model_repo, config.threads)
     reader = OnlineReader(
@@ -128,5 +133,8 @@ def run_rank_service(config: ServeConfig, profiles: Profiles, on_listening: Call
         if config.inference == "triton" and url is None:
             from infra.triton import supervised_triton_server
 
-            url = stack.enter_context(supervised_triton_server(config.model_repo)).url
+            if config.triton_access.tls_ca is not None:
+                raise ValueError("the embedded Triton listens on 127.0.0.1 without TLS: give --triton-url for TLS")
+            access = TritonAccess(key_file=config.triton_access.key_file, admin_key_file=config.triton_admin_key_file)
+            url = stack.enter_context(supervised_triton_server(config.model_repo, access=access)).url
         asyncio.run(serve(config, url, profiles, on_listening))

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from infra import observability as obs
+from infra.triton_access import OPEN, TritonAccess
 from serving.repository import GRAPH_MODELS, MODEL_FILE, VERSION_OUTPUT, published_versions
 
 log = logging.getLogger(__name__)
@@ -104,11 +105,12 @@ class TritonBackend:
 
     name = "triton"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, access: TritonAccess = OPEN) -> None:
         import tritonclient.grpc.aio as grpcclient
 
         self.url = url
         self._grpc = grpcclient
+        self._access = access
         keepalive = grpcclient.KeepAliveOptions()
         self._client = grpcclient.InferenceServerClient(
             url,
@@ -123,6 +125,7 @@ class TritonBackend:
                 ("grpc.min_reconnect_backoff_ms", RECONNECT_INITIAL_MS),
                 ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
             ],
+            **access.client_kwargs(),
         )
 
     def _inputs(self, feed: Mapping[str, np.ndarray]) -> list:
@@ -146,9 +149,12 @@ class TritonBackend:
         timeout_s = CALL_TIMEOUT_S if timeout_s is None else timeout_s
         t0 = time.perf_counter()
         try:
-            result = await self._client.infer(model, self._inputs(feed), outputs=requested, client_timeout=timeout_s)
-        except InferenceServerException as e:
-            error = self._classify(model, e)
+            headers = self._access.headers()  # read now: a rotated key needs no restart
+            result = await self._client.infer(
+                model, self._inputs(feed), outputs=requested, headers=headers, client_timeout=timeout_s
+            )
+        except (InferenceServerException, ValueError) as e:
+            error = BackendError(str(e)) if isinstance(e, ValueError) else self._classify(model, e)
             obs.BACKEND_ERRORS.labels(self.name, graph, _kind(error)).inc()
             raise error from e
         obs.BACKEND_LATENCY.labels(self.name, graph).observe(time.perf_counter() - t0)
@@ -160,6 +166,8 @@ class TritonBackend:
         status, message = str(e.status() or ""), str(e.message())
         if "DEADLINE_EXCEEDED" in status:
             return BackendDeadline(f"Triton call to {model} passed its deadline")
+        if "protocol is restricted" in message:  # a missing or wrong key (infra/triton_access.py), not an outage
+            return BackendError(f"Triton refused {model}: {message}; check --triton-key-file")
         if any(s in status for s in UNAVAILABLE_STATUSES) or any(m in message.lower() for m in UNAVAILABLE_MESSAGES):
             return BackendUnavailable(f"Triton at {self.url} unavailable for {model}: {message}")
         return BackendError(f"Triton failed {model}: {message}")
@@ -181,7 +189,14 @@ class TritonBackend:
 
     async def ready(self, timeout_s: float = READY_TIMEOUT_S) -> bool:
         """Whether Triton serves the three models; False when it does not answer within ``timeout_s``."""
-        calls = [self._client.is_model_ready(m, client_timeout=timeout_s) for m in GRAPH_MODELS.values()]
+        try:
+            headers = self._access.headers()
+        except ValueError as e:
+            log.warning("Triton readiness not asked: %s", e)
+            return False
+        calls = [
+            self._client.is_model_ready(m, headers=headers, client_timeout=timeout_s) for m in GRAPH_MODELS.values()
+        ]
         try:
             # The outer bound also covers what client_timeout does not (connecting, the channel's own waits).
             return all(await asyncio.wait_for(asyncio.gather(*calls), timeout_s + 0.5))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra.triton_access import TritonAccess
 from stream import topics as tp
 from trainer.faults import Faults
 from trainer.paired import METHODS, UNITS
@@ -68,6 +69,7 @@ class ServiceConfig:
     max_records: int = 256  # micro-batch size
     max_wait_s: float = 2.0  # a micro-batch closes this long after its first record
     triton_url: str | None = None  # confirm that Triton serves each published version
+    triton_access: TritonAccess = field(default_factory=TritonAccess)  # its key and TLS (infra/triton_access.py)
     publish_timeout_s: float = 120.0
     lock_timeout_s: float = 60.0  # waiting for the repository's writer lock (a rollback from outside)
     template_dir: Path | None = None  # traced ONNX templates (default: <state_dir>/onnx_templates)

@@ -77,6 +77,7 @@ from export.graphs import model_version
 from export.template import ParityError, Template, check_parity, export_graphs, probe_sequences
 from infra import observability as obs
 from infra.triton import models_ready, wait_models_ready
+from infra.triton_access import OPEN, TritonAccess
 from models.hmat.checkpoint import load_checkpoint, save_checkpoint
 from models.hmat.model import HMAT
 from serving.repository import (
@@ -154,14 +155,15 @@ class TritonWatch:
     url: str
     poll_s: float = 0.1
     call_timeout_s: float = 2.0
+    access: TritonAccess = OPEN  # the client key and TLS of the Triton hop (infra/triton_access.py)
 
     def serving(self, version: int) -> bool:
-        return models_ready(self.url, list(GRAPH_MODELS.values()), version, self.call_timeout_s)[0]
+        return models_ready(self.url, list(GRAPH_MODELS.values()), version, self.call_timeout_s, self.access)[0]
 
     def wait_serving(self, version: int, timeout_s: float) -> float:
         """Seconds until every model serves ``version``; raises TimeoutError (also when Triton hangs)."""
         models = list(GRAPH_MODELS.values())
-        return wait_models_ready(self.url, models, version, timeout_s, self.poll_s, self.call_timeout_s)
+        return wait_models_ready(self.url, models, version, timeout_s, self.poll_s, self.call_timeout_s, self.access)
 
 
 # --- the trainer's publisher ---------------------------------------------------------------------
@@ -186,7 +188,7 @@ class Publisher:
         self.cfg = cfg
         self.state = state
         self.trainer = trainer
-        self.watch = TritonWatch(cfg.triton_url) if cfg.triton_url else None
+        self.watch = TritonWatch(cfg.triton_url, access=cfg.triton_access) if cfg.triton_url else None
         self.in_flight: InFlight | None = None
         self.published = 0  # versions published by the gate in this process
         self._template: Template | None = None

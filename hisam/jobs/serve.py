@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from data import default_data_dir
 from hisam.jobs.stream_worker import add_store_arguments, store_config_from_args
 from infra.observability import add_metrics_arguments, metrics_server
+from infra.triton_access import add_client_arguments, add_server_arguments, client_access_from_args
 from serving.security import add_server_security_arguments, server_security_from_args
 
 if TYPE_CHECKING:
@@ -90,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--reflection", action="store_true", help="turn on gRPC server reflection (off by default)")
     add_server_security_arguments(parser)
+    add_client_arguments(parser)
+    add_server_arguments(parser)
     add_store_arguments(parser)
     add_metrics_arguments(parser)
 
@@ -133,6 +136,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         security=server_security_from_args(args),
         reflection=args.reflection,
+        triton_access=client_access_from_args(args),
+        triton_admin_key_file=args.triton_admin_key_file,
     )
 
 

@@ -30,6 +30,7 @@ import threading
 from pathlib import Path
 
 from data import default_data_dir
+from infra.triton_access import add_client_arguments, client_access_from_args
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template-dir", type=Path, default=None, help="traced ONNX templates (default: in state)")
     parser.add_argument("--publish-timeout", type=float, default=120.0, help="seconds to wait for Triton to serve")
     parser.add_argument("--triton-url", default=os.environ.get("HISAM_TRITON_URL"), help="gRPC host:port to confirm")
+    add_client_arguments(parser)
     parser.add_argument(
         "--target",
         choices=["cpu", "gpu"],
@@ -152,6 +154,7 @@ def build_service(args: argparse.Namespace):
         max_records=args.max_records,
         max_wait_s=args.max_wait,
         triton_url=args.triton_url,
+        triton_access=client_access_from_args(args),
         target=args.target,
         full_export=args.full_export,
         idle_exit_s=args.idle_exit,

@@ -234,3 +234,72 @@ exec:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end -}}
+
+{{/* The Triton hop, client side (the Rank servers and the trainer; infra/triton_access.py): the
+     client key and the TLS files, mounted from Secrets and passed as paths. */}}
+{{- define "hisam.tritonClientArgs" -}}
+{{- $t := .Values.triton -}}
+{{- if $t.access.existingSecret }}
+- --triton-key-file=/etc/hisam/triton-key/client-key
+{{- end }}
+{{- if $t.tls.existingSecret }}
+- --triton-tls-ca=/etc/hisam/triton-ca/ca.crt
+{{- if $t.tls.mutual }}
+- --triton-tls-cert=/etc/hisam/triton-client/tls.crt
+- --triton-tls-key=/etc/hisam/triton-client/tls.key
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "hisam.tritonClientMounts" -}}
+{{- $t := .Values.triton -}}
+{{- if $t.access.existingSecret }}
+# The directory, not a subPath: a changed Secret reaches the file, read again at every call.
+- name: triton-key
+  mountPath: /etc/hisam/triton-key
+  readOnly: true
+{{- end }}
+{{- if $t.tls.existingSecret }}
+- name: triton-ca
+  mountPath: /etc/hisam/triton-ca
+  readOnly: true
+{{- if $t.tls.mutual }}
+- name: triton-client
+  mountPath: /etc/hisam/triton-client
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "hisam.tritonClientVolumes" -}}
+{{- $t := .Values.triton -}}
+{{- if $t.access.existingSecret }}
+- name: triton-key
+  secret:
+    secretName: {{ $t.access.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ $t.access.clientKey }}
+        path: client-key
+{{- end }}
+{{- if $t.tls.existingSecret }}
+- name: triton-ca
+  secret:
+    secretName: {{ $t.tls.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: ca.crt
+        path: ca.crt
+{{- if $t.tls.mutual }}
+- name: triton-client
+  secret:
+    secretName: {{ $t.tls.clientSecret }}
+    defaultMode: 0440
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- end }}
+{{- end }}
+{{- end -}}
