@@ -1,7 +1,10 @@
 """``hisam ranker eval``: score the test split with every fine-tuned run and write the report.
 
 The evaluation is recipes/ranker/eval_runs.py; this writes ``report.md`` (mean ± std over
-seeds, Hi-SAM Table 2 layout), ``metrics.json`` and training-curve plots to ``--report-dir``.
+seeds, Hi-SAM Table 2 layout, and paired differences to ``--reference`` with bootstrap
+intervals), ``metrics.json`` and training-curve plots to ``--report-dir``. With
+``--item-cold-share`` the runs must have been trained on that item-cold split
+(recipes/coldstart), which the evaluation rebuilds.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 from pathlib import Path
 
 from models.hmat.baselines import VARIANTS
+from recipes.coldstart import split_for
 from recipes.ranker import PROTOCOLS, write_report
 from recipes.ranker.eval_runs import EvalConfig, EvalRunsError, collect_runs, evaluate_runs
 from recipes.ranker.runs import add_data_arguments, apply_threads, dataset_or_none
@@ -48,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-dir", type=Path, help="where the report goes (default <out>/report)")
     parser.add_argument("--max-tokens", type=int, default=32768, help="padded tokens per scoring batch")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--cold-k", type=int, default=10, help="k of the cold-item recall@k and NDCG@k")
+    parser.add_argument(
+        "--reference",
+        default="id",
+        help="row label the other rows are compared with, by a paired bootstrap over users (default: id)",
+    )
+    parser.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -63,14 +74,22 @@ def main(args: argparse.Namespace) -> int:
         device=args.device,
         max_users=args.max_users,
         progress=not args.no_progress,
+        cold_k=args.cold_k,
+        reference=args.reference,
+        bootstrap=args.bootstrap,
     )
     try:
+        ds, split = split_for(ds, args.item_cold_share, args.item_cold_seed)
+    except ValueError as e:
+        log.error("%s", e)
+        return 1
+    try:
         runs = collect_runs(args.out, args.tokenizer, args.also, args.variant, args.seeds)
-        evaluation = evaluate_runs(ds, runs, config)
+        evaluation = evaluate_runs(ds, runs, config, split)
     except EvalRunsError as e:
         log.error("%s", e)
         return 1
     report_dir = args.report_dir or args.out / "report"
-    path = write_report(report_dir, evaluation.results, evaluation.histories, evaluation.context)
+    path = write_report(report_dir, evaluation.results, evaluation.histories, evaluation.context, evaluation.paired)
     log.info("report written to %s", path)
     return 0

@@ -41,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model config override, e.g. --set codebook_size=128",
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--item-cold-share",
+        type=float,
+        help="fit on an item-cold split (recipes/coldstart, docs/method.md §5): hold out this share of items, "
+        "rebuild behaviour without them, fit on the items with a training interaction only",
+    )
+    parser.add_argument("--item-cold-seed", type=int, default=0, help="seed of the item-cold draw")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -60,9 +67,15 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from data import load_dataset
+    from recipes.coldstart import split_for, train_split_tokenizer
     from recipes.tokenizer.variants import DEFAULT_LR, VARIANTS, train_variant
 
     ds = load_dataset(args.dataset, args.data_dir, progress=not args.no_progress)
+    try:
+        ds, split = split_for(ds, args.item_cold_share, args.item_cold_seed)
+    except ValueError as e:
+        log.error("%s", e)
+        return 1
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     overrides = parse_overrides(args.set)
     for name in args.variant or ["dst"]:
@@ -75,6 +88,9 @@ def main(args: argparse.Namespace) -> int:
             device=device,
             progress=not args.no_progress,
         )
-        tok = train_variant(name, ds, Path(args.tokenizers_dir), cfg, overrides)
+        if split is None:
+            tok = train_variant(name, ds, Path(args.tokenizers_dir), cfg, overrides)
+        else:
+            tok = train_split_tokenizer(name, ds, split, Path(args.tokenizers_dir), cfg, overrides)
         print(f"{name}: {tok.version} -> {Path(args.tokenizers_dir) / name}")
     return 0

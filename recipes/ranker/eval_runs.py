@@ -3,7 +3,11 @@
 For each ``<out>/<variant>/seed<k>/finetune`` checkpoint: rebuild its inputs (item codes
 from the same tokenizer version, profiles from the vocabulary saved with it), score every
 test interaction with one-pass ranking under the chosen protocol (recipes/ranker/sequences.py)
-and compute AUC, GAUC, cold-user AUC / GAUC and cold-item AUC (recipes/ranker/evaluate.py).
+and compute AUC, GAUC, cold-user AUC / GAUC and cold-item AUC (recipes/ranker/evaluate.py), and
+the within-user cold-item GAUC, recall@k and NDCG@k (recipes/coldstart/metrics.py); with a
+reference row (the ID-only baseline by default), every other row's paired difference to it
+with a user-bootstrap interval (recipes/coldstart/compare.py). On an item-cold split
+(``--item-cold-share``) only checkpoints trained on that same split are accepted.
 Runs that agree on their codes, profiles and history length share one evaluation set: on
 ML-100K building it costs about as much as scoring one run.
 """
@@ -15,11 +19,16 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from data import Dataset
 from models.device import pick_device
 from models.hmat.baselines import VARIANTS, uses_item_ids
 from models.hmat.checkpoint import load_checkpoint, load_history
 from models.tokenizer import FrozenTokenizer
+from recipes.coldstart import SplitMismatch, SplitRecord, check_split, cold_item_metrics
+from recipes.coldstart.compare import ScoredRows, paired_differences
+from recipes.coldstart.tokenizer import describe
 from recipes.ranker import EvalSet, RankerInputs, eval_set, load_inputs, select_users
 from recipes.ranker.evaluate import ranking_metrics, score_examples, score_timelines
 from recipes.ranker.runs import saved_vocab
@@ -40,6 +49,9 @@ class EvalConfig:
     device: str = "auto"
     max_users: int | None = None
     progress: bool = True
+    cold_k: int = 10  # k of the cold-item recall@k / NDCG@k
+    reference: str | None = "id"  # row label the paired bootstrap compares every other row with (None: no table)
+    bootstrap: int = 1000  # paired bootstrap resamples (users drawn with replacement)
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,7 @@ class Evaluation:
     results: dict[str, list[dict]] = field(default_factory=dict)
     histories: dict[tuple[str, int, str], list[dict]] = field(default_factory=dict)
     context: dict = field(default_factory=dict)
+    paired: list[dict] = field(default_factory=list)  # recipes.coldstart.compare.paired_differences
 
 
 def tokenizer_kind(path: Path) -> str:
@@ -104,16 +117,25 @@ def collect_runs(
     return runs
 
 
-def evaluate_runs(ds: Dataset, runs: list[EvalRun], config: EvalConfig) -> Evaluation:
-    """Every run's metrics on the test split, its training curves, and what the report says about the setup."""
+def evaluate_runs(ds: Dataset, runs: list[EvalRun], config: EvalConfig, split: SplitRecord | None = None) -> Evaluation:
+    """Every run's metrics on the test split, its training curves, and what the report says about the setup.
+
+    ``ds`` is the item-cold split ``split`` describes (recipes.coldstart), or the whole
+    dataset when ``split`` is None; a checkpoint trained on another split is refused.
+    """
     device = pick_device(config.device)
     users = select_users(ds, config.max_users)
     out = Evaluation()
     versions, presets, windows = set(), set(), set()
     inputs_cache: dict[tuple[bool, str, str], RankerInputs] = {}
     evals_cache: dict[tuple[tuple[bool, str, str], int], EvalSet] = {}
+    scored: dict[tuple[str, int], ScoredRows] = {}
     for run in runs:
         model, saved = load_checkpoint(run.directory / "finetune", device)
+        try:
+            check_split(f"checkpoint {run.directory / 'finetune'}", saved.get("item_cold_split"), split)
+        except SplitMismatch as e:
+            raise EvalRunsError(str(e)) from e
         # The codes and profiles this checkpoint was trained on (shared between runs that agree).
         tokenizer = None if uses_item_ids(run.variant) else run.tokenizer
         key = (uses_item_ids(run.variant), str(tokenizer), json.dumps(saved["profile_vocab"], sort_keys=True))
@@ -133,7 +155,9 @@ def evaluate_runs(ds: Dataset, runs: list[EvalRun], config: EvalConfig) -> Evalu
             evals_cache[window] = eval_set(
                 ds, inputs.item_codes, inputs.profiles, model.config.max_items, config.protocol, users
             )
-        metrics = _score(model, evals_cache[window], ds, config)
+        metrics, scores = _score(model, evals_cache[window], ds, config)
+        ev = evals_cache[window]
+        scored[(run.label, run.seed)] = ScoredRows(ev.user_idx, ev.item_idx, ev.label, scores)
         log.info(
             "%s seed %d: %s",
             run.label,
@@ -156,15 +180,25 @@ def evaluate_runs(ds: Dataset, runs: list[EvalRun], config: EvalConfig) -> Evalu
         "max history items": sorted(windows),
         "item codes": sorted(versions),
         "device": str(device),
+        "item-cold split": describe(split),
+        "cold-item k": config.cold_k,
     }
+    if config.reference is not None and any(label == config.reference for label, _ in scored):
+        try:
+            out.paired = paired_differences(scored, config.reference, ds.cold_items, config.cold_k, config.bootstrap)
+        except ValueError as e:
+            raise EvalRunsError(str(e)) from e
+        out.context["paired bootstrap"] = f"{config.bootstrap} resamples of users, 95% percentile intervals"
     return out
 
 
-def _score(model, evals: EvalSet, ds: Dataset, config: EvalConfig) -> dict:
-    """One run's ranking metrics on one evaluation set."""
+def _score(model, evals: EvalSet, ds: Dataset, config: EvalConfig) -> tuple[dict, np.ndarray]:
+    """One run's ranking metrics on one evaluation set, and its scores (one per row of ``evals``)."""
     options = {"max_tokens": config.max_tokens, "precision": config.precision, "progress": config.progress}
     if config.scorer == "grouped" and config.protocol == "stream":
         scores = score_timelines(model, evals.timelines, **options)
     else:
         scores = score_examples(model, evals.examples, **options)
-    return ranking_metrics(evals.user_idx, evals.item_idx, evals.label, scores, ds.cold_users, ds.cold_items)
+    metrics = ranking_metrics(evals.user_idx, evals.item_idx, evals.label, scores, ds.cold_users, ds.cold_items)
+    cold = cold_item_metrics(evals.user_idx, evals.item_idx, evals.label, scores, ds.cold_items, config.cold_k)
+    return {**metrics, **cold}, scores

@@ -11,7 +11,8 @@ Metrics (all on probabilities of a positive action, labels 1 = rating > 3):
   interactions (``Dataset.cold_users``).
 - Cold-item AUC: AUC over rows whose item has no training interaction
   (``Dataset.cold_items``): the cold-start case semantic IDs exist for. Not a GAUC: a user
-  rarely meets more than one cold item.
+  rarely meets more than one cold item in a chronological split; the item-cold split and
+  its within-user measures (cold-item GAUC, recall/NDCG@k) are in recipes/coldstart.
 A metric with no defined value (one class only, or no rows) is NaN, never a made-up 0.5.
 
 Scoring runs one-pass ranking (docs/method.md §4: candidates as blocks after the history,

@@ -1,10 +1,15 @@
 """The evaluation report: a markdown table in the shape of Hi-SAM Table 2, and training curves.
 
 One row per variant, one column per metric (AUC, GAUC, cold-user AUC / GAUC, cold-item
-AUC), each cell the mean over seeds +- the sample standard deviation (ddof = 1; a single
+AUC, and the item-side cold-start measures of recipes/coldstart: cold-item GAUC, recall@k
+and NDCG@k of cold items within each user's ranking), each cell the mean over seeds +- the sample standard deviation (ddof = 1; a single
 seed has no spread, shown as "n/a" rather than a misleading 0). NaN metrics (e.g. no
 cold items in a slice) are left out of the mean and the count of seeds behind a cell is
 given when it is not all of them.
+
+When a reference row (the ID-only baseline by default) is evaluated beside others, a
+second table gives each other row's paired difference to it, seed by seed, with a 95%
+user-bootstrap interval (recipes/coldstart/compare.py).
 """
 
 from __future__ import annotations
@@ -23,6 +28,15 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("cold_user_auc", "Cold-user AUC"),
     ("cold_user_gauc", "Cold-user GAUC"),
     ("cold_item_auc", "Cold-item AUC"),
+    ("cold_item_gauc", "Cold-item GAUC"),
+    ("cold_item_recall", "Cold-item Recall@{k}"),
+    ("cold_item_ndcg", "Cold-item NDCG@{k}"),
+)
+PAIRED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("gauc", "Δ GAUC"),
+    ("cold_item_gauc", "Δ Cold-item GAUC"),
+    ("cold_item_recall", "Δ Cold-item Recall@{k}"),
+    ("cold_item_ndcg", "Δ Cold-item NDCG@{k}"),
 )
 LABELS = {
     "hmat": "HMAT (H-RoPE + MA-Attn)",
@@ -59,15 +73,35 @@ def format_cell(values: Sequence[float]) -> str:
     return cell if n == len(values) else f"{cell} ({n}/{len(values)} seeds)"
 
 
-def metrics_table(results: Mapping[str, Sequence[Mapping[str, float]]]) -> str:
-    """Markdown table: ``results`` maps variant -> one metrics dict per seed."""
-    head = "| Method | Seeds | " + " | ".join(title for _, title in COLUMNS) + " |"
+def metrics_table(results: Mapping[str, Sequence[Mapping[str, float]]], k: int = 10) -> str:
+    """Markdown table: ``results`` maps variant -> one metrics dict per seed; ``k`` of the cold-item recall/NDCG."""
+    head = "| Method | Seeds | " + " | ".join(title.format(k=k) for _, title in COLUMNS) + " |"
     rule = "|---|---:|" + "---:|" * len(COLUMNS)
     rows = [
         f"| {row_label(variant)} | {len(runs)} | "
-        + " | ".join(format_cell([r[key] for r in runs]) for key, _ in COLUMNS)
+        + " | ".join(format_cell([r.get(key, math.nan) for r in runs]) for key, _ in COLUMNS)
         + " |"
         for variant, runs in results.items()
+    ]
+    return "\n".join([head, rule, *rows])
+
+
+def format_interval(diff_lo_hi: Sequence[float]) -> str:
+    diff, lo, hi = diff_lo_hi
+    if not math.isfinite(diff):
+        return "n/a"
+    return f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]" if math.isfinite(lo) else f"{diff:+.4f} [n/a]"
+
+
+def paired_table(paired: Sequence[Mapping[str, Any]], k: int = 10) -> str:
+    """Markdown table of paired differences (row minus reference) with 95% bootstrap intervals."""
+    head = "| Method − reference | Seed | Users | " + " | ".join(t.format(k=k) for _, t in PAIRED_COLUMNS) + " |"
+    rule = "|---|---:|---:|" + "---:|" * len(PAIRED_COLUMNS)
+    rows = [
+        f"| {row_label(p['label'])} − {row_label(p['reference'])} | {p['seed']} | {p['users']} | "
+        + " | ".join(format_interval(p[key]) for key, _ in PAIRED_COLUMNS)
+        + " |"
+        for p in paired
     ]
     return "\n".join([head, rule, *rows])
 
@@ -124,25 +158,46 @@ def write_report(
     results: Mapping[str, Sequence[Mapping[str, float]]],
     histories: Mapping[tuple[str, int, str], Sequence[Mapping[str, Any]]],
     context: Mapping[str, Any],
+    paired: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
-    """report.md + metrics.json + curves_*.png in ``out_dir``; returns the markdown file."""
+    """report.md + metrics.json + curves_*.png in ``out_dir``; returns the markdown file.
+
+    ``paired``: recipes.coldstart.compare.paired_differences, a table of its own when not empty.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = plot_curves(histories, out)
     first = next((runs[0] for runs in results.values() if runs), {})
+    cold_k = int(context.get("cold-item k", 10))
     lines = [
         f"# Ranking evaluation: {context.get('dataset', '')}",
         "",
         "Mean ± sample std over seeds (Hi-SAM Table 2 layout; docs/method.md §5).",
         "",
-        metrics_table(results),
+        metrics_table(results, cold_k),
         "",
+        *(
+            [
+                "## Paired differences",
+                "",
+                (
+                    "Row minus reference on the same scored rows, seed by seed; in brackets the 95% "
+                    "percentile interval of a paired bootstrap over users (docs/method.md §5)."
+                ),
+                "",
+                paired_table(paired, cold_k),
+                "",
+            ]
+            if paired
+            else []
+        ),
         "## Setup",
         "",
         *(f"- {k}: {v}" for k, v in context.items()),
         (
             f"- scored rows: {first.get('rows', 0)}, of cold users: {first.get('cold_user_rows', 0)}, "
-            f"of cold items: {first.get('cold_item_rows', 0)}"
+            f"of cold items: {first.get('cold_item_rows', 0)}; users behind cold-item GAUC: "
+            f"{first.get('cold_item_gauc_users', 0)}, behind cold-item Recall/NDCG: {first.get('cold_item_rank_users', 0)}"
         ),
         "",
         "## Training curves",
@@ -152,5 +207,7 @@ def write_report(
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines))
-    (out / "metrics.json").write_text(json.dumps({"context": dict(context), "results": results}, indent=2, default=str))
+    (out / "metrics.json").write_text(
+        json.dumps({"context": dict(context), "results": results, "paired": list(paired)}, indent=2, default=str)
+    )
     return path

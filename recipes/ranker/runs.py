@@ -20,6 +20,7 @@ from features.profiles import ProfileVocab
 from models.hmat.baselines import VARIANTS, uses_item_ids
 from models.hmat.checkpoint import load_weights, read_checkpoint_config
 from models.hmat.model import HMAT
+from recipes.coldstart import SplitRecord, check_split, split_for, tokenizer_split
 from recipes.ranker import RankerInputs, load_inputs, model_config, run_dir, select_users, training_sequences
 from recipes.ranker.train import TrainConfig, TrainResult, train
 
@@ -39,6 +40,14 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--item-cold-share",
+        type=float,
+        help="item cold start (docs/method.md §5): hold out this share of the items with train and test rows "
+        "(every training interaction removed, behaviour rebuilt without them); train, tokenizer and eval "
+        "must all name the same split",
+    )
+    parser.add_argument("--item-cold-seed", type=int, default=0, help="seed of the item-cold draw")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, default_epochs: int, default_lr: float) -> None:
@@ -111,17 +120,32 @@ def time_prefix(ds: Dataset, fraction: float | None) -> Dataset:
     return dataclasses.replace(ds, train=ds.interactions.iloc[:cut])
 
 
-def inputs_for(ds: Dataset, variant: str, args: argparse.Namespace, cache: dict[bool, RankerInputs]) -> RankerInputs:
-    """Item codes and profiles for a variant; SID variants share one tokenizer pass."""
+def inputs_for(
+    ds: Dataset,
+    variant: str,
+    args: argparse.Namespace,
+    cache: dict[bool, RankerInputs],
+    split: SplitRecord | None = None,
+) -> RankerInputs:
+    """Item codes and profiles for a variant; SID variants share one tokenizer pass.
+
+    A SID variant's tokenizer must have been fitted on the same item-cold split (or on none
+    when ``split`` is None): ``recipes.coldstart.SplitMismatch`` otherwise.
+    """
     key = uses_item_ids(variant)
+    if not key and args.tokenizer is not None and (args.tokenizer / "config.json").exists():
+        check_split(f"tokenizer {args.tokenizer}", tokenizer_split(args.tokenizer), split)
     if key not in cache:
         cache[key] = load_inputs(ds, variant, args.tokenizer)
     return cache[key]
 
 
-def run_meta(args: argparse.Namespace, variant: str, seed: int, inputs: RankerInputs) -> dict[str, Any]:
+def run_meta(
+    args: argparse.Namespace, variant: str, seed: int, inputs: RankerInputs, split: SplitRecord | None = None
+) -> dict[str, Any]:
     """What a checkpoint records besides the model config: enough for eval to rebuild its inputs."""
     return {
+        "item_cold_split": None if split is None else split.to_dict(),
         "variant": variant,
         "seed": seed,
         "preset": args.preset,
@@ -141,6 +165,7 @@ def train_stage(
     directory: Path,
     inputs: RankerInputs,
     init: Path | None,
+    split: SplitRecord | None = None,
 ) -> TrainResult:
     """Setup -> model -> optimiser -> data -> loop for one (variant, seed, stage)."""
     # Model: seeded so that every seed is one reproducible initialisation.
@@ -148,6 +173,7 @@ def train_stage(
     model = HMAT(model_config(args.preset, variant, inputs, args.max_items))
     if init is not None:
         saved = read_checkpoint_config(init)
+        check_split(f"checkpoint {init}", saved.get("item_cold_split"), split)
         if saved["tokenizer_version"] != inputs.tokenizer_version:
             raise ValueError(
                 f"{init} was trained on codes of {saved['tokenizer_version']}, not {inputs.tokenizer_version}"
@@ -167,7 +193,7 @@ def train_stage(
         checkpoint_dir=directory,
         resume=args.resume,
         tokenizer_version=inputs.tokenizer_version,
-        meta={**run_meta(args, variant, seed, inputs), "init": str(init) if init else None},
+        meta={**run_meta(args, variant, seed, inputs, split), "init": str(init) if init else None},
         device=args.device,
     )
 
@@ -199,11 +225,16 @@ def train_runs(
     ds = dataset_or_none(args)
     if ds is None:
         return 1
+    try:  # the split first: it needs the whole dataset, then the time cut applies to its train part
+        ds, split = split_for(ds, getattr(args, "item_cold_share", None), getattr(args, "item_cold_seed", 0))
+    except ValueError as e:
+        log.error("%s", e)
+        return 1
     ds = time_prefix(ds, getattr(args, "train_until", None))
     cache: dict = {}
     for variant in args.variant:
         try:
-            inputs = inputs_for(ds, variant, args, cache)
+            inputs = inputs_for(ds, variant, args, cache, split)
         except (FileNotFoundError, ValueError) as e:  # no or bad tokenizer for a semantic-ID variant
             log.error("%s: %s", variant, e)
             return 1
@@ -214,7 +245,7 @@ def train_runs(
             except FileNotFoundError as e:
                 log.error("%s", e)
                 return 1
-            result = train_stage(args, ds, variant, seed, stage, run / subdir, inputs, init=init)
+            result = train_stage(args, ds, variant, seed, stage, run / subdir, inputs, init=init, split=split)
             log.info(
                 "%s seed %d: %s done after %d steps -> %s",
                 variant,

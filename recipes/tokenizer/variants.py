@@ -48,9 +48,22 @@ def modality_widths(ds: Dataset) -> dict[str, int]:
 
 
 def train_variant(
-    name: str, ds: Dataset, out_root: Path, train_cfg: TrainConfig, overrides: dict | None = None
+    name: str,
+    ds: Dataset,
+    out_root: Path,
+    train_cfg: TrainConfig,
+    overrides: dict | None = None,
+    *,
+    fit_items: np.ndarray | None = None,
+    extra: dict | None = None,
 ) -> FrozenTokenizer:
-    """Train one variant on the dataset's item catalogue and save it under out_root/name."""
+    """Train one variant on the dataset's item catalogue and save it under out_root/name.
+
+    ``fit_items``: fit (input statistics, codebooks, weights) on these item rows only, e.g.
+    the items with a training interaction of an item-cold split (recipes/coldstart); the
+    catalogue written beside it still encodes every item, as ingestion would. ``extra``
+    goes into the artifact's config.json.
+    """
     if name not in VARIANTS:
         raise ValueError(f"unknown tokenizer variant {name!r}; expected one of {sorted(VARIANTS)}")
     kind, preset = VARIANTS[name]
@@ -60,13 +73,19 @@ def train_variant(
     torch.manual_seed(train_cfg.seed)
     model = build_model(kind, config)
     started = time.perf_counter()
-    history = train_tokenizer(model, ds.items.features, ds.items.present, train_cfg)
+    features, present = ds.items.features, ds.items.present
+    if fit_items is not None:
+        features = {m: x[fit_items] for m, x in features.items()}
+        present = {m: p[fit_items] for m, p in present.items()}
+    history = train_tokenizer(model, features, present, train_cfg)
     seconds = time.perf_counter() - started
     out = out_root / name
     extra = {
         "variant": name,
         "dataset": ds.name,
         "training": {**asdict(train_cfg), "seconds": round(seconds, 2), "history": history},
+        "fit_items": len(ds.items) if fit_items is None else len(fit_items),
+        **(extra or {}),
     }
     version = save_tokenizer(model, out, extra)
     tok = FrozenTokenizer.load(out)
