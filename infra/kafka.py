@@ -11,6 +11,11 @@ start at a topic's current end (both from an unjoined consumer: a group with mem
 such a commit, kafka-python's CommitFailedError). Every
 client made here has an explicit request timeout (``REQUEST_TIMEOUT_S``), whatever the
 installed kafka-python's default.
+
+``KafkaConsumer``, ``KafkaProducer`` and ``KafkaAdminClient`` here are kafka-python's with the
+process's Kafka security (``infra.kafka_security.active()``: TLS, SASL) added to every client
+they make, unless a ``security=`` argument names another (docs/operations.md "Security:
+Kafka").
 """
 
 from __future__ import annotations
@@ -19,10 +24,14 @@ import warnings
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+    import kafka
+    import kafka.admin
+    from kafka import TopicPartition
+    from kafka.admin import ConfigResource, ConfigResourceType
     from kafka.errors import KafkaError
     from kafka.structs import OffsetAndMetadata
+
+from infra.kafka_security import KafkaSecurity, active
 
 __all__ = [
     "REQUEST_TIMEOUT_S",
@@ -42,6 +51,32 @@ __all__ = [
 
 # How long an admin or consumer request of the helpers below may take.
 REQUEST_TIMEOUT_S = 30.0
+
+
+def _secured(configs: dict, security: KafkaSecurity | None) -> dict:
+    """``configs`` with the security settings added (explicit ``configs`` entries win)."""
+    return {**(security or active()).kafka_python_kwargs(), **configs}
+
+
+class KafkaConsumer(kafka.KafkaConsumer):
+    """kafka-python's consumer with the process's (or ``security``'s) Kafka security."""
+
+    def __init__(self, *topics: str, security: KafkaSecurity | None = None, **configs) -> None:
+        super().__init__(*topics, **_secured(configs, security))
+
+
+class KafkaProducer(kafka.KafkaProducer):
+    """kafka-python's producer with the process's (or ``security``'s) Kafka security."""
+
+    def __init__(self, security: KafkaSecurity | None = None, **configs) -> None:
+        super().__init__(**_secured(configs, security))
+
+
+class KafkaAdminClient(kafka.admin.KafkaAdminClient):
+    """kafka-python's admin client with the process's (or ``security``'s) Kafka security."""
+
+    def __init__(self, security: KafkaSecurity | None = None, **configs) -> None:
+        super().__init__(**_secured(configs, security))
 
 
 def admin_client(bootstrap: str, client_id: str, timeout_s: float = REQUEST_TIMEOUT_S) -> KafkaAdminClient:

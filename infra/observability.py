@@ -94,6 +94,9 @@ CACHE_LOOKUPS = Counter(
 )
 ANCHOR_CACHE_BYTES = Gauge("hisam_serving_anchor_cache_bytes", "Bytes held by the anchor KV cache.")
 ANCHOR_CACHE_ENTRIES = Gauge("hisam_serving_anchor_cache_entries", "Users held by the anchor KV cache.")
+ANCHOR_CACHE_DELETIONS = Counter(
+    "hisam_serving_anchor_cache_deletions", "Tombstones of deleted users applied to the anchor KV cache."
+)
 DEPENDENCY_UP = Gauge(
     "hisam_serving_dependency_up", "1 while the health probe finds the dependency answering.", ["dependency"]
 )
@@ -120,6 +123,13 @@ STREAM_DEAD_LETTERS_DROPPED = Counter(
     "Dead letters the broker refused even without their value: logged (critical) and dropped, so that "
     "they never stop their partition. Any increase needs an operator.",
 )
+STREAM_USERS_DELETED = Counter(
+    "hisam_stream_users_deleted", "Users whose state a deletion removed (per namespace deleted from).", ["project"]
+)
+STREAM_ACTIONS_OF_DELETED_USERS = Counter(
+    "hisam_stream_actions_of_deleted_users", "Actions dropped: their user was deleted within the grace period."
+)
+STREAM_TOMBSTONES = Counter("hisam_stream_tombstones", "Tombstones of deleted users sent (acknowledged).")
 STREAM_BATCH_LATENCY = Histogram(
     "hisam_stream_batch_latency_seconds",
     "One batch: process (store write) and emit (outputs acknowledged), by agent (actions, items).",
@@ -143,6 +153,9 @@ TRAINER_SAMPLES_TRAINED = Counter("hisam_trainer_samples_trained", "Samples test
 TRAINER_SAMPLE_DUPLICATES = Counter("hisam_trainer_sample_duplicates", "Samples skipped as already trained on.")
 TRAINER_SAMPLES_REJECTED = Counter(
     "hisam_trainer_samples_rejected", "Samples dead-lettered by the trainer, by reason.", ["reason"]
+)
+TRAINER_SAMPLES_OF_DELETED_USERS = Counter(
+    "hisam_trainer_samples_of_deleted_users", "Samples skipped: their user was deleted (a tombstone) after them."
 )
 TRAINER_STEP_LATENCY = Histogram(
     "hisam_trainer_step_latency_seconds", "One optimiser step (forward, backward, update).", buckets=BATCH_BUCKETS_S

@@ -35,6 +35,10 @@ fi
 # (its Python backend needs numpy 1.x; scripts/install_triton.sh says why).
 HISAM_VENV="$VENV" bash scripts/install_triton.sh >/dev/null
 "$VENV/bin/python" -m hisam.cli codegen >/dev/null
+# stunnel (Debian's stunnel4, unpacked under .tools/): the TLS terminator of the Kafka TLS tests.
+# Not fatal here: without it only those tests fail, with the reason.
+bash scripts/install_stunnel.sh >/dev/null \
+  || echo "stunnel could not be installed: the Kafka TLS tests will fail (scripts/install_stunnel.sh)" >&2
 # Redis for the production-store tests and the Redis path (the broker comes from PyPI).
 command -v redis-server >/dev/null 2>&1 || bash scripts/services.sh install
 echo "hisam environment ready in $VENV"

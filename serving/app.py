@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from features.store import OnlineStoreConfig
 from infra.triton_access import TritonAccess
+from serving.deletions import follow_tombstones
 from serving.security import ServerSecurity
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class ServeConfig:
     # TLS, mutual TLS, bearer tokens (serving/security.py); the default protects nothing
     security: ServerSecurity = field(default_factory=ServerSecurity)
     reflection: bool = False  # gRPC server reflection (grpcurl without the .proto)
+    tombstones_bootstrap: str | None = None  # the broker of user-tombstones (serving/deletions.py); None: off
     # Keys and TLS of the Triton hop (infra/triton_access.py): the client side, and the embedded
     # Triton's admin key (its client key is triton_access.key_file)
     triton_access: TritonAccess = field(default_factory=TritonAccess)
@@ -106,6 +108,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     ranker = make_ranker(config, triton_url, profiles)
+    tombstones = follow_tombstones(config.tombstones_bootstrap, ranker, loop)  # deleted users' anchor caches
     try:
         async with rank_server(
             ranker,
@@ -122,6 +125,8 @@ async def serve(
             await stop.wait()
             log.info("shutting down: draining in-flight calls")
     finally:
+        if tombstones is not None:
+            tombstones.stop()
         await ranker.backend.close()
         ranker.reader.close()
 

@@ -238,6 +238,12 @@ class Ranker:
         self.cache = AnchorCacheStore(cache_bytes) if cache_bytes > 0 else None
         self.default_timeout_s = default_timeout_s
 
+    def forget_user(self, user_id: int) -> None:
+        """Drop a deleted user's anchor cache entry (serving/deletions.py); on the serving event loop."""
+        if self.cache is not None:
+            self.cache.pop(user_id)
+        obs.ANCHOR_CACHE_DELETIONS.inc()
+
     async def rank(self, user_id: int, item_ids: Sequence[int], timeout_s: float | None = None) -> RankResult:
         """Score ``item_ids`` for ``user_id`` within ``timeout_s``, capped at ``default_timeout_s`` (None: the cap)."""
         validate_request(user_id, item_ids, self.max_candidates)

@@ -70,13 +70,15 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from features.store import OnlineStoreConfig, open_stream_store
-from infra import observability as obs
+from infra import kafka_security
 from stream import records as rec
 from stream import topics as tp
+from stream.batch_metrics import count_actions, count_deletions, count_items, count_retries, observe_batch
+from stream.deletions import DeletionProcessor, DeletionSettings
 from stream.outputs import RecordSender, deliver_dead_letters
 from stream.processing import ActionProcessor, BatchOutput, ItemProcessor, RetryProcessor, UnknownItemRetry
 from stream.resume import resume_from_store
@@ -149,6 +151,8 @@ class StreamSettings:
     # the broker's default): 3 and 2 in production (stream.topics), 1 on the embedded broker.
     topic_replication: int = 1
     min_insync_replicas: int | None = None
+    # User deletion (stream/deletions.py): the grace period, the older namespaces also deleted from.
+    deletion: DeletionSettings = field(default_factory=DeletionSettings)
     # Fault injection (tests; module doc): exit after this many appends. None: never.
     fault_exit_after_appends: int | None = None
 
@@ -311,6 +315,8 @@ async def emit_outputs(sender: RecordSender, out: BatchOutput, n: int, retry_top
     """
     try:
         futs = await sender.send(tp.TRAINING_SAMPLES, out.samples)
+        if out.tombstones:  # the deletion agent's (stream/deletions.py)
+            futs += await sender.send(tp.USER_TOMBSTONES, out.tombstones)
         if out.retries:
             if retry_topic is None:
                 raise ValueError(f"{len(out.retries)} retries and no retry topic")
@@ -326,51 +332,6 @@ async def emit_outputs(sender: RecordSender, out: BatchOutput, n: int, retry_top
             exc_info=True,
         )
         _exit_before_ack(EXIT_PRODUCE_FAILED)
-
-
-def observe_batch(consumer, agent: str, batch, out: BatchOutput, t0: float) -> None:
-    """The metrics of a batch whose outputs are acknowledged and whose offsets are acked.
-
-    Recorded after the ack, so a batch the worker dies on before its ack is counted once,
-    by the worker that processes it again. The latency runs from the start of processing
-    to the ack. Freshness runs from each record's produce time (its Kafka timestamp; not
-    the event time, which a replay takes from the dataset) to now, after the ack: an
-    upper bound on when the store had it. The lag of each partition is the consumer's
-    highwater mark (the partition's end at its last fetch) past the batch's last offset.
-    """
-    obs.STREAM_BATCH_LATENCY.labels(agent=agent).observe(time.perf_counter() - t0)
-    obs.STREAM_SAMPLES_PRODUCED.inc(len(out.samples))
-    fresh = obs.STREAM_FRESHNESS.labels(agent=agent)
-    now_ms = time.time() * 1000.0
-    for r in batch.records:  # aiokafka records
-        if r.timestamp > 0:
-            fresh.observe(max(0.0, now_ms - r.timestamp) / 1000.0)
-    for tp_, offsets in batch.spans:  # per partition, in offset order
-        end = consumer.highwater(tp_)
-        if end is not None:
-            obs.STREAM_CONSUMER_LAG.labels(topic=tp_.topic, partition=str(tp_.partition)).set(
-                max(0, end - offsets[-1] - 1)
-            )
-
-
-def count_actions(n: int, out: BatchOutput) -> None:
-    """An acked batch of ``n`` actions: consumed, appended, recognised as redelivered."""
-    obs.STREAM_ACTIONS_CONSUMED.inc(n)
-    obs.STREAM_ACTIONS_APPENDED.inc(out.appended)
-    obs.STREAM_ACTION_DUPLICATES.inc(out.duplicates)
-
-
-def count_retries(n: int, out: BatchOutput) -> None:
-    """An acked batch of ``n`` retried actions: appended, recognised as redelivered (consumed
-    was counted when they first came)."""
-    obs.STREAM_ACTIONS_APPENDED.inc(out.appended)
-    obs.STREAM_ACTION_DUPLICATES.inc(out.duplicates)
-
-
-def count_items(n: int, out: BatchOutput) -> None:
-    """An acked batch of ``n`` item events: consumed, semantic IDs written."""
-    obs.STREAM_ITEMS_CONSUMED.inc(n)
-    obs.STREAM_ITEMS_WRITTEN.inc(out.items_written)
 
 
 class BatchFinisher:
@@ -434,7 +395,8 @@ class AppendFault:
 
 
 def _faust_app(settings: StreamSettings):
-    """The faust app (raw keys and values, no web server, topics created by ``stream.topics``)."""
+    """The faust app (raw keys and values, no web server, topics created by ``stream.topics``),
+    with the process's Kafka security as its broker credentials (``infra.kafka_security``)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import faust
@@ -442,6 +404,7 @@ def _faust_app(settings: StreamSettings):
     return faust.App(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap}",
+        broker_credentials=kafka_security.active().faust_credentials(),
         key_serializer="raw",
         value_serializer="raw",
         web_enabled=False,
@@ -514,6 +477,15 @@ def _retry_loop(app, settings: StreamSettings, store, sender: RecordSender) -> A
     return AgentLoop(pool, process, None, finish)
 
 
+def _deletion_loop(app, settings: StreamSettings, store, sender: RecordSender) -> AgentLoop:
+    """User deletions: from every namespace this worker serves, then tombstones (stream/deletions.py).
+    It commits after every batch (deletions are rare; a redelivered one is a no-op in the store)."""
+    limits = rec.DeadLetterLimits(settings.dead_letter_key_bytes, settings.dead_letter_value_bytes)
+    process = DeletionProcessor.for_worker(store, settings.deletion, settings.app_id, limits).process
+    pool = ThreadPoolExecutor(1, thread_name_prefix="hisam-deletions")
+    return AgentLoop(pool, process, None, BatchFinisher(app, sender, "deletions", count_deletions, lambda: 0))
+
+
 def _item_loop(app, settings: StreamSettings, store, sender: RecordSender) -> AgentLoop:
     """Item events: tokenized by the frozen tokenizer, their semantic IDs written."""
     import torch
@@ -561,6 +533,13 @@ def create_app(settings: StreamSettings):
     async def retry_actions(batches) -> None:
         await retries.run(batches)
 
+    deletions = _deletion_loop(app, settings, store, sender)
+    deletions_topic = batch_topic(app, tp.USER_DELETIONS, settings.batch_size, settings.batch_within_s)
+
+    @app.agent(deletions_topic, name="hisam-deletions")
+    async def delete_users(batches) -> None:
+        await deletions.run(batches)
+
     if settings.tokenizer_dir is not None:
         items = _item_loop(app, settings, store, sender)
         items_topic = batch_topic(app, tp.ITEM_EVENTS, settings.batch_size, settings.batch_within_s)
@@ -586,7 +565,7 @@ def run_worker(settings: StreamSettings, loglevel: str = "info") -> None:
     tp.ensure_topics(settings.bootstrap, topics)
     app = create_app(settings)
     store = open_stream_store(settings.store)  # a group without offsets: from what it applied
-    resumed = [tp.USER_ACTIONS, tp.action_retries(settings.app_id)]
+    resumed = [tp.USER_ACTIONS, tp.action_retries(settings.app_id), tp.USER_DELETIONS]
     try:
         resume_from_store(settings.bootstrap, settings.app_id, store, resumed)
     finally:

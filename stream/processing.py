@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from features.store import AppliedOffset, ItemSids, SidClaim, StreamAction, StreamStore
+from features.store.records import USER_DELETED
 from hisam_pb.v1 import events_pb2 as pb
-from infra.observability import STREAM_DEAD_LETTERS
+from infra.observability import STREAM_ACTIONS_OF_DELETED_USERS, STREAM_DEAD_LETTERS
 from stream import records as rec
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ class BatchOutput:
     duplicates: int = 0
     items_written: int = 0
     items_moved: int = 0  # items written with an ID other than their natural one (taken, or held from before)
+    of_deleted_users: int = 0  # actions dropped: their user was deleted within its grace period
+    tombstones: list[tuple[bytes, bytes]] = field(default_factory=list)  # stream/deletions.py
 
 
 def reject(
@@ -201,6 +204,10 @@ class ActionProcessor:
         for (p, it), res in zip(known, results):
             if res is None:
                 continue
+            if res.refused == USER_DELETED:  # dropped, not dead-lettered: the log keeps no copy of it
+                out.of_deleted_users += 1
+                STREAM_ACTIONS_OF_DELETED_USERS.inc()
+                continue
             if res.refused:
                 reject(out, p.msg, res.refused, res.detail or "refused by the online store", self.limits)
                 continue
@@ -216,6 +223,8 @@ class ActionProcessor:
             out.samples.append((rec.user_key(p.ev.user_id), sample))
         if out.duplicates:
             log.info("%d redelivered actions were already appended: not appended again", out.duplicates)
+        if out.of_deleted_users:
+            log.info("%d actions of deleted users dropped (their grace period)", out.of_deleted_users)
 
 
 def retry_record(p: _Pending, limits: rec.DeadLetterLimits) -> tuple[bytes, bytes]:

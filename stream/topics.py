@@ -26,6 +26,10 @@ ITEM_EVENTS = "item-events"
 USER_ACTIONS = "user-actions"
 TRAINING_SAMPLES = "training-samples"
 DEAD_LETTERS = "dead-letters"
+# User deletion (stream/deletions.py): requests in, keyed by user id like user-actions; the
+# workers' tombstones out, keyed by user id, read by Rank servers and the trainer.
+USER_DELETIONS = "user-deletions"
+USER_TOMBSTONES = "user-tombstones"
 
 
 def action_retries(app_id: str) -> str:
@@ -73,7 +77,7 @@ def default_topics(
         raise ValueError(f"need 1 <= min.insync.replicas <= replication, got {min_insync_replicas} and {replication}")
     common = {} if min_insync_replicas is None else {"min.insync.replicas": str(min_insync_replicas)}
     samples = retention_configs(samples_retention_ms) if samples_retention_ms is not None else {}
-    names = [ITEM_EVENTS, USER_ACTIONS, TRAINING_SAMPLES, DEAD_LETTERS]
+    names = [ITEM_EVENTS, USER_ACTIONS, TRAINING_SAMPLES, DEAD_LETTERS, USER_DELETIONS, USER_TOMBSTONES]
     if app_id is not None:
         names.append(action_retries(app_id))
     return [

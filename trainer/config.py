@@ -65,6 +65,7 @@ class ServiceConfig:
     repo: Path
     topic: str = tp.TRAINING_SAMPLES
     dead_letter_topic: str = tp.DEAD_LETTERS
+    tombstone_topic: str | None = tp.USER_TOMBSTONES  # deleted users' samples skipped (trainer/deletions.py)
     group_id: str = "hisam-trainer"
     max_records: int = 256  # micro-batch size
     max_wait_s: float = 2.0  # a micro-batch closes this long after its first record

@@ -38,6 +38,7 @@ import time
 from infra import observability as obs
 from trainer.config import ServiceConfig
 from trainer.consumer import SampleConsumer, advance
+from trainer.deletions import DeletedUsers
 from trainer.gate import summary
 from trainer.learner import BatchReport
 from trainer.lineage import StateDir
@@ -55,6 +56,8 @@ class TrainerService:
         self.cfg = cfg
         self.state = StateDir(cfg.state_dir)
         self.consumer = SampleConsumer(cfg)
+        # Deleted users' pending samples are skipped (trainer/deletions.py).
+        self.deletions = DeletedUsers(cfg.bootstrap, cfg.tombstone_topic) if cfg.tombstone_topic else None
         self.publisher = Publisher(cfg, self.state, trainer)
         self.reports: list[dict] = []  # one row per micro-batch (benchmarks read it)
         self.score_log: list | None = None  # set to [] to keep every prequential score (benchmarks)
@@ -114,6 +117,8 @@ class TrainerService:
         finally:
             publisher.close()
             self.consumer.close()
+            if self.deletions is not None:
+                self.deletions.close()
 
     def _publish_done(self) -> bool:
         """Triton serves (or gave up on) the version in flight: an idle poll returns to record it now."""
@@ -124,7 +129,9 @@ class TrainerService:
         """One micro-batch of Kafka records, end to end (module docstring)."""
         t = self.trainer
         t0 = time.perf_counter()
-        examples, rejected = self.consumer.decode(records, t.learner.layout, t.tokenizer_version)
+        kept = records if self.deletions is None else self.deletions.keep(records)
+        t.counts["skipped_of_deleted_users"] += len(records) - len(kept)
+        examples, rejected = self.consumer.decode(kept, t.learner.layout, t.tokenizer_version)
         for reason, n in rejected.items():
             t.counts[f"rejected_{reason}"] += n
         report = t.process(examples)

@@ -30,6 +30,11 @@ appends, the namespace's record of the highest source offset per (topic, partiti
 (with that record's Kafka timestamp); ``applied_offsets`` reads it. A consumer group without
 committed offsets resumes from it instead of replaying the topic (stream/resume.py).
 
+User deletion (``deletion.py``): ``delete_users`` removes users' whole state from a namespace
+atomically and exactly once, with a marker (``markers.py``) that makes the append drop their
+actions for a grace period; ``OnlineStoreConfig.stream_ttl_s`` optionally expires a silent
+user's state (``ttl.py``).
+
 Reads for everything but the hot path go through Feast (``feast_read_streams``); serving
 may use ``StreamStore.read_streams``, a direct read of the same bytes that skips Feast's
 protobuf-to-Python conversion (``hisam bench stream`` measures both).

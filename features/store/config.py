@@ -46,6 +46,9 @@ class OnlineStoreConfig:
     # W: appended event ids remembered per user for idempotency (the package doc,
     # features/store/__init__.py); at least 2 x the stream worker's batch size.
     seen_window: int = 1024
+    # Optional TTL of a user's whole state (stream, profile, seen window), from its last append;
+    # 0: kept until deleted (features/store/ttl.py).
+    stream_ttl_s: float = 0.0
     # Redis Cluster: batch appends become one script call per action (keys of one call
     # must share a hash slot). Reads and the layout are the same.
     redis_cluster: bool = False
@@ -76,6 +79,8 @@ class OnlineStoreConfig:
             raise ValueError(
                 f"stream_len, n_codes and seen_window must be >= 1, got {self.stream_len}, {self.n_codes}, {self.seen_window}"
             )
+        if not self.stream_ttl_s >= 0:
+            raise ValueError(f"stream_ttl_s must be >= 0 (0: no TTL), got {self.stream_ttl_s}")
         if not (self.redis_socket_timeout_s > 0 and self.redis_connect_timeout_s > 0):
             raise ValueError(
                 f"redis_socket_timeout_s and redis_connect_timeout_s must be > 0, got "

@@ -16,6 +16,9 @@ MAX_EVENT_ID_BYTES = 256
 # ``AppendResult.refused``: the user's stored state is not in the layout the store writes
 # (a wrong-typed key, a truncated or foreign field); nothing was written for that user.
 CORRUPT_USER_STATE = "corrupt_user_state"
+# ``AppendResult.refused``: the user was deleted and its grace period has not ended
+# (features/store/deletion.py); nothing was written. Not a dead letter: the action is dropped.
+USER_DELETED = "user_deleted"
 
 
 def _unpack(packed: bytes) -> np.ndarray:

@@ -36,6 +36,8 @@
   same script call as the batch's appends (features/store/lua/applied.lua). Redis Cluster:
   a second call once every append of the batch succeeded (the record lives in another
   slot), so it never runs ahead of the appends.
+* Deleted users (features/store/deletion.py): the append drops the actions of a user in the
+  namespace's deleted-users marker, in the same script call.
 
 Thread-safe: one connection pool per store.
 """
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Sequence
 from importlib import resources
 
@@ -66,8 +69,10 @@ from features.store.base import (
     seen_records,
 )
 from features.store.config import OnlineStoreConfig
+from features.store.markers import redis_deleted_key, redis_deleted_keys
 from features.store.records import (
     CORRUPT_USER_STATE,
+    USER_DELETED,
     AppendResult,
     AppliedOffset,
     ItemSids,
@@ -83,6 +88,7 @@ _U32 = struct.Struct("<I")
 _U16 = struct.Struct("<H")
 _CACHE_MAX = 1 << 16  # entries of RedisStreamStore's encode/decode caches (cleared when full)
 _REFUSED = 3  # the append script's status of an action whose user it refused
+_DELETED = 4  # ... of an action whose user was deleted (features/store/deletion.py)
 
 
 def _lua(name: str) -> str:
@@ -110,6 +116,7 @@ def build_append_lua(config: OnlineStoreConfig) -> str:
         "__T__": str(config.stream_len),
         "__W__": str(config.seen_window),
         "__B__": str(config.seen_buckets),
+        "__TTL_MS__": str(int(config.stream_ttl_s * 1000)),  # features/store/ttl.py
         "__F_TOK__": _lua_bytes(enc.redis_field(fv, "sid_tokens")),
         "__F_ACT__": _lua_bytes(enc.redis_field(fv, "actions")),
         "__F_EID__": _lua_bytes(enc.redis_field(fv, "event_ids")),
@@ -211,6 +218,7 @@ class RedisStreamStore:
         self._sid_index_key = f"_hisam:{config.project}:item_sids".encode()
         self._layout_key = f"_hisam:{config.project}:layout".encode()
         self._applied_key = f"_hisam:{config.project}:applied".encode()
+        self._deleted_key = redis_deleted_key(config.project)
         # Redis Cluster only: the applied record on its own (the append's call holds one user's key)
         self._record_applied = self._client.register_script(
             _APPLIED_LUA + "\ncheck_applied(KEYS[1])\nrecord_applied(KEYS[1], ARGV[1])\nreturn 1"
@@ -259,7 +267,9 @@ class RedisStreamStore:
         n_codes = self.config.n_codes
         out = []
         for key, st, tok, act in zip(keys, reply[0], reply[1::2], reply[2::2]):
-            if st == _REFUSED:  # tok holds the reason
+            if st == _DELETED:  # the user was deleted, its grace period not over: nothing written
+                out.append(AppendResult(False, b"", b"", n_codes, refused=USER_DELETED, detail=self._describe(key)))
+            elif st == _REFUSED:  # tok holds the reason
                 detail = f"{self._describe(key)}: {tok.decode('utf-8', 'backslashreplace')}"
                 out.append(AppendResult(False, b"", b"", n_codes, refused=CORRUPT_USER_STATE, detail=detail))
             else:
@@ -297,15 +307,17 @@ class RedisStreamStore:
             return []
         calls = [(self._key(a.user_id), self._record(a, want_history)) for a in actions]
         cluster = self.config.redis_cluster
-        groups = [[c] for c in calls] if cluster else [calls]
-        tail = (self._applied_key, spec) if spec and not cluster else None
+        # Deleted users (features/store/deletion.py): checked in the script; on a Cluster just before it.
+        now = int(time.time() * 1000)
+        gone = redis_deleted_keys(self, (k for k, _ in calls), now) if cluster else set()
+        groups = [[c] for c in calls if c[0] not in gone] if cluster else [calls]
+        tail_keys = [] if cluster else [*([self._applied_key] if spec else []), self._deleted_key]
+        tail_args = [b"", b""] if cluster else [spec, b"%d" % now]
         for attempt in (0, 1):
             pipe = self._client.pipeline(transaction=False)
             for group in groups:
-                keys, args = [k for k, _ in group], [b"".join(r for _, r in group)]
-                if tail is not None:
-                    keys, args = [*keys, tail[0]], [*args, tail[1]]
-                pipe.evalsha(self._sha, len(keys), *keys, *args)
+                keys = [*(k for k, _ in group), *tail_keys]
+                pipe.evalsha(self._sha, len(keys), *keys, b"".join(r for _, r in group), *tail_args)
             replies = pipe.execute(raise_on_error=False) if groups else []
             if attempt == 0 and any(isinstance(r, self._redis.exceptions.NoScriptError) for r in replies):
                 # Only a server that lost its scripts raises this, and then for every
@@ -321,8 +333,9 @@ class RedisStreamStore:
                 self._record_applied(keys=[self._applied_key], args=[spec])
             except self._redis.exceptions.ResponseError as e:
                 raise OnlineStoreError(f"the applied record was not written: {e}") from e
-        results = [res for group, reply in zip(groups, replies) for res in self._results(reply, [k for k, _ in group])]
-        refused = {k: r.detail for (k, _), r in zip(calls, results) if r.refused}
+        live = iter([r for group, reply in zip(groups, replies) for r in self._results(reply, [k for k, _ in group])])
+        results = [self._results([b"\x04", b"", b""], [k])[0] if k in gone else next(live) for k, _ in calls]
+        refused = {k: r.detail for (k, _), r in zip(calls, results) if r.refused == CORRUPT_USER_STATE}
         for detail in refused.values():
             log.warning("online store: corrupt state of %s; its actions were refused, nothing written for it", detail)
         return results
@@ -558,4 +571,6 @@ class RedisStreamStore:
             if stale:
                 pipe.hdel(key, *stale)
             pipe.hset(key, mapping=mapping)
+            if self.config.stream_ttl_s > 0:  # features/store/ttl.py
+                pipe.pexpire(key, int(self.config.stream_ttl_s * 1000))
         pipe.execute()

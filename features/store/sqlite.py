@@ -13,7 +13,7 @@ checked, and refused, again. ``claim_layout`` records n_codes and T in the side 
 ``{project}_hisam_meta``. The applied record (``append_batch``'s ``applied``,
 ``applied_offsets``) is the side table ``{project}_hisam_applied``: (topic, partition) ->
 the highest source offset a batch applied (and its record's timestamp), max(old, new),
-written in the batch's transaction.
+written in the batch's transaction. Deleted users and the optional TTL: ``deletion.py``, ``ttl.py``.
 
 One connection per thread (SQLite connections are not shareable); Feast's own SQLite
 store must likewise stay on one thread.
@@ -25,6 +25,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -41,8 +42,10 @@ from features.store.base import (
     layout_record,
 )
 from features.store.config import OnlineStoreConfig
+from features.store.markers import SQLITE_DELETED_DDL, sqlite_deleted_among, sqlite_deleted_table
 from features.store.records import (
     CORRUPT_USER_STATE,
+    USER_DELETED,
     AppendResult,
     AppliedOffset,
     ItemSids,
@@ -51,6 +54,7 @@ from features.store.records import (
     UserState,
     UserStream,
 )
+from features.store.ttl import SQLITE_EXPIRY_DDL, sqlite_expiry_table, sqlite_purge_expired, sqlite_touch, ttl_ms
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +210,10 @@ class SqliteStreamStore:
         conn.execute(_SID_DDL.format(t=self._sid_t))
         conn.execute(_META_DDL.format(t=self._meta_t))
         conn.execute(_APPLIED_DDL.format(t=self._applied_t))
+        for ddl in SQLITE_DELETED_DDL:  # deleted users in their grace period (features/store/deletion.py)
+            conn.execute(ddl.format(t=sqlite_deleted_table(config.project)))
+        for ddl in SQLITE_EXPIRY_DDL:  # the optional TTL (features/store/ttl.py)
+            conn.execute(ddl.format(t=sqlite_expiry_table(config.project)))
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -345,14 +353,21 @@ class SqliteStreamStore:
         def refusal(detail: str) -> AppendResult:
             return AppendResult(False, b"", b"", self.config.n_codes, refused=CORRUPT_USER_STATE, detail=detail)
 
+        ttl = ttl_ms(self.config)
         with _write_transaction(conn):
             conn.executemany(_APPLIED_UPSERT.format(t=self._applied_t), rows)
+            if ttl:  # users past their TTL go first (features/store/ttl.py)
+                sqlite_purge_expired(conn, self.config.project, (self._stream_t, self._profile_t, self._seen_t))
             users: dict[int, _SqliteUser] = {}
             refused: dict[int, str] = {}  # user -> what is wrong with its stored state
             at: dict[int, list[int]] = {}  # user -> its actions' positions in results
             results: list[AppendResult] = []
+            gone = sqlite_deleted_among(conn, self.config.project, (a.user_id for a in actions), int(time.time() * 1e3))
             for a in actions:
                 u = a.user_id
+                if u in gone:  # deleted, its grace period not over: dropped, nothing written
+                    results.append(AppendResult(False, b"", b"", self.config.n_codes, refused=USER_DELETED))
+                    continue
                 at.setdefault(u, []).append(len(results))
                 if u not in users and u not in refused:
                     try:
@@ -372,6 +387,7 @@ class SqliteStreamStore:
             for s in users.values():
                 if s.dirty:
                     self._save(conn, s)
+            sqlite_touch(conn, self.config.project, ttl, [s.key for s in users.values() if s.dirty])
         for detail in refused.values():
             log.warning("online store: corrupt state of %s; its actions were refused, nothing written for it", detail)
         return results
@@ -540,3 +556,4 @@ class SqliteStreamStore:
             _upsert(conn, self._profile_t, profile_rows)
             conn.executemany(f'DELETE FROM "{self._seen_t}" WHERE entity_key = ?', keys)
             conn.executemany(f'INSERT INTO "{self._seen_t}" (entity_key, event_id, seq) VALUES (?, ?, ?)', seen_rows)
+            sqlite_touch(conn, self.config.project, ttl_ms(self.config), [k for (k,) in keys])

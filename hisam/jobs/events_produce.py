@@ -12,6 +12,7 @@ import os
 import time
 
 from data import default_data_dir
+from infra import kafka_security
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="ml-100k", help="dataset name or directory (data.load_dataset)")
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--bootstrap", default=os.environ.get("HISAM_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    kafka_security.add_arguments(parser)  # TLS, SASL: docs/operations.md, Security: Kafka
     parser.add_argument("--rate", type=float, default=1000.0, help="actions per second (0: unthrottled)")
     parser.add_argument("--limit", type=int, default=0, help="replay at most this many interactions (0: all)")
     parser.add_argument("--no-items", action="store_true", help="skip the item events")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from data import default_data_dir
 from hisam.jobs.stream_worker import add_store_arguments, store_config_from_args
+from infra import kafka_security
 from infra.observability import add_metrics_arguments, metrics_server
 from infra.triton_access import add_client_arguments, add_server_arguments, client_access_from_args
 from serving.security import add_server_security_arguments, server_security_from_args
@@ -90,6 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="calls served at once, health checks included (RESOURCE_EXHAUSTED beyond)",
     )
     parser.add_argument("--reflection", action="store_true", help="turn on gRPC server reflection (off by default)")
+    parser.add_argument(
+        "--tombstones-bootstrap",
+        default=None,
+        metavar="H:P",
+        help="the broker of user-tombstones: deleted users' anchor caches are dropped at once (default: off)",
+    )
+    kafka_security.add_arguments(parser)  # for --tombstones-bootstrap (docs/operations.md, Security: Kafka)
     add_server_security_arguments(parser)
     add_client_arguments(parser)
     add_server_arguments(parser)
@@ -136,6 +144,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         security=server_security_from_args(args),
         reflection=args.reflection,
+        tombstones_bootstrap=args.tombstones_bootstrap,
         triton_access=client_access_from_args(args),
         triton_admin_key_file=args.triton_admin_key_file,
     )

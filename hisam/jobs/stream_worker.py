@@ -11,12 +11,15 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from features.store import OnlineStoreConfig
 from features.store.base import OnlineStoreError
+from infra import kafka_security
 from infra.observability import add_metrics_arguments, metrics_server
 from stream.app import StreamSettings, run_worker
+from stream.deletions import DeletionSettings, namespace_config
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,7 @@ def store_config_from_args(args: argparse.Namespace) -> OnlineStoreConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", default=os.environ.get("HISAM_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    kafka_security.add_arguments(parser)  # TLS, SASL: docs/operations.md, Security: Kafka
     add_store_arguments(parser)
     parser.add_argument("--tokenizer", type=Path, default=None, help="frozen tokenizer dir; enables item ingestion")
     parser.add_argument("--app-id", default="hisam-stream", help="consumer group (workers with one id share the load)")
@@ -152,6 +156,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.min_insync_replicas,
         help="min.insync.replicas of topics this worker creates (default: the broker's; production: 2)",
     )
+    deletion = parser.add_argument_group("user deletion and retention (docs/operations.md, User deletion)")
+    deletion.add_argument(
+        "--deletion-grace",
+        type=float,
+        default=DeletionSettings().grace_s,
+        help="seconds after a user's deletion during which its actions are dropped (longer than any lag)",
+    )
+    deletion.add_argument(
+        "--delete-also",
+        action="append",
+        default=[],
+        metavar="PROJECT[@REPO_DIR]",
+        help="another namespace (an older re-tokenisation one) to delete users from too; repeatable",
+    )
+    deletion.add_argument(
+        "--stream-ttl",
+        type=float,
+        default=0.0,
+        help="seconds after its last append a user's whole state expires (0: kept until deleted)",
+    )
     add_metrics_arguments(parser)
 
 
@@ -160,9 +184,11 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
     ``HISAM_IDLE_FETCH_MS`` (the pause after an empty fetch, ``StreamSettings.idle_fetch_s``)
     and ``HISAM_FAULT_EXIT_AFTER_APPENDS`` (fault injection: tests set it for a worker they
     start; unset or 0: off)."""
+    store = replace(store_config_from_args(args), stream_ttl_s=args.stream_ttl)
+    also = tuple(namespace_config(store, spec) for spec in args.delete_also)
     return StreamSettings(
         bootstrap=args.bootstrap,
-        store=store_config_from_args(args),
+        store=store,
         app_id=args.app_id,
         tokenizer_dir=args.tokenizer,
         batch_size=args.batch_size,
@@ -178,6 +204,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
         producer_request_timeout_s=args.producer_request_timeout,
         topic_replication=args.topic_replication,
         min_insync_replicas=args.min_insync_replicas,
+        deletion=DeletionSettings(args.deletion_grace, also),
         idle_fetch_s=float(environ.get("HISAM_IDLE_FETCH_MS", "5")) / 1000,
         fault_exit_after_appends=int(environ.get("HISAM_FAULT_EXIT_AFTER_APPENDS", "0")) or None,
     )

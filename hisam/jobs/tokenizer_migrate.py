@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data import default_data_dir
+from infra import kafka_security
 
 if TYPE_CHECKING:
     from models.tokenizer import FrozenTokenizer
@@ -65,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--items-from", choices=["topic", "dataset"], default="topic", help="where item modalities come from"
     )
     parser.add_argument("--bootstrap", default=os.environ.get("HISAM_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    kafka_security.add_arguments(parser)  # TLS, SASL: docs/operations.md, Security: Kafka
     parser.add_argument("--item-topic", default="item-events")
     parser.add_argument("--topic-timeout", type=float, default=300.0, help="seconds to read the item topic to its end")
     parser.add_argument("--dataset", default="ml-100k", help="with --items-from dataset (data.load_dataset)")

@@ -30,6 +30,7 @@ import threading
 from pathlib import Path
 
 from data import default_data_dir
+from infra import kafka_security
 from infra.triton_access import add_client_arguments, client_access_from_args
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", type=Path, default=Path("artifacts/trainer"), help="durable trainer state")
     parser.add_argument("--model-repo", type=Path, default=Path("artifacts/model_repo"), help="Triton model repository")
     parser.add_argument("--bootstrap", default=os.environ.get("HISAM_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    kafka_security.add_arguments(parser)  # TLS, SASL: docs/operations.md, Security: Kafka
     parser.add_argument("--group-id", default="hisam-trainer")
     parser.add_argument("--topic", default="training-samples")
     parser.add_argument("--dead-letter-topic", default="dead-letters")

@@ -187,7 +187,8 @@ def start_rank_and_trainer(run: Run, services: Services, checkpoint: Path) -> st
         "hisam.jobs.serve",
         ["--port", "0", "--triton-url", services.triton_url, "--model-repo", services.repo,
          "--checkpoint", checkpoint, "--dataset", opts.dataset, "--data-dir", opts.data_dir,
-         *services.store_args(), "--metrics-port", services.metrics_ports["rank-server"]],
+         *services.store_args(), "--metrics-port", services.metrics_ports["rank-server"],
+         "--tombstones-bootstrap", services.bootstrap],
     )  # fmt: skip
     address = rank.wait_for_line("RankingService listening on", RANK_START_TIMEOUT_S).rsplit(" ", 1)[-1]
     sup.start(

@@ -9,6 +9,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 _spec = importlib.util.spec_from_file_location(
     "_serving_fixtures", Path(__file__).resolve().parent.parent / "serving" / "conftest.py"
 )
@@ -18,3 +20,16 @@ _spec.loader.exec_module(_serving)
 tiny_export = _serving.tiny_export
 model_repo = _serving.model_repo
 sqlite_store = _serving.sqlite_store
+
+
+@pytest.fixture(scope="session")
+def stunnel_binary() -> str:
+    """stunnel for the Kafka TLS tests (scripts/install_stunnel.sh, run by scripts/setup.sh; run
+    here too when missing). Not obtainable: the test fails with the reason, it never skips."""
+    from infra.ports import ServiceError
+    from infra.stunnel import install_stunnel
+
+    try:
+        return install_stunnel()
+    except ServiceError as e:
+        pytest.fail(f"stunnel is needed for the Kafka TLS tests and could not be installed: {e}")

@@ -36,8 +36,16 @@ _spec.loader.exec_module(chart)
 REDIS_SECRET, REDIS_KEY = "zz-redis-secret-name", "zz-redis-secret-key"
 TLS_SECRET, CA_SECRET = "zz-tls-secret-name", "zz-client-ca-secret-name"
 AUTH_SECRET, AUTH_KEY = "zz-auth-secret-name", "zz-auth-secret-key"
-MARKERS = (REDIS_SECRET, REDIS_KEY, TLS_SECRET, CA_SECRET, AUTH_SECRET, AUTH_KEY)
+KAFKA_SECRET = "zz-kafka-secret-name"
+KAFKA_KEYS = {k: f"zz-kafka-{k}-key" for k in ("username", "password", "ca", "cert", "key")}
+MARKERS = (REDIS_SECRET, REDIS_KEY, TLS_SECRET, CA_SECRET, AUTH_SECRET, AUTH_KEY, KAFKA_SECRET, *KAFKA_KEYS.values())
 TLS_VALUES = {
+    "kafka": {
+        "tls": {"enabled": True},
+        "sasl": {"mechanism": "SCRAM-SHA-256"},
+        "existingSecret": KAFKA_SECRET,
+        "secretKeys": KAFKA_KEYS,
+    },
     "redis": {"existingSecret": REDIS_SECRET, "existingSecretKey": REDIS_KEY},
     "rankServer": {
         "tls": {"existingSecret": TLS_SECRET, "mutual": True, "clientCASecret": CA_SECRET},
@@ -116,7 +124,7 @@ REFERENCE_PLACES = (
 @pytest.mark.parametrize("name", ["tls", "production"])
 def test_secrets_are_referenced_never_inlined(name: str) -> None:
     docs = chart.render(VALUES[name])
-    markers = MARKERS if name == "tls" else ("hisam-redis", "hisam-rank-tls", "hisam-rank-tokens")
+    markers = MARKERS if name == "tls" else ("hisam-redis", "hisam-rank-tls", "hisam-rank-tokens", "hisam-kafka")
     seen = set()
     for doc in docs:
         for path, text in _occurrences(doc):
@@ -126,7 +134,9 @@ def test_secrets_are_referenced_never_inlined(name: str) -> None:
                     seen.add(marker)
     assert seen == set(markers)  # every Secret is used
     for component, c in containers(docs).items():
-        blob = yaml.safe_dump({"args": c.get("args"), "env": [e for e in c.get("env", []) if "value" in e]})
+        # the paths of files mounted from Secrets (--kafka-password-file=/var/run/secrets/...) are references
+        args = [a for a in c.get("args", []) if not (a.startswith("--") and "-file=/var/run/secrets/" in a)]
+        blob = yaml.safe_dump({"args": args, "env": [e for e in c.get("env", []) if "value" in e]})
         for needle in ("redis://", "rediss://", "BEGIN ", "Bearer", "password"):
             assert needle not in blob, (component, needle)
         for arg in c.get("args", []):

@@ -306,7 +306,8 @@ def test_create_app_builds_the_action_agent_on_a_batch_topic(tmp_path) -> None:
         idle_fetch_s=0.02,
     )
     app = create_app(settings)
-    assert sorted(app.agents) == ["hisam-action-retries", "hisam-actions"]  # no tokenizer: no item agent
+    assert sorted(app.agents) == ["hisam-action-retries", "hisam-actions", "hisam-deletions"]  # no tokenizer: no items
+    assert list(app.agents["hisam-deletions"].channel.topics) == [tp.USER_DELETIONS]
     agent, retries = app.agents["hisam-actions"], app.agents["hisam-action-retries"]
     assert isinstance(agent.channel, BatchTopic) and list(agent.channel.topics) == [tp.USER_ACTIONS]
     assert agent.fun.__qualname__ == "create_app.<locals>.append_actions"  # faust's label in its log lines

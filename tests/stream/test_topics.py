@@ -73,6 +73,8 @@ def test_default_topics_carry_replication_min_insync_and_the_groups_retry_topic(
         tp.USER_ACTIONS,
         tp.TRAINING_SAMPLES,
         tp.DEAD_LETTERS,
+        tp.USER_DELETIONS,
+        tp.USER_TOMBSTONES,
         tp.action_retries("g1"),
     }
     assert tp.action_retries("g1") == "g1-user-actions-retry" != tp.action_retries("g2")

@@ -2,11 +2,15 @@
 -- layout (see features/encoding.py). KEYS[i]: the i-th action's user hash key.
 -- ARGV[1], per action: u32-length-prefixed event_id, token varints, action varint,
 -- time varint, time ms (decimal), Timestamp proto bytes; then a u8 want_history.
--- ARGV[2] (optional): the source offsets the call applied ('topic:partition=offset' words);
--- KEYS[#KEYS] is then the namespace's applied-offsets hash (applied.lua), not a user's. It
--- is checked before anything is written and set after every append: all in the one call.
+-- ARGV[2] (optional, '': none): the source offsets the call applied ('topic:partition=offset'
+-- words); the namespace's applied-offsets hash (applied.lua) is then a key after the users'.
+-- It is checked before anything is written and set after every append: all in the one call.
+-- ARGV[3] (optional, '': none): now (ms); the namespace's deleted-users marker (a sorted set
+-- of user keys scored by the end of their grace period, features/store/deletion.py) is then
+-- the last key: an action of a user in it whose grace period has not ended gets status 4
+-- and nothing is written for that user.
 -- Reply: an array. First, one status byte per action (1 appended, 0 duplicate, 2
--- duplicate still in the stream, 3 refused); then, per action, the user's stored token and
+-- duplicate still in the stream, 3 refused, 4 deleted); then, per action, the user's stored token and
 -- action Values before it (the history, in their int64 list wrappers; empty when not
 -- wanted, and for a duplicate the stream no longer holds), or for a refused action the
 -- reason and ''. Idempotency: the last W appended event ids of the user, in B buckets (see
@@ -33,12 +37,14 @@ local NC = __NC__
 local T = __T__
 local W = __W__
 local B = __B__
+local TTL_MS = __TTL_MS__  -- the user's state expires this long after its last append (0: never)
 local B_STR = tostring(B)
 local F_TOK, F_ACT, F_EID, F_TIM = __F_TOK__, __F_ACT__, __F_EID__, __F_TIM__
 local F_TS, P_TS, P_N, P_LAST = __F_TS__, __P_TS__, __P_N__, __P_LAST__
 local M_LEN, M_MAX, M_TOTAL = __M_LEN__, __M_MAX__, __M_TOTAL__
 local M_SEEN_B, SEEN_PREFIX, M_SIG = __M_SEEN_B__, __SEEN_PREFIX__, __M_SIG__
 local REFUSED = 3
+local DELETED = 4
 local MAX_BUCKETS = 4096  -- a stored window's bucket count the checks accept (besides B)
 
 -- A refusal: an error without a position, so that its message reaches the caller as written.
@@ -275,6 +281,7 @@ local function append_one(key, a, cur)
     end
   end
   call('HSET', key, unpack(hset))
+  if TTL_MS > 0 then call('PEXPIRE', key, TTL_MS) end
   -- The history: the stream's stored values as they were (the caller strips the wrapper;
   -- no copy is made here).
   if want then return 1, vt, va end
@@ -397,8 +404,16 @@ end
 -- reply are each one length-prefixed blob: parsing thousands of separate arguments and
 -- reply elements costs the client far more than the appends cost the server. Each user is
 -- checked at its first action, before anything is written for it.
-local n_acts, applied_key = #KEYS, nil
-if ARGV[2] then
+local n_acts, applied_key, deleted_key = #KEYS, nil, nil
+if ARGV[3] and ARGV[3] ~= '' then
+  deleted_key = KEYS[n_acts]
+  n_acts = n_acts - 1
+  if redis.call('EXISTS', deleted_key) == 1 then  -- a deletion happened: drop the ended grace periods
+    redis.call('ZREMRANGEBYSCORE', deleted_key, '-inf', ARGV[3])
+  end
+  if redis.call('EXISTS', deleted_key) == 0 then deleted_key = nil end
+end
+if ARGV[2] and ARGV[2] ~= '' then
   applied_key = KEYS[n_acts]
   n_acts = n_acts - 1
   check_applied(applied_key)
@@ -428,12 +443,18 @@ for i = 1, n_acts do
   local key = KEYS[i]
   local v, cur = verdict[key], nil
   if v == nil then
-    local ok, got = pcall(check_user, key, touched[key].list)
-    if ok then v, cur = true, got else v = reason(got) end
+    if deleted_key and redis.call('ZSCORE', deleted_key, key) then
+      v = DELETED
+    else
+      local ok, got = pcall(check_user, key, touched[key].list)
+      if ok then v, cur = true, got else v = reason(got) end
+    end
     verdict[key] = v
   end
   local st, tok, act = REFUSED, v, ''
-  if v == true then
+  if v == DELETED then
+    st, tok = DELETED, ''
+  elseif v == true then
     local ok, s2, t2, a2 = pcall(append_one, key, acts[i], cur)
     if ok then
       st, tok, act = s2, t2, a2

@@ -146,6 +146,7 @@ def _produce_load(
         warnings.simplefilter("ignore", DeprecationWarning)
         from aiokafka import AIOKafkaProducer
 
+    from infra.kafka_security import active
     from stream import records as rec
     from stream import topics as tp
     from stream.app import RecordSender
@@ -153,7 +154,9 @@ def _produce_load(
     logging.disable(logging.INFO)
 
     async def run() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, **active().aiokafka_kwargs()
+        )
         await producer.start()
         try:
             await producer.partitions_for(tp.USER_ACTIONS)  # the topic's metadata, before the first send

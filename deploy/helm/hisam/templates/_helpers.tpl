@@ -303,3 +303,75 @@ exec:
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/* Kafka security (docs/operations.md "Security: Kafka"): the protocol from kafka.tls.enabled
+     and kafka.sasl.mechanism; the credentials and certificates of kafka.existingSecret mounted as
+     files under /var/run/secrets/hisam/kafka, and only their paths in the args (infra/kafka_security.py
+     reads the user and password from the files). For the stream workers and the trainer. */}}
+{{- define "hisam.kafkaProtocol" -}}
+{{- $k := .Values.kafka -}}
+{{- if $k.sasl.mechanism -}}
+{{- if $k.tls.enabled }}SASL_SSL{{ else }}SASL_PLAINTEXT{{ end -}}
+{{- else if $k.tls.enabled }}SSL{{ else }}PLAINTEXT{{ end -}}
+{{- end -}}
+
+{{- define "hisam.kafkaSecretItems" -}}
+{{- $k := .Values.kafka -}}
+{{- if $k.sasl.mechanism }}
+- key: {{ $k.secretKeys.username }}
+  path: username
+- key: {{ $k.secretKeys.password }}
+  path: password
+{{- end }}
+{{- if and $k.tls.enabled $k.secretKeys.ca }}
+- key: {{ $k.secretKeys.ca }}
+  path: ca.crt
+{{- end }}
+{{- if and $k.tls.enabled $k.secretKeys.cert }}
+- key: {{ $k.secretKeys.cert }}
+  path: tls.crt
+- key: {{ $k.secretKeys.key }}
+  path: tls.key
+{{- end }}
+{{- end -}}
+
+{{- define "hisam.kafkaArgs" -}}
+{{- $k := .Values.kafka -}}
+{{- $dir := "/var/run/secrets/hisam/kafka" -}}
+{{- $p := include "hisam.kafkaProtocol" . -}}
+{{- if ne $p "PLAINTEXT" }}
+- --kafka-security-protocol={{ $p }}
+{{- end }}
+{{- if $k.sasl.mechanism }}
+- --kafka-sasl-mechanism={{ $k.sasl.mechanism }}
+- --kafka-username-file={{ $dir }}/username
+- --kafka-password-file={{ $dir }}/password
+{{- end }}
+{{- if and $k.tls.enabled $k.secretKeys.ca }}
+- --kafka-tls-ca={{ $dir }}/ca.crt
+{{- end }}
+{{- if and $k.tls.enabled $k.secretKeys.cert }}
+- --kafka-tls-cert={{ $dir }}/tls.crt
+- --kafka-tls-key={{ $dir }}/tls.key
+{{- end }}
+{{- end -}}
+
+{{- define "hisam.kafkaMounts" -}}
+{{- if trim (include "hisam.kafkaSecretItems" .) }}
+- name: kafka-credentials
+  mountPath: /var/run/secrets/hisam/kafka
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "hisam.kafkaVolumes" -}}
+{{- $items := trim (include "hisam.kafkaSecretItems" .) -}}
+{{- if $items }}
+- name: kafka-credentials
+  secret:
+    secretName: {{ .Values.kafka.existingSecret }}
+    defaultMode: 0440  # root:fsGroup, read by the pod's group only
+    items:
+      {{- $items | nindent 6 }}
+{{- end }}
+{{- end -}}
