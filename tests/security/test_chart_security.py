@@ -266,7 +266,9 @@ def test_the_allow_rules_follow_the_data_flow() -> None:
         {"from": clients, "ports": [{"port": 50051, "protocol": "TCP"}]},
         metrics(9100),
     ]
-    assert nps["rank-server"]["egress"] == [triton, redis, dns]
+    assert nps["rank-server"]["egress"] == [triton, redis, kafka, dns]  # kafka: user-tombstones
+    off = policies(chart.render({**values, "rankServer": {"followTombstones": False}}))
+    assert off["rank-server"]["egress"] == [triton, redis, dns]
     assert nps["stream-worker"]["ingress"] == [metrics(9100)]
     assert nps["stream-worker"]["egress"] == [kafka, redis, dns]
     assert nps["trainer"]["ingress"] == [metrics(9100)]

@@ -48,13 +48,17 @@ def security_of(values: dict | None) -> dict[str, tuple[KafkaSecurity, dict]]:
     return out
 
 
+def test_rank_servers_without_tombstones_get_no_kafka_credentials() -> None:
+    values = {**MTLS_SCRAM, "rankServer": {"followTombstones": False}}
+    sec, spec = security_of(values)["rank-server"]
+    c = spec["containers"][0]
+    assert sec in (None, KafkaSecurity()) and not any(a.startswith(("--kafka-", "--tombstones")) for a in c["args"])
+    assert "kafka-credentials" not in {v["name"] for v in spec.get("volumes", [])}
+
+
 def test_mutual_tls_and_scram_from_the_secret_as_files() -> None:
     for component, (sec, spec) in security_of(MTLS_SCRAM).items():
         c = spec["containers"][0]
-        if component == "rank-server":  # no Kafka client in the chart's Rank servers (no --tombstones-bootstrap)
-            assert sec in (None, KafkaSecurity()) and not any(a.startswith("--kafka-") for a in c["args"])
-            assert "kafka-credentials" not in {v["name"] for v in spec.get("volumes", [])}
-            continue
         assert sec == KafkaSecurity(
             "SASL_SSL", "SCRAM-SHA-256", password_file=Path(f"{DIR}/password"), username_file=Path(f"{DIR}/username"),
             ca_file=Path(f"{DIR}/ca.crt"), cert_file=Path(f"{DIR}/tls.crt"), key_file=Path(f"{DIR}/tls.key"),
