@@ -226,12 +226,10 @@ class KafkaSecurity:
         return kw
 
     def aiokafka_kwargs(self) -> dict[str, Any]:
-        """aiokafka's keyword arguments (AIOKafkaProducer, AIOKafkaConsumer)."""
-        if self.protocol == "PLAINTEXT":
-            return {}
-        kw: dict[str, Any] = {"security_protocol": self.protocol, **self._sasl_kwargs()}
-        if self.tls:
-            kw["ssl_context"] = self.ssl_context()
+        """aiokafka's keyword arguments (AIOKafkaProducer, AIOKafkaConsumer): kafka-python's, whose
+        ``ssl_check_hostname`` aiokafka does not take (its SSL context checks the name)."""
+        kw = self.kafka_python_kwargs()
+        kw.pop("ssl_check_hostname", None)
         return kw
 
     def faust_credentials(self):
