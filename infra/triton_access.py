@@ -22,8 +22,8 @@ TLS: ``tls_cert``/``tls_key`` make Triton's gRPC port TLS-only (``--grpc-use-ssl
 no TLS of its own; hisam uses it only for the readiness probe, and the chart's NetworkPolicy
 opens it to nobody but the kubelet.
 
-The client reads its key file at every call (a stat and a small read), so a rotated key reaches
-the clients at once; Triton itself takes a new key at its next restart (rotate by restarting
+The client stats its key file at every call and reads it again when it changed
+(infra/watched_file.py), so a rotated key reaches the clients at once; Triton itself takes a new key at its next restart (rotate by restarting
 Triton with the new key while the clients' file already holds it: a call between the two is
 refused once and retried by the caller).
 """
@@ -35,6 +35,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.watched_file import WatchedFile
+
 CLIENT_HEADER = "hisam-triton-key"
 ADMIN_HEADER = "hisam-triton-admin-key"
 # Triton's gRPC endpoint looks for a restricted protocol's header under this prefix (its HTTP
@@ -44,17 +46,19 @@ CLIENT_APIS = ("inference", "metadata")
 ADMIN_APIS = ("model-repository", "model-config", "statistics", "trace", "logging", "shared-memory")
 
 
-def _read_key(path: Path, what: str) -> str:
-    try:
-        value = Path(path).read_text().strip()
-    except OSError as e:
-        raise ValueError(f"cannot read the Triton {what} file {path}: {e.strerror or e}") from e
+def _parse_key(text: str) -> str:
+    value = text.strip()
     if not value:
-        raise ValueError(f"the Triton {what} file {path} is empty")
+        raise ValueError("is empty")
     # Triton splits its flag on ':' and '='; gRPC metadata values are printable ASCII.
     if any(c in value for c in ":=,") or not value.isascii() or not value.isprintable() or " " in value:
-        raise ValueError(f"the Triton {what} in {path} must be printable ASCII without spaces, ':', '=' or ','")
+        raise ValueError("must hold printable ASCII without spaces, ':', '=' or ','")
     return value
+
+
+def _read_key(path: Path) -> str:
+    """The key in ``path`` now (the server's command line is built once)."""
+    return WatchedFile(path, _parse_key, "Triton key file").value()
 
 
 @dataclass(frozen=True)
@@ -79,9 +83,11 @@ class TritonAccess:
             raise ValueError("Triton client_cert and client_key go together")
         if self.client_cert is not None and self.tls_ca is None:
             raise ValueError("a Triton client certificate needs tls_ca (mutual TLS is TLS)")
-        for f in (self.key_file, self.admin_key_file):
-            if f is not None:
-                _read_key(f, "key")  # fail at start, not at the first call
+        if self.admin_key_file is not None:
+            _read_key(self.admin_key_file)  # fail at start, not at the first call
+        # The client key is consulted at every call: one stat, read again when it changes.
+        watched = None if self.key_file is None else WatchedFile(self.key_file, _parse_key, "Triton key file")
+        object.__setattr__(self, "_key", watched)
 
     # -- server side -------------------------------------------------------------------
     def server_args(self) -> list[str]:
@@ -92,7 +98,7 @@ class TritonAccess:
             (self.admin_key_file, ADMIN_APIS, ADMIN_HEADER),
         ):
             if path is not None:
-                rule = f"{','.join(apis)}:{header}={_read_key(path, 'key')}"
+                rule = f"{','.join(apis)}:{header}={_read_key(path)}"
                 out += [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
         if self.tls_cert is not None:
             out += [
@@ -106,12 +112,12 @@ class TritonAccess:
 
     # -- client side -------------------------------------------------------------------
     def headers(self) -> dict[str, str] | None:
-        """The gRPC metadata of every call to Triton (the client key, read now), or None without one."""
-        return None if self.key_file is None else {GRPC_PREFIX + CLIENT_HEADER: _read_key(self.key_file, "key")}
+        """The gRPC metadata of every call to Triton (the client key in force), or None without one."""
+        return None if self._key is None else {GRPC_PREFIX + CLIENT_HEADER: self._key.value()}
 
     def http_headers(self) -> dict[str, str]:
         """The same key for Triton's HTTP endpoint (the bare header name); empty without one."""
-        return {} if self.key_file is None else {CLIENT_HEADER: _read_key(self.key_file, "key")}
+        return {} if self._key is None else {CLIENT_HEADER: self._key.value()}
 
     def client_kwargs(self) -> dict:
         """``tritonclient.grpc``'s InferenceServerClient TLS arguments (file paths; empty without TLS)."""

@@ -30,57 +30,31 @@ import collections
 import hmac
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from infra.watched_file import WatchedFile
+
 log = logging.getLogger(__name__)
 
 AUTH_HEADER = "authorization"
 BEARER = "Bearer "
 HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
-RACY_NS = 2_000_000_000  # a token file changed this recently is read again on every call
 
 
 class TokenFile:
-    """The tokens in a file, one a line (blank lines ignored), read again when the file changes."""
+    """The tokens in a file, one a line (blank lines ignored), read again when the file changes
+    (infra/watched_file.py: one stat a call; a bad later read keeps the tokens in force)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self._stamp: tuple[int, int, int, int] | None = None
-        self._tokens: tuple[bytes, ...] = ()
-        self.tokens()
-        if not self._tokens:
-            raise ValueError(f"token file {self.path} holds no token")
-
-    def _read(self) -> None:
-        try:
-            st = os.stat(self.path)
-            stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
-            # File times tick coarsely (milliseconds): a file changed again within the same tick
-            # looks unchanged, so one changed in the last RACY_NS is read on every call.
-            if stamp == self._stamp and time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS:
-                return
-            tokens = tuple(line.strip().encode() for line in self.path.read_text().splitlines() if line.strip())
-        except OSError as e:
-            if self._stamp is None:
-                raise
-            log.warning("token file %s unreadable (%s): the tokens in force stay", self.path, e)
-            return
-        self._stamp = stamp
-        if not tokens and self._tokens:
-            log.warning("token file %s holds no token: the tokens in force stay", self.path)
-            return
-        if self._tokens and tokens != self._tokens:
-            log.info("token file %s changed: %d token(s) in force", self.path, len(tokens))
-        self._tokens = tokens
+        self._file = WatchedFile(path, _parse_tokens, "token file")
+        self.path = self._file.path
 
     def tokens(self) -> tuple[bytes, ...]:
-        self._read()
-        return self._tokens
+        return self._file.value()
 
     def current(self) -> str:
         """The token a client sends: the first line."""
@@ -92,6 +66,13 @@ class TokenFile:
             return False
         got = presented.encode()
         return any([hmac.compare_digest(got, t) for t in self.tokens()])  # noqa: C419 - compare them all
+
+
+def _parse_tokens(text: str) -> tuple[bytes, ...]:
+    tokens = tuple(line.strip().encode() for line in text.splitlines() if line.strip())
+    if not tokens:
+        raise ValueError("holds no token")
+    return tokens
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
